@@ -1,0 +1,89 @@
+"""Byte ranges of files: a whole file, or one member of an uncompressed tar read in place.
+
+A :class:`ByteSource` names ``size`` bytes starting at ``offset`` of ``path``. Release tarballs are read
+through these without extracting anything: a tar member's data is a contiguous byte range of the tar.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from persimmon_tools.errors import ReleaseError
+
+
+@dataclass(frozen=True)
+class ByteSource:
+    """``size`` bytes at ``offset`` of the file ``path``; ``name`` is what messages call it."""
+
+    path: Path
+    offset: int
+    size: int
+    name: str
+
+    @classmethod
+    def whole_file(cls, path: Path) -> ByteSource:
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise ReleaseError(f"cannot read {path}: {err.strerror}", hint="check the path") from err
+        return cls(path, 0, size, str(path))
+
+    def open(self) -> SliceReader:
+        """A seekable binary reader over just this range (positions are relative to its start)."""
+        return SliceReader(self)
+
+    def read_all(self) -> bytes:
+        with self.open() as fh:
+            data = fh.read()
+        if len(data) != self.size:
+            raise ReleaseError(
+                f"{self.name} is truncated: expected {self.size} bytes, read {len(data)}",
+                hint="the download is incomplete; download the release again",
+            )
+        return data
+
+
+class SliceReader(io.RawIOBase):
+    """Seekable read-only view of a :class:`ByteSource` (used by ``zipfile`` on tar members)."""
+
+    def __init__(self, source: ByteSource) -> None:
+        super().__init__()
+        self._src = source
+        self._fd = os.open(source.path, os.O_RDONLY)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._src.size}[whence]
+        new = base + pos
+        if new < 0:
+            raise OSError(f"negative seek position in {self._src.name}")
+        self._pos = new
+        return new
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        want = min(len(buf), max(0, self._src.size - self._pos))
+        if want == 0:
+            return 0
+        data = os.pread(self._fd, want, self._src.offset + self._pos)
+        n = len(data)
+        buf[:n] = data
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()

@@ -1,0 +1,123 @@
+"""The ``persimmon-tools`` command line: a click group over the library.
+
+Each command lives in its own module and calls one library function, then renders the result. This file
+holds the only place where library errors become ``Error:``/``Hint:`` text and exit codes:
+1 = failure, 2 = usage, 3 = verification failed, 130 = interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from persimmon_tools import __version__
+from persimmon_tools.errors import EXIT_FAILURE, PersimmonToolsError
+
+_DEBUG_KEY = "persimmon_tools.debug"
+_QUIET_KEY = "persimmon_tools.quiet"
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``-q/--quiet``, ``-v/--verbose`` and ``--debug`` to a command and set up logging."""
+
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bars or info messages; errors only.")
+    @click.option("-v", "--verbose", is_flag=True, help="Log debug messages from the library.")
+    @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, quiet: bool, verbose: bool, debug: bool, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        ctx.meta[_DEBUG_KEY] = debug
+        ctx.meta[_QUIET_KEY] = quiet
+        level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def is_quiet() -> bool:
+    """Whether the running command was given ``--quiet`` (progress bars off)."""
+    return bool(click.get_current_context().meta.get(_QUIET_KEY, False))
+
+
+def report_error(err: PersimmonToolsError) -> None:
+    """Render a library error as ``Error:`` / ``Hint:`` lines on stderr."""
+    click.secho(f"Error: {err.message}", err=True, fg="red")
+    if err.hint:
+        click.echo(f"Hint: {err.hint}", err=True)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_sigterm_handler() -> None:
+    """SIGTERM behaves like Ctrl-C: the running command unwinds and removes its temporary output."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+class _Group(click.Group):
+    """Click group that turns known library errors into messages and exit codes (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _install_sigterm_handler()
+        try:
+            return super().invoke(ctx)
+        except PersimmonToolsError as err:
+            if ctx.meta.get(_DEBUG_KEY):
+                raise
+            report_error(err)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; temporary output was removed.", err=True)
+            ctx.exit(130)
+        except OSError as err:
+            if ctx.meta.get(_DEBUG_KEY):
+                raise
+            click.secho(f"Error: {err.strerror or err} ({err.filename or 'no file'})", err=True, fg="red")
+            click.echo("Hint: check the path, free disk space and permissions; --debug shows the traceback.", err=True)
+            ctx.exit(EXIT_FAILURE)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="persimmon-tools")
+def main() -> None:
+    """Take ADEPT Persimmon-8B Megatron checkpoints to verified Hugging Face models.
+
+    \b
+    Typical flow:
+      persimmon-tools inspect 8b_chat_model_release.tar
+      persimmon-tools convert 8b_chat_model_release.tar ./persimmon-8b-chat-hf
+      persimmon-tools verify ./persimmon-8b-chat-hf --reference 8b_chat_model_release.tar
+      persimmon-tools push ./persimmon-8b-chat-hf you/persimmon-8b-chat
+
+    Every command has --help with examples. Nothing here needs ADEPT's code or the network (except push).
+    """
+
+
+def _register() -> None:
+    from persimmon_tools.cli import commands_core
+
+    for cmd in commands_core.COMMANDS:
+        main.add_command(cmd)
+    for mod_name in ("commands_tokenizer", "commands_verify", "commands_push"):
+        try:
+            mod = __import__(f"persimmon_tools.cli.{mod_name}", fromlist=["COMMANDS"])
+        except ModuleNotFoundError as err:  # a command module not written yet
+            if err.name != f"persimmon_tools.cli.{mod_name}":
+                raise
+            continue
+        for cmd in mod.COMMANDS:
+            main.add_command(cmd)
+
+
+_register()

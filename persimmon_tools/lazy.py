@@ -1,0 +1,144 @@
+"""Lazy tensors: a shape, dtype and byte range of a checkpoint file, read only when asked for.
+
+A :class:`LazyTensor` never holds data. :meth:`LazyTensor.read_rows` reads a range of rows (dim 0) straight
+from the file with ``pread`` (no ``mmap``, so the bytes never count towards the process's RSS), which is
+how conversion streams an 8B model in bounded memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from persimmon_tools.errors import CheckpointError
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def pread_exact(path: Path, offset: int, size: int, origin: str) -> bytearray:
+    """Read exactly ``size`` bytes at ``offset`` of ``path`` into a new bytearray."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(
+                    f"{origin}: unexpected end of file at byte {offset + got} (wanted {size} bytes at {offset})",
+                    hint="the file is truncated; download it again",
+                )
+            got += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage record of a torch zip checkpoint: ``nbytes`` at absolute ``data_offset`` of ``path``."""
+
+    path: Path
+    data_offset: int
+    nbytes: int
+    dtype: torch.dtype
+    key: str
+    origin: str  # for messages: "<file>:archive/data/<key>"
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // itemsize(self.dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> StorageRef:
+        return replace(self, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor view ``(offset, shape, stride)`` into a :class:`StorageRef`, read on demand.
+
+    Only row-major contiguous views can be streamed by rows; other views are materialised whole.
+    """
+
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @classmethod
+    def from_storage(cls, storage: StorageRef, offset: int, shape: tuple[int, ...],
+                     stride: tuple[int, ...]) -> LazyTensor:
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, *shape, *stride)) or len(shape) != len(stride):
+            raise CheckpointError(f"{storage.origin}: malformed tensor view offset={offset} shape={shape} "
+                                  f"stride={stride}", hint="the checkpoint is corrupt")
+        numel = math.prod(shape)
+        if numel:
+            last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+            if last >= storage.numel:
+                raise CheckpointError(
+                    f"{storage.origin}: tensor view (offset {offset}, shape {list(shape)}) runs past its storage "
+                    f"of {storage.numel} elements",
+                    hint="the checkpoint is corrupt or was tampered with",
+                )
+        return cls(storage, offset, tuple(shape), tuple(stride))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def row_nbytes(self) -> int:
+        return (self.nbytes // self.shape[0]) if self.shape and self.shape[0] else self.nbytes
+
+    @property
+    def is_contiguous(self) -> bool:
+        expected, acc = [], 1
+        for n in reversed(self.shape):
+            expected.append(acc)
+            acc *= n
+        return all(n <= 1 or s == e for n, s, e in zip(self.shape, self.stride, reversed(expected), strict=True))
+
+    @property
+    def byte_offset(self) -> int:
+        """Absolute file offset of the first element (meaningful for contiguous views)."""
+        return self.storage.data_offset + self.offset * itemsize(self.dtype)
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 as a fresh CPU tensor (0-d/1-d: elements)."""
+        if not self.shape:
+            return self.materialize()
+        if not self.is_contiguous:
+            return self.materialize()[start:stop].clone()
+        rows = stop - start
+        buf = pread_exact(self.storage.path, self.byte_offset + start * self.row_nbytes, rows * self.row_nbytes,
+                          self.storage.origin)
+        if not buf:
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=self.dtype).view(rows, *self.shape[1:])
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor as a CPU tensor."""
+        if not self.shape:
+            buf = pread_exact(self.storage.path, self.byte_offset, itemsize(self.dtype), self.storage.origin)
+            return torch.frombuffer(buf, dtype=self.dtype).reshape(())
+        if self.is_contiguous:
+            return self.read_rows(0, self.shape[0])
+        span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        buf = pread_exact(self.storage.path, self.byte_offset, span * itemsize(self.dtype), self.storage.origin)
+        flat = torch.frombuffer(buf, dtype=self.dtype)
+        return torch.as_strided(flat, self.shape, self.stride).clone()

@@ -1,0 +1,40 @@
+"""Small SentencePiece helpers shared by config (special ids) and tokenizer conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persimmon_tools.errors import TokenizerError
+
+ENDOFTEXT = "|ENDOFTEXT|"
+
+
+def load_sp_bytes(data: bytes, origin: str):
+    """Load a SentencePiece model from bytes; ``origin`` names the file in errors."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(data)
+    except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ messages
+        raise TokenizerError(
+            f"{origin} is not a valid SentencePiece model ({err})",
+            hint="the release's adept_vocab.model may be truncated; re-download or pass --vocab",
+        ) from err
+    return sp
+
+
+def load_sp(path: Path):
+    """Load a SentencePiece model file (see :func:`load_sp_bytes`)."""
+    return load_sp_bytes(Path(path).read_bytes(), str(path))
+
+
+def piece_id(sp, piece: str, origin: str) -> int:
+    """Id of ``piece`` in the vocabulary, or a TokenizerError when it is not a piece of it."""
+    pid = sp.piece_to_id(piece)
+    if sp.id_to_piece(pid) != piece:
+        raise TokenizerError(
+            f"{origin} has no piece {piece!r} (it would encode as <unk>)",
+            hint=f"Persimmon uses {ENDOFTEXT!r} as BOS/EOS; pass the release's adept_vocab.model",
+        )
+    return pid

@@ -1,0 +1,280 @@
+"""Random-weight releases in ADEPT's exact layout (spec §A-§B), for tests, CI, demos and benchmarks.
+
+Layout written (``NAME`` = the tar's stem)::
+
+    NAME/adept_vocab.model  NAME/adept_vocab.vocab  NAME/latest_checkpointed_iteration.txt
+    NAME/iter_{it:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+
+Each ``model_optim_rng.pt`` holds ``{"args": Namespace(...ModelBackend.MEGATRON, params_dtype...),
+"checkpoint_version": 3.0, "iteration": it, "model": {"language_model": {"embedding": ..., "encoder":
+OrderedDict(flat keys)}, "word_embeddings_for_head": ...}, "rng_state": [...]}``; pipeline stages hold
+their own layers numbered from 0, the first stage the embedding, the last the final norm and the head.
+
+Values are a deterministic function of (seed, tensor name, element index): a fixed pool of normal samples
+read from a per-tensor offset. Any block of any tensor can be produced on its own, so an 8B release is
+written in bounded memory and TP/PP releases from the same seed hold exactly the same logical tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+import sys
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persimmon_tools.errors import UsageError
+from persimmon_tools.mapping import RULES
+from persimmon_tools.ops import Parallel
+from persimmon_tools.ptwriter import TarWriter, TensorSpec, write_pt
+from persimmon_tools.spm import ENDOFTEXT, load_sp_bytes, piece_id
+
+log = logging.getLogger(__name__)
+
+_POOL_SIZE = 4_194_301  # prime, so rows of power-of-two widths do not repeat with the pool
+_BLOCK_ELEMENTS = 8 << 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    heads: int
+    layers: int
+    ffn: int
+    vocab: int | None  # None: the tokenizer's size padded to a multiple of 1024 (= 128 x TP for TP <= 8)
+    rotary_pct: float = 0.5
+    rope_base: float = 25000.0
+    eps: float = 1e-5
+    seq_length: int = 16384
+    iteration: int = 1251
+
+
+PRESETS = {
+    "tiny": Preset(hidden=64, heads=4, layers=6, ffn=256, vocab=None, seq_length=2048),
+    "mid": Preset(hidden=2048, heads=32, layers=8, ffn=8192, vocab=32768, seq_length=4096),
+    "8b": Preset(hidden=4096, heads=64, layers=36, ffn=16384, vocab=262144, iteration=375000),
+}
+
+
+def bundled_vocab() -> bytes:
+    """The small Unigram byte-fallback SentencePiece model shipped with the package (has ``|ENDOFTEXT|``)."""
+    return resources.files("persimmon_tools").joinpath("data/tiny_vocab.model").read_bytes()
+
+
+class _Values:
+    """Deterministic pseudo-random values: element ``k`` of tensor ``name`` = ``pool[(start + k) % P]``."""
+
+    def __init__(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(_POOL_SIZE, generator=gen)
+        self.seed = seed
+
+    def start(self, name: str) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") % _POOL_SIZE
+
+    def flat(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements ``[lo, hi)`` of the flattened tensor ``name`` (fp32)."""
+        first = (self.start(name) + lo) % _POOL_SIZE
+        pieces, need = [], hi - lo
+        while need > 0:
+            take = min(need, _POOL_SIZE - first)
+            pieces.append(self.pool[first:first + take])
+            need, first = need - take, 0
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone()
+
+
+def _value_transform(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if "layernorm" in key and key.endswith(".weight"):
+        return lambda x: 1.0 + 0.1 * x
+    if key.endswith(".bias"):
+        return lambda x: 0.02 * x
+    return lambda x: 0.02 * x
+
+
+def _logical_keys(p: Preset, vocab: int) -> dict[str, tuple[tuple[int, ...], Parallel]]:
+    """Megatron key -> (full shape, parallel kind) for every tensor of the model, in Megatron order."""
+    head_dim = p.hidden // p.heads
+    sym = {"V": vocab, "H": p.hidden, "F": p.ffn, "A": p.hidden, "QKV": 3 * p.hidden, "D": head_dim,
+           "R": int(p.rotary_pct * head_dim) // 2}
+    out: dict[str, tuple[tuple[int, ...], Parallel]] = {}
+    for rule in RULES:
+        shape = tuple(sym[s] for s in rule.shape)
+        if "{i}" in rule.source:
+            for i in range(p.layers):
+                out[rule.source.replace("{i}", str(i))] = (shape, rule.parallel)
+        else:
+            out[rule.source] = (shape, rule.parallel)
+    return out
+
+
+def _inv_freq(p: Preset, dtype: torch.dtype) -> torch.Tensor:
+    rd = int(p.rotary_pct * (p.hidden // p.heads))
+    return (1.0 / (p.rope_base ** (torch.arange(0, rd, 2).float() / rd))).to(dtype)
+
+
+def _shard_spec(values: _Values, key: str, shape: tuple[int, ...], kind: Parallel, tp: int, rank: int,
+                dtype: torch.dtype, p: Preset) -> TensorSpec:
+    """The ``rank``-th tensor-parallel piece of logical tensor ``key`` (see :func:`persimmon_tools.ops.split`)."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return TensorSpec.of(_inv_freq(p, dtype))
+    transform = _value_transform(key)
+    dim = kind.concat_dim if len(shape) > 1 or kind.concat_dim == 0 else None
+    rows, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
+    r0, r1, c0, c1 = 0, rows, 0, cols
+    if dim == 0:
+        r0, r1 = rank * rows // tp, (rank + 1) * rows // tp
+    elif dim == 1:
+        c0, c1 = rank * cols // tp, (rank + 1) * cols // tp
+    piece_shape = (r1 - r0, c1 - c0) if len(shape) > 1 else (r1 - r0,)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        step = max(1, _BLOCK_ELEMENTS // (c1 - c0))
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            if c0 == 0 and c1 == cols:
+                block = values.flat(key, a * cols, b * cols)
+            else:
+                block = torch.cat([values.flat(key, r * cols + c0, r * cols + c1) for r in range(a, b)])
+            yield transform(block).to(dtype)
+
+    return TensorSpec(piece_shape, dtype, blocks)
+
+
+class ModelBackend(Enum):
+    """Stand-in for ADEPT's ``tool_use.megatron.megatron_utils.ModelBackend`` (pickled under that name)."""
+
+    MEGATRON = "megatron"
+
+
+def _with_adept_module(func: Callable[[], None]) -> None:
+    """Run ``func`` with ``tool_use.megatron.megatron_utils.ModelBackend`` importable, so pickles name it."""
+    names = ["tool_use", "tool_use.megatron", "tool_use.megatron.megatron_utils"]
+    saved = {n: sys.modules.get(n) for n in names}
+    mod = types.ModuleType(names[-1])
+    mod.ModelBackend = ModelBackend
+    original = (ModelBackend.__module__, ModelBackend.__qualname__)
+    ModelBackend.__module__ = names[-1]
+    try:
+        for n in names[:-1]:
+            sys.modules[n] = types.ModuleType(n)
+        sys.modules[names[-1]] = mod
+        func()
+    finally:
+        ModelBackend.__module__ = original[0]
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _args(p: Preset, vocab: int, tp: int, pp: int, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        num_layers=p.layers, hidden_size=p.hidden, ffn_hidden_size=p.ffn, num_attention_heads=p.heads,
+        kv_channels=p.hidden // p.heads, seq_length=p.seq_length, max_position_embeddings=p.seq_length,
+        pos_emb="rotary", rotary_pct=p.rotary_pct, rotary_emb_base=p.rope_base, layernorm_epsilon=p.eps,
+        untie_embeddings=True, sq_relu=True, bias_gelu_fusion=False, bias_dropout_fusion=True,
+        qk_layernorm="weights_per_layer", apply_query_key_layer_scaling=True,
+        apply_residual_connection_post_layernorm=False, hidden_dropout=0.0, attention_dropout=0.0,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        tokenizer_type="SentencePiece", sp_model_file="adept_vocab.model", padded_vocab_size=vocab,
+        make_vocab_size_divisible_by=128, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        consumed_train_samples=iteration * 8, consumed_valid_samples=0, iteration=iteration,
+        model_backend=ModelBackend.MEGATRON,
+    )
+
+
+def _stage_layers(layers: int, pp: int) -> list[range]:
+    if layers % pp:
+        raise UsageError(f"--pp {pp} does not divide the preset's {layers} layers",
+                         hint="Megatron splits layers evenly between pipeline stages")
+    per = layers // pp
+    return [range(s * per, (s + 1) * per) for s in range(pp)]
+
+
+def _shard_object(values: _Values, keys: dict, p: Preset, tp: int, pp: int, tp_rank: int, pp_rank: int,
+                  dtype: torch.dtype, vocab: int, iteration: int) -> dict:
+    layers = _stage_layers(p.layers, pp)[pp_rank]
+    encoder: OrderedDict[str, TensorSpec] = OrderedDict()
+    model: dict = {"language_model": {}}
+    for key, (shape, kind) in keys.items():
+        spec = lambda: _shard_spec(values, key, shape, kind, tp, tp_rank, dtype, p)  # noqa: E731
+        if key.startswith("language_model.encoder.layers."):
+            i = int(key.split(".")[3])
+            if i in layers:
+                local = key.replace(f".layers.{i}.", f".layers.{i - layers.start}.", 1)
+                encoder[local.removeprefix("language_model.encoder.")] = spec()
+        elif key.startswith("language_model.encoder.") and pp_rank == pp - 1:
+            encoder[key.removeprefix("language_model.encoder.")] = spec()
+        elif key.startswith("language_model.embedding.") and pp_rank == 0:
+            model["language_model"]["embedding"] = {"word_embeddings": {"weight": spec()}}
+        elif key == "word_embeddings_for_head.weight" and pp_rank == pp - 1:
+            model["word_embeddings_for_head"] = {"weight": spec()}
+    model["language_model"]["encoder"] = encoder
+    gen = torch.Generator().manual_seed(values.seed + 7 * tp_rank + 1000 * pp_rank)
+    rng_state = [{
+        "random_rng_state": random.Random(values.seed).getstate(),
+        "np_rng_state": np.random.RandomState(values.seed).get_state(),
+        "torch_rng_state": TensorSpec.of(gen.get_state()),
+        "cuda_rng_state": TensorSpec.of(gen.get_state()),
+        "rng_tracker_states": {},
+    }]
+    return {"args": _args(p, vocab, tp, pp, dtype, iteration), "checkpoint_version": 3.0,
+            "iteration": iteration, "model": model, "rng_state": rng_state}
+
+
+def make_release(out: Path, *, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0, vocab_model: bytes | None = None, name: str | None = None,
+                 progress: Callable[[int], None] = lambda n: None, **overrides) -> Path:
+    """Write a random-weight release tar at ``out`` (see module docstring); returns ``out``."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
+    p = replace(PRESETS[preset], **overrides)
+    vocab_bytes = vocab_model if vocab_model is not None else bundled_vocab()
+    sp = load_sp_bytes(vocab_bytes, "vocabulary model")
+    piece_id(sp, ENDOFTEXT, "vocabulary model")
+    multiple = 128 * 8  # make_vocab_size_divisible_by x TP, for any TP up to 8: same vocab for every layout
+    vocab = p.vocab or -(-sp.get_piece_size() // multiple) * multiple
+    if vocab < sp.get_piece_size() or vocab % tp or p.heads % tp or p.ffn % tp:
+        raise UsageError(f"TP={tp} does not divide heads {p.heads} / ffn {p.ffn} / vocab {vocab}, or the vocab "
+                         f"({vocab}) is smaller than the tokenizer ({sp.get_piece_size()})")
+    _stage_layers(p.layers, pp)
+    name = name or Path(out).name.removesuffix(".tar")
+    values = _Values(seed)
+    keys = _logical_keys(p, vocab)
+    vocab_text = "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    writer = TarWriter(tmp)
+    try:
+        writer.add_dir(name)
+        writer.add_bytes(f"{name}/adept_vocab.model", vocab_bytes)
+        writer.add_bytes(f"{name}/adept_vocab.vocab", vocab_text.encode())
+        writer.add_bytes(f"{name}/latest_checkpointed_iteration.txt", f"{p.iteration}".encode())
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                rank_dir = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+                obj = _shard_object(values, keys, p, tp, pp, tp_rank, pp_rank, dtype, vocab, p.iteration)
+                member = f"{name}/iter_{p.iteration:07d}/{rank_dir}/model_optim_rng.pt"
+                _with_adept_module(lambda m=member, o=obj: writer.add_stream(
+                    m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)))
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (preset %s, TP=%d, PP=%d, %s, seed %d)", out, preset, tp, pp, dtype, seed)
+    return out

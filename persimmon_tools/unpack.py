@@ -1,0 +1,124 @@
+"""``unpack``: safe extraction of a release tarball, with the published md5 checked for known releases.
+
+Safety rules: only regular files and folders are extracted; absolute paths, ``..`` components, symlinks,
+hard links, devices and FIFOs make the whole extraction fail. Files are written by our own code (never by
+``tarfile.extract``) into a temporary folder next to DEST, which becomes DEST by rename only when every
+member was extracted and the checksum matched; on any error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from persimmon_tools.errors import ReleaseError
+
+#: md5 checksums published in ADEPT's README (spec §A).
+KNOWN_RELEASES = {
+    "8b_base_model_release.tar": "cd0320cba9efad9ccd18e9ec4d16ae1b",
+    "8b_chat_model_release.tar": "663aeace07269c44e90f4e8bcd07f32a",
+}
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    dest: Path
+    files: int
+    bytes: int
+    md5: str
+    md5_expected: str | None
+
+
+class _HashingReader:
+    """File wrapper that feeds every byte read through md5 (tarfile stream mode reads sequentially)."""
+
+    def __init__(self, fh, progress: Callable[[int], None]) -> None:
+        self._fh, self._progress = fh, progress
+        self.md5 = hashlib.md5()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self.md5.update(data)
+        self._progress(len(data))
+        return data
+
+    def drain(self) -> None:
+        while data := self.read(_CHUNK):
+            pass
+
+
+def safe_member_path(name: str, origin: str) -> PurePosixPath:
+    """The relative path a member may be written to, or ReleaseError for anything that could escape."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith(("/", "\\")) or ".." in path.parts or "\\" in name or "\0" in name:
+        raise ReleaseError(f"{origin}: member {name!r} would be written outside the destination",
+                           hint="the archive is not a genuine release; nothing was extracted")
+    parts = [p for p in path.parts if p not in ("", ".")]
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def unpack(tar_path: Path, dest: Path, *, progress: Callable[[int], None] = lambda n: None,
+           check_md5: bool = True) -> UnpackResult:
+    """Extract ``tar_path`` into ``dest`` (which must not exist, or be empty)."""
+    tar_path, dest = Path(tar_path), Path(dest).absolute()
+    if not tar_path.is_file():
+        raise ReleaseError(f"{tar_path} does not exist or is not a file", hint="check the path")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ReleaseError(f"{dest} already exists and is not an empty folder; refusing to overwrite it",
+                           hint="choose a new DEST folder")
+    expected = KNOWN_RELEASES.get(tar_path.name) if check_md5 else None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
+    files = total = 0
+    try:
+        with open(tar_path, "rb") as raw:
+            reader = _HashingReader(raw, progress)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|*") as tf:  # type: ignore[call-overload]
+                    for member in tf:
+                        rel = safe_member_path(member.name, str(tar_path))
+                        target = tmp / rel
+                        if member.isdir():
+                            target.mkdir(parents=True, exist_ok=True)
+                            continue
+                        if not member.isreg():
+                            kind = "symlink" if member.issym() else "hard link" if member.islnk() else "device/FIFO"
+                            raise ReleaseError(f"{tar_path}: member {member.name!r} is a {kind}; refusing to extract",
+                                               hint="a genuine release holds regular files only; nothing was extracted")
+                        if target.exists():
+                            raise ReleaseError(f"{tar_path}: member {member.name!r} appears twice",
+                                               hint="the archive is not a genuine release")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        src = tf.extractfile(member)
+                        with open(target, "xb") as out:
+                            shutil.copyfileobj(src, out, _CHUNK)
+                        if target.stat().st_size != member.size:
+                            raise ReleaseError(f"{tar_path}: member {member.name} is truncated",
+                                               hint="download the release again")
+                        os.chmod(target, 0o644)
+                        files += 1
+                        total += member.size
+            except (tarfile.TarError, EOFError) as err:
+                raise ReleaseError(f"{tar_path} is not a readable tar archive ({err})",
+                                   hint="the download is truncated or corrupt; download it again") from err
+            reader.drain()
+        digest = reader.md5.hexdigest()
+        if expected and digest != expected:
+            raise ReleaseError(
+                f"{tar_path.name}: md5 {digest} does not match the published {expected}; nothing was extracted",
+                hint="the download is corrupt or incomplete; download it again",
+            )
+        if dest.exists():
+            dest.rmdir()
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return UnpackResult(dest, files, total, digest, expected)

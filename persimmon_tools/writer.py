@@ -1,0 +1,214 @@
+"""Streaming safetensors writer and the all-or-nothing output folder.
+
+``safetensors.torch.save_file`` needs a whole shard in memory (5 GB by default); we write the same format
+(8-byte little-endian header length, JSON header with ``data_offsets``, ``{"format": "pt"}`` metadata, raw
+little-endian data) tensor by tensor, in bounded chunks. Bytes that need no change (same dtype, no
+interleaving) are copied file-to-file by the kernel (``os.copy_file_range``), like ``cp``. The shard plan
+itself comes from ``huggingface_hub.split_torch_state_dict_into_shards`` (given meta tensors), so file
+names and the index match what ``save_pretrained`` would write. Every written shard is reopened with
+``safetensors.safe_open`` and its header compared with the plan.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from persimmon_tools.errors import ConversionError
+from persimmon_tools.plan import PlannedTensor
+
+log = logging.getLogger(__name__)
+
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+FP16_MAX = 65504.0
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class WriteStats:
+    """What writing saw: per-tensor counts of values that overflow fp16 or are NaN/Inf."""
+
+    tensors: int = 0
+    bytes_written: int = 0
+    overflow: dict[str, int] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    kernel_copied_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    files: dict[str, list[PlannedTensor]]
+    is_sharded: bool
+    total_size: int
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int | str) -> ShardPlan:
+    """Group tensors into ``model-0000k-of-0000n.safetensors`` files with huggingface_hub's helper."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    metas = {p.target: torch.empty(p.shape, dtype=p.out_dtype, device="meta") for p in tensors}
+    split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+    by_name = {p.target: p for p in tensors}
+    files = {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
+    return ShardPlan(files=files, is_sharded=split.is_sharded, total_size=sum(p.nbytes for p in tensors))
+
+
+def _header(tensors: list[PlannedTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for p in tensors:
+        header[p.target] = {"dtype": ST_DTYPES[p.out_dtype], "shape": list(p.shape),
+                            "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _copy_range(src: Path, offset: int, size: int, out_fd: int, progress: Callable[[int], None]) -> None:
+    """Kernel-side copy of ``size`` bytes at ``offset`` of ``src`` to the current position of ``out_fd``."""
+    in_fd = os.open(src, os.O_RDONLY)
+    try:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(in_fd, out_fd, min(size - done, 1 << 30), offset + done)
+            if n == 0:
+                raise ConversionError(f"{src}: unexpected end of file at byte {offset + done}",
+                                      hint="the source is truncated; download it again")
+            done += n
+            progress(n)
+    finally:
+        os.close(in_fd)
+
+
+def _write_all(out, view: memoryview) -> None:
+    while view.nbytes:
+        n = out.write(view)
+        view = view[n:]
+
+
+def _chunks(p: PlannedTensor, stats: WriteStats, check_finite: bool) -> Iterator[torch.Tensor]:
+    """Row blocks of ``p`` in the output dtype, counting overflow and non-finite values on the way."""
+    for block in p.source.iter_rows(CHUNK_BYTES):
+        if check_finite and block.is_floating_point():
+            bad = block.numel() - int(torch.isfinite(block).sum())
+            if bad:
+                stats.nonfinite[p.target] = stats.nonfinite.get(p.target, 0) + bad
+        if p.out_dtype == torch.float16 and block.dtype != torch.float16 and block.is_floating_point():
+            over = int((block.abs() > FP16_MAX).logical_and(torch.isfinite(block)).sum())
+            if over:
+                stats.overflow[p.target] = stats.overflow.get(p.target, 0) + over
+        yield block if block.dtype == p.out_dtype else block.to(p.out_dtype)
+
+
+def write_shard(path: Path, tensors: list[PlannedTensor], stats: WriteStats, *, check_finite: bool = True,
+                progress: Callable[[int], None] = lambda n: None) -> None:
+    """Write one safetensors file, streaming each tensor's bytes (see module docstring)."""
+    header = _header(tensors)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
+            out.write(header)
+            for p in tensors:
+                ranges = p.source.byte_ranges() if p.out_dtype == p.source.dtype and not check_finite else None
+                if ranges is not None:
+                    for src, offset, size in ranges:
+                        _copy_range(src, offset, size, fd, progress)
+                        stats.kernel_copied_bytes += size
+                    written = sum(size for _, _, size in ranges)
+                else:
+                    written = 0
+                    for block in _chunks(p, stats, check_finite):
+                        data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+                        _write_all(out, memoryview(data))
+                        written += data.nbytes
+                        progress(data.nbytes)
+                if written != p.nbytes:
+                    raise ConversionError(f"{p.target}: wrote {written} bytes, expected {p.nbytes}",
+                                          hint="the source checkpoint is inconsistent; re-download it")
+                stats.tensors += 1
+                stats.bytes_written += written
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _check_written(path, tensors)
+
+
+def _check_written(path: Path, tensors: list[PlannedTensor]) -> None:
+    """Reopen a written shard with safetensors and compare names, shapes and dtypes with the plan."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        if names != {p.target for p in tensors}:
+            raise ConversionError(f"{path.name}: safetensors reports different tensor names than written")
+        for p in tensors:
+            sl = f.get_slice(p.target)
+            if tuple(sl.get_shape()) != p.shape or sl.get_dtype() != ST_DTYPES[p.out_dtype]:
+                raise ConversionError(f"{path.name}: {p.target} reads back as {sl.get_dtype()} "
+                                      f"{sl.get_shape()}, wrote {ST_DTYPES[p.out_dtype]} {list(p.shape)}")
+
+
+def write_index(folder: Path, plan: ShardPlan) -> None:
+    weight_map = {p.target: fname for fname, ts in plan.files.items() for p in ts}
+    index = {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse a non-empty OUT_DIR without ``force`` (before any work is done)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"{out_dir} exists and is not a folder", hint="choose another OUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConversionError(f"{out_dir} is not empty", hint="choose an empty/new folder, or pass --force to "
+                              "replace it (the old content is kept until the new one is complete)")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir`` by rename,
+    on any error (or Ctrl-C) it is deleted and ``out_dir`` is left exactly as it was."""
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            if any(out_dir.iterdir()):
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.rename(out_dir, old)
+            else:
+                out_dir.rmdir()
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ConversionError(
+                f"no space left on the device while writing {out_dir} (nothing was kept)",
+                hint=f"free space on {out_dir.parent} (an 8B bf16 model needs about 19 GB) or choose another OUT_DIR",
+            ) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
