@@ -55,6 +55,7 @@ def plan_conversion(ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | 
     """
     problems: list[str] = [f"unexpected non-tensor value at {leaf}" for leaf in ckpt.non_tensor_leaves]
     produced: dict[str, PlannedTensor] = {}
+    reported: set[str] = set()  # targets whose source was already reported (no second "missing" line)
     for key, merged in ckpt.tensors.items():
         matches = [(m, rule) for pattern, rule in _COMPILED if (m := pattern.match(key))]
         if not matches:
@@ -69,15 +70,18 @@ def plan_conversion(ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | 
             problems.append(f"{key}: layer {layer} is beyond num_layers {dims.num_layers}")
             continue
         expected = _expected_shape(rule, dims)
+        target = None
+        if rule.target is not None:
+            target = rule.target.replace("{i}", layer) if layer is not None else rule.target
+            reported.add(target)
         if tuple(merged.shape) != expected:
             problems.append(f"{key}: shape {list(merged.shape)}, expected {list(expected)}")
             continue
-        if rule.target is None:
+        if target is None:
             continue  # dropped on purpose (inv_freq)
         if not dims.flag(rule.when):
             problems.append(f"{key} present although {rule.when} is off")
             continue
-        target = rule.target.replace("{i}", layer) if layer is not None else rule.target
         if target in produced:
             problems.append(f"{target} would be produced twice (from {produced[target].source.key} and {key})")
             continue
@@ -87,7 +91,7 @@ def plan_conversion(ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | 
     for target in expected_targets(dims):
         if target in produced:
             ordered.append(produced.pop(target))
-        else:
+        elif target not in reported:
             problems.append(f"missing: no source tensor for {target}")
     if problems:
         listed = problems[:_MAX_LISTED]

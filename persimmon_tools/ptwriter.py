@@ -71,6 +71,11 @@ class _Pickler(pickle.Pickler):
         self.storages: list[TensorSpec] = []
         self._keys: dict[int, str] = {}
 
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):  # plain tensors are written like TensorSpecs (torch.save's layout)
+            return TensorSpec.of(obj).__reduce_ex__(2)
+        return NotImplemented
+
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _StorageToken):
             key = self._keys.get(id(obj.spec))

@@ -234,10 +234,25 @@ def _shard_object(values: _Values, keys: dict, p: Preset, tp: int, pp: int, tp_r
             "iteration": iteration, "model": model, "rng_state": rng_state}
 
 
-def make_release(out: Path, *, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0, vocab_model: bytes | None = None, name: str | None = None,
-                 progress: Callable[[int], None] = lambda n: None, **overrides) -> Path:
-    """Write a random-weight release tar at ``out`` (see module docstring); returns ``out``."""
+@dataclass(frozen=True)
+class SyntheticRelease:
+    """The pieces of a synthetic release before they are written: one checkpoint object per rank."""
+
+    objects: dict[tuple[int, int], dict]  # (tp_rank, pp_rank) -> ckpt dict with TensorSpec leaves
+    vocab_bytes: bytes
+    iteration: int
+    tp: int
+    pp: int
+    preset: Preset
+    vocab_rows: int
+
+    def rank_dir(self, tp_rank: int, pp_rank: int) -> str:
+        return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+
+
+def build_release(*, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
+                  seed: int = 0, vocab_model: bytes | None = None, **overrides) -> SyntheticRelease:
+    """Checkpoint objects of a random-weight release (nothing is generated until written)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
     p = replace(PRESETS[preset], **overrides)
@@ -250,26 +265,66 @@ def make_release(out: Path, *, preset: str = "tiny", tp: int = 1, pp: int = 1, d
         raise UsageError(f"TP={tp} does not divide heads {p.heads} / ffn {p.ffn} / vocab {vocab}, or the vocab "
                          f"({vocab}) is smaller than the tokenizer ({sp.get_piece_size()})")
     _stage_layers(p.layers, pp)
-    name = name or Path(out).name.removesuffix(".tar")
     values = _Values(seed)
     keys = _logical_keys(p, vocab)
-    vocab_text = "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n"
+    objects = {(t, s): _shard_object(values, keys, p, tp, pp, t, s, dtype, vocab, p.iteration)
+               for s in range(pp) for t in range(tp)}
+    return SyntheticRelease(objects, vocab_bytes, p.iteration, tp, pp, p, vocab)
+
+
+def logical_tensors(*, preset: str = "tiny", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                    vocab_rows: int | None = None, **overrides) -> dict[str, torch.Tensor]:
+    """The full (unsharded) Megatron tensors a release made with the same seed holds, by flat key."""
+    rel = build_release(preset=preset, dtype=dtype, seed=seed, **overrides) if vocab_rows is None else None
+    p = replace(PRESETS[preset], **overrides)
+    vocab = vocab_rows or rel.vocab_rows
+    values = _Values(seed)
+    out = {}
+    for key, (shape, kind) in _logical_keys(p, vocab).items():
+        spec = _shard_spec(values, key, shape, kind, 1, 0, dtype, p)
+        out[key] = torch.cat(list(spec.blocks())).reshape(spec.shape)
+    return out
+
+
+def _vocab_text(vocab_bytes: bytes) -> bytes:
+    sp = load_sp_bytes(vocab_bytes, "vocabulary model")
+    return ("\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n").encode()
+
+
+def write_release_folder(rel: SyntheticRelease, folder: Path, *, progress: Callable[[int], None] = lambda n: None) -> Path:
+    """Write ``rel`` as an extracted release folder (same layout as inside the tar)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adept_vocab.model").write_bytes(rel.vocab_bytes)
+    (folder / "adept_vocab.vocab").write_bytes(_vocab_text(rel.vocab_bytes))
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(rel.iteration))
+    for (t, s), obj in rel.objects.items():
+        shard = folder / f"iter_{rel.iteration:07d}" / rel.rank_dir(t, s) / "model_optim_rng.pt"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        with open(shard, "wb") as fh:
+            _with_adept_module(lambda fh=fh, obj=obj: write_pt(fh, obj, on_bytes=progress))
+    return folder
+
+
+def make_release(out: Path, *, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0, vocab_model: bytes | None = None, name: str | None = None,
+                 progress: Callable[[int], None] = lambda n: None, **overrides) -> Path:
+    """Write a random-weight release tar at ``out`` (see module docstring); returns ``out``."""
+    rel = build_release(preset=preset, tp=tp, pp=pp, dtype=dtype, seed=seed, vocab_model=vocab_model, **overrides)
+    name = name or Path(out).name.removesuffix(".tar")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     writer = TarWriter(tmp)
     try:
         writer.add_dir(name)
-        writer.add_bytes(f"{name}/adept_vocab.model", vocab_bytes)
-        writer.add_bytes(f"{name}/adept_vocab.vocab", vocab_text.encode())
-        writer.add_bytes(f"{name}/latest_checkpointed_iteration.txt", f"{p.iteration}".encode())
-        for pp_rank in range(pp):
-            for tp_rank in range(tp):
-                rank_dir = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
-                obj = _shard_object(values, keys, p, tp, pp, tp_rank, pp_rank, dtype, vocab, p.iteration)
-                member = f"{name}/iter_{p.iteration:07d}/{rank_dir}/model_optim_rng.pt"
-                _with_adept_module(lambda m=member, o=obj: writer.add_stream(
-                    m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)))
+        writer.add_bytes(f"{name}/adept_vocab.model", rel.vocab_bytes)
+        writer.add_bytes(f"{name}/adept_vocab.vocab", _vocab_text(rel.vocab_bytes))
+        writer.add_bytes(f"{name}/latest_checkpointed_iteration.txt", f"{rel.iteration}".encode())
+        for (t, s), obj in sorted(rel.objects.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            member = f"{name}/iter_{rel.iteration:07d}/{rel.rank_dir(t, s)}/model_optim_rng.pt"
+            _with_adept_module(lambda m=member, o=obj: writer.add_stream(
+                m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)))
         writer.close()
         tmp.replace(out)
     except BaseException:
