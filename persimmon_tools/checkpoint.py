@@ -176,11 +176,15 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
     for pp in range(release.pp):
         layers = {layer_index(k) for k in flats[(0, pp)][0] if layer_index(k) is not None}
         if layers and layers != set(range(len(layers))):
-            raise CheckpointError(f"pipeline stage {pp}: layer numbers {sorted(layers)} are not 0..{len(layers) - 1}",
-                                  hint="stage-local numbering is expected in mp_rank_XX_YYY shards")
+            raise CheckpointError(
+                f"pipeline stage {pp}: layer numbers {sorted(layers)} are not 0..{len(layers) - 1}",
+                hint="stage-local numbering is expected in mp_rank_XX_YYY shards",
+            )
         for tp in range(release.tp):
             flat = flats[(tp, pp)][0]
-            stage_keys.setdefault(pp, {})[tp] = {renumber_layer(k, offset) if offset else k: v for k, v in flat.items()}
+            stage_keys.setdefault(pp, {})[tp] = {
+                renumber_layer(k, offset) if offset else k: v for k, v in flat.items()
+            }
         offset += len(layers)
 
     tensors: dict[str, MergedTensor] = {}
@@ -195,14 +199,21 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
                 )
         for key in by_tp[0]:
             if key in tensors:
-                raise CheckpointError(f"{key} appears in more than one pipeline stage",
-                                      hint="the pipeline shards overlap; check the mp_rank_XX_YYY folders")
+                raise CheckpointError(
+                    f"{key} appears in more than one pipeline stage",
+                    hint="the pipeline shards overlap; check the mp_rank_XX_YYY folders",
+                )
             parts = tuple(by_tp[tp][key] for tp in range(release.tp))
             tensors[key] = _merge(key, parts)
-    return Checkpoint(release=release, tensors=tensors, args=args,
-                      iteration=iteration if isinstance(iteration, int) else release.iteration,
-                      globals_seen=globals_seen, top_level_keys=sorted(map(str, first)) if isinstance(first, dict) else [],
-                      non_tensor_leaves=odd)
+    return Checkpoint(
+        release=release,
+        tensors=tensors,
+        args=args,
+        iteration=iteration if isinstance(iteration, int) else release.iteration,
+        globals_seen=globals_seen,
+        top_level_keys=sorted(map(str, first)) if isinstance(first, dict) else [],
+        non_tensor_leaves=odd,
+    )
 
 
 def _merge(key: str, parts: tuple[LazyTensor, ...]) -> MergedTensor:
@@ -210,17 +221,23 @@ def _merge(key: str, parts: tuple[LazyTensor, ...]) -> MergedTensor:
     if len(parts) > 1:
         dtypes = {p.dtype for p in parts}
         if len(dtypes) > 1:
-            raise CheckpointError(f"{key}: tensor-parallel shards have different dtypes {sorted(map(str, dtypes))}",
-                                  hint="the shards come from different checkpoints")
+            raise CheckpointError(
+                f"{key}: tensor-parallel shards have different dtypes {sorted(map(str, dtypes))}",
+                hint="the shards come from different checkpoints",
+            )
         if kind is None:
             kind = Parallel.REPLICATED  # unknown keys are reported by the mapping step; compare them anyway
         dim = kind.concat_dim
         for rank, p in enumerate(parts):
-            same = [n for d, n in enumerate(p.shape) if d != dim] == [n for d, n in enumerate(parts[0].shape) if d != dim]
+            same = [n for d, n in enumerate(p.shape) if d != dim] == [
+                n for d, n in enumerate(parts[0].shape) if d != dim
+            ]
             if len(p.shape) != len(parts[0].shape) or not same:
                 raise CheckpointError(
                     f"{key}: shard shapes do not fit together (rank 0 {list(parts[0].shape)}, rank {rank} "
-                    f"{list(p.shape)})", hint="the shards come from different checkpoints")
+                    f"{list(p.shape)})",
+                    hint="the shards come from different checkpoints",
+                )
         if dim is None:
             check_replicated([p.materialize() for p in parts], key)
     return MergedTensor(key, parts, kind)

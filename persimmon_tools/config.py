@@ -55,16 +55,29 @@ class ModelDims:
     def symbols(self) -> dict[str, int]:
         """Values of the shape symbols used in the mapping table."""
         attn = self.num_heads * self.head_dim
-        return {"V": self.vocab_size, "H": self.hidden_size, "F": self.intermediate_size, "A": attn,
-                "QKV": 3 * attn, "D": self.head_dim, "R": self.rotary_dim // 2}
+        return {
+            "V": self.vocab_size,
+            "H": self.hidden_size,
+            "F": self.intermediate_size,
+            "A": attn,
+            "QKV": 3 * attn,
+            "D": self.head_dim,
+            "R": self.rotary_dim // 2,
+        }
 
     def flag(self, name: str | None) -> bool:
         return True if name is None else bool(getattr(self, name))
 
     def num_parameters(self) -> int:
         s = self.symbols()
-        per_layer = 4 * s["H"] + s["QKV"] * (s["H"] + 1) + 4 * s["D"] + s["H"] * (s["A"] + 1) \
-            + s["F"] * (s["H"] + 1) + s["H"] * (s["F"] + 1)
+        per_layer = (
+            4 * s["H"]
+            + s["QKV"] * (s["H"] + 1)
+            + 4 * s["D"]
+            + s["H"] * (s["A"] + 1)
+            + s["F"] * (s["H"] + 1)
+            + s["H"] * (s["F"] + 1)
+        )
         return s["V"] * s["H"] * (2 if self.untied else 1) + self.num_layers * per_layer + 2 * s["H"]
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,10 +97,15 @@ def arg(args: Any, name: str) -> Any:
 
 
 def _not_persimmon(ckpt: Checkpoint, why: str) -> ConfigError:
-    families = sorted({".".join(k.replace("language_model.encoder.layers.", "layers.N.").split(".")[:4])
-                       for k in ckpt.tensors})
+    families = sorted(
+        {
+            ".".join(k.replace("language_model.encoder.layers.", "layers.N.").split(".")[:4])
+            for k in ckpt.tensors
+        }
+    )
     return ConfigError(
-        f"not a Persimmon checkpoint: {why}. Found {len(ckpt.tensors)} tensors: " + ", ".join(families[:14])
+        f"not a Persimmon checkpoint: {why}. Found {len(ckpt.tensors)} tensors: "
+        + ", ".join(families[:14])
         + (" ..." if len(families) > 14 else ""),
         hint="persimmon-tools converts ADEPT Persimmon checkpoints (rotary, QK-layernorm, squared ReLU)",
     )
@@ -107,7 +125,7 @@ def check_inv_freq(inv_freq: torch.Tensor, base: float, rotary_dim: int) -> bool
     """Whether a stored ``inv_freq`` equals ``1/base**(arange(0, rd, 2)/rd)`` up to its dtype's rounding."""
     expected = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     rel = ((inv_freq.double() - expected).abs() / expected).max().item()
-    tol = {torch.float32: 1e-5, torch.float64: 1e-9}.get(inv_freq.dtype, 2.0 ** -7)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-9}.get(inv_freq.dtype, 2.0**-7)
     return rel <= tol
 
 
@@ -132,8 +150,10 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
     if not head_dim or qkv_rows % (3 * head_dim):
         problems.append(f"query_key_value has {qkv_rows} rows, not a multiple of 3 x head_dim ({head_dim})")
     if num_heads * head_dim != hidden:
-        problems.append(f"heads x head_dim = {num_heads} x {head_dim} != hidden_size {hidden}; "
-                        "HF PersimmonForCausalLM requires them equal")
+        problems.append(
+            f"heads x head_dim = {num_heads} x {head_dim} != hidden_size {hidden}; "
+            "HF PersimmonForCausalLM requires them equal"
+        )
     ffn_key = _LAYER0 + "mlp.dense_h_to_4h.weight"
     ffn = t[ffn_key].shape[0] if ffn_key in t else 0
 
@@ -157,8 +177,10 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
         problems.append(f"args.pos_emb = {pos_emb!r}; Persimmon uses 'rotary'")
     untied = HEAD in t
     if arg(args, "untie_embeddings") is not None and bool(arg(args, "untie_embeddings")) != untied:
-        problems.append(f"args.untie_embeddings = {arg(args, 'untie_embeddings')} but "
-                        f"{HEAD} is {'present' if untied else 'absent'}")
+        problems.append(
+            f"args.untie_embeddings = {arg(args, 'untie_embeddings')} but "
+            f"{HEAD} is {'present' if untied else 'absent'}"
+        )
     hidden_act = "relu2"
     if arg(args, "sq_relu") is False:
         hidden_act = "gelu"
@@ -171,19 +193,25 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
     rd_args = int(rotary_pct * head_dim) if rotary_pct is not None else None
     rd_inv = 2 * inv.numel() if inv is not None else None
     if rd_args is not None and rd_inv is not None and rd_args != rd_inv:
-        problems.append(f"args.rotary_pct = {rotary_pct} gives rotary_dim {rd_args} but inv_freq has "
-                        f"{inv.numel()} entries (rotary_dim {rd_inv})")
+        problems.append(
+            f"args.rotary_pct = {rotary_pct} gives rotary_dim {rd_args} but inv_freq has "
+            f"{inv.numel()} entries (rotary_dim {rd_inv})"
+        )
     rotary_dim = rd_args if rd_args is not None else rd_inv
     if rotary_dim is None:
-        problems.append("cannot tell the rotary dimension: args.rotary_pct is missing and there is no inv_freq")
+        problems.append(
+            "cannot tell the rotary dimension: args.rotary_pct is missing and there is no inv_freq"
+        )
         rotary_dim = head_dim
     base = arg(args, "rotary_emb_base")
     if base is None:
         base = ADEPT_DEFAULT_ROPE_BASE
         log.info("args has no rotary_emb_base; using ADEPT's default %s (checked against inv_freq)", base)
     if inv is not None and rotary_dim and not check_inv_freq(inv, float(base), rotary_dim):
-        problems.append(f"rotary base {base} (args.rotary_emb_base or ADEPT's default) disagrees with the stored "
-                        f"inv_freq, which implies about {_estimate_theta(inv, rotary_dim):.6g}")
+        problems.append(
+            f"rotary base {base} (args.rotary_emb_base or ADEPT's default) disagrees with the stored "
+            f"inv_freq, which implies about {_estimate_theta(inv, rotary_dim):.6g}"
+        )
     eps = arg(args, "layernorm_epsilon")
     if eps is None:
         eps = ADEPT_DEFAULT_EPS
@@ -198,16 +226,27 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
             hint="the checkpoint may be damaged or mixed from different runs; `persimmon-tools inspect` shows both",
         )
     return ModelDims(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=num_layers, num_heads=num_heads,
-        head_dim=head_dim, rotary_dim=rotary_dim, rope_theta=float(base), layer_norm_eps=float(eps),
-        max_position_embeddings=int(max_pos), untied=untied, hidden_act=hidden_act,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
+        rope_theta=float(base),
+        layer_norm_eps=float(eps),
+        max_position_embeddings=int(max_pos),
+        untied=untied,
+        hidden_act=hidden_act,
     )
 
 
 def hf_config(dims: ModelDims, dtype: torch.dtype, special_id: int | None) -> dict[str, Any]:
     """``config.json`` for ``PersimmonForCausalLM`` (readable by transformers 4.x and 5.x)."""
     if not math.isclose(int(dims.partial_rotary_factor * dims.head_dim), dims.rotary_dim):
-        raise ConfigError(f"rotary_dim {dims.rotary_dim} is not expressible as partial_rotary_factor x head_dim")
+        raise ConfigError(
+            f"rotary_dim {dims.rotary_dim} is not expressible as partial_rotary_factor x head_dim"
+        )
     return {
         "architectures": ["PersimmonForCausalLM"],
         "model_type": "persimmon",

@@ -38,8 +38,12 @@ from persimmon_tools.writer import (
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                                          "fp32": torch.float32}
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
 BASE_RSS_ESTIMATE = 400 << 20  # python + torch + tokenizers, measured at ~350 MB on CPU builds
 
 
@@ -76,17 +80,27 @@ class ConversionPlan:
     @property
     def estimated_peak_bytes(self) -> int:
         """Streaming keeps about two chunks (or one dim-1 interleave block) plus the largest small tensor."""
-        small = max((p.nbytes for p in self.tensors if p.source.concat_dim is None and len(p.shape) == 1), default=0)
+        small = max(
+            (p.nbytes for p in self.tensors if p.source.concat_dim is None and len(p.shape) == 1), default=0
+        )
         return BASE_RSS_ESTIMATE + 3 * CHUNK_BYTES + small
 
     def summary(self) -> dict[str, Any]:
         return {
-            "source": str(self.release.source), "kind": self.release.kind, "iteration": self.checkpoint.iteration,
-            "tp": self.release.tp, "pp": self.release.pp, "variant": self.release.variant,
-            "tensors": len(self.tensors), "bytes": self.shards.total_size,
+            "source": str(self.release.source),
+            "kind": self.release.kind,
+            "iteration": self.checkpoint.iteration,
+            "tp": self.release.tp,
+            "pp": self.release.pp,
+            "variant": self.release.variant,
+            "tensors": len(self.tensors),
+            "bytes": self.shards.total_size,
             "parameters": sum(p.nbytes // p.out_dtype.itemsize for p in self.tensors),
             "dtype": self.config["torch_dtype"],
-            "shards": {f: {"tensors": len(ts), "bytes": sum(p.nbytes for p in ts)} for f, ts in self.shards.files.items()},
+            "shards": {
+                f: {"tensors": len(ts), "bytes": sum(p.nbytes for p in ts)}
+                for f, ts in self.shards.files.items()
+            },
             "estimated_peak_memory_bytes": self.estimated_peak_bytes,
             "config": self.config,
         }
@@ -103,8 +117,10 @@ class ConversionResult:
 
 def _output_dtype(name: str, ckpt: Checkpoint) -> torch.dtype | None:
     if name not in DTYPES:
-        raise UsageError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}", hint="use --dtype auto to keep "
-                         "the checkpoint's own dtype bit for bit")
+        raise UsageError(
+            f"--dtype {name!r} is not one of {', '.join(DTYPES)}",
+            hint="use --dtype auto to keep the checkpoint's own dtype bit for bit",
+        )
     return DTYPES[name]
 
 
@@ -125,8 +141,10 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
         vocab_bytes = release.vocab.read_all()
         special_id = piece_id(load_sp_bytes(vocab_bytes, release.vocab.name), ENDOFTEXT, release.vocab.name)
         if special_id >= dims.vocab_size:
-            raise ConversionError(f"{ENDOFTEXT} has id {special_id}, beyond the {dims.vocab_size} embedding rows",
-                                  hint="the vocabulary does not belong to this checkpoint; pass the right --vocab")
+            raise ConversionError(
+                f"{ENDOFTEXT} has id {special_id}, beyond the {dims.vocab_size} embedding rows",
+                hint="the vocabulary does not belong to this checkpoint; pass the right --vocab",
+            )
     elif options.tokenizer:
         raise ConversionError(
             f"{release.source}: no adept_vocab.model found next to the checkpoint",
@@ -141,19 +159,35 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
 def _provenance(plan: ConversionPlan) -> dict[str, Any]:
     rel = plan.release
     return {
-        "tool": "persimmon-tools", "tool_version": __version__,
+        "tool": "persimmon-tools",
+        "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {
-            "path": str(rel.source.absolute()), "kind": rel.kind, "name": rel.source.name, "variant": rel.variant,
-            "iteration": plan.checkpoint.iteration, "tp": rel.tp, "pp": rel.pp,
-            "checkpoint_files": [{"name": src.name.split(":")[-1] if rel.kind == "tar" else
-                                  str(Path(src.name).relative_to(rel.source) if rel.source.is_dir() else src.name),
-                                  "size": src.size} for _, src in rel.shard_list()],
+            "path": str(rel.source.absolute()),
+            "kind": rel.kind,
+            "name": rel.source.name,
+            "variant": rel.variant,
+            "iteration": plan.checkpoint.iteration,
+            "tp": rel.tp,
+            "pp": rel.pp,
+            "checkpoint_files": [
+                {
+                    "name": src.name.split(":")[-1]
+                    if rel.kind == "tar"
+                    else str(Path(src.name).relative_to(rel.source) if rel.source.is_dir() else src.name),
+                    "size": src.size,
+                }
+                for _, src in rel.shard_list()
+            ],
         },
         "dtype": plan.config["torch_dtype"],
         "num_parameters": plan.summary()["parameters"],
-        "args": {k: v for k, v in sorted(vars(plan.checkpoint.args).items())
-                 if isinstance(v, (int, float, str, bool)) or v is None} if hasattr(plan.checkpoint.args, "__dict__")
+        "args": {
+            k: v
+            for k, v in sorted(vars(plan.checkpoint.args).items())
+            if isinstance(v, (int, float, str, bool)) or v is None
+        }
+        if hasattr(plan.checkpoint.args, "__dict__")
         else None,
     }
 
@@ -167,13 +201,19 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
     except ImportError:  # pragma: no cover - the fast tokenizer module is optional during development
         log.warning("fast tokenizer support is not available; wrote tokenizer.model only")
         return
-    write_tokenizer(sp_path, folder, add_bos_token=options.add_bos_token, chat=chat,
-                    check=not options.force_tokenizer)
+    write_tokenizer(
+        sp_path, folder, add_bos_token=options.add_bos_token, chat=chat, check=not options.force_tokenizer
+    )
 
 
-def convert(source: Path, out_dir: Path, options: ConvertOptions = ConvertOptions(), *,
-            progress: Callable[[int], None] = lambda n: None,
-            on_plan: Callable[[ConversionPlan], None] = lambda p: None) -> ConversionResult:
+def convert(
+    source: Path,
+    out_dir: Path,
+    options: ConvertOptions = ConvertOptions(),
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+    on_plan: Callable[[ConversionPlan], None] = lambda p: None,
+) -> ConversionResult:
     """Convert SOURCE into OUT_DIR; OUT_DIR appears complete or not at all."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, options.force)
@@ -183,7 +223,9 @@ def convert(source: Path, out_dir: Path, options: ConvertOptions = ConvertOption
     stats = WriteStats()
     with atomic_output_dir(out_dir, options.force) as tmp:
         for fname, tensors in plan.shards.files.items():
-            write_shard(tmp / fname, tensors, stats, check_finite=not options.allow_nonfinite, progress=progress)
+            write_shard(
+                tmp / fname, tensors, stats, check_finite=not options.allow_nonfinite, progress=progress
+            )
         _refuse_bad_values(stats, options)
         if plan.shards.is_sharded:
             write_index(tmp, plan.shards)

@@ -27,16 +27,30 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
     release = open_release(source, iteration=iteration)
     ckpt = load_release_checkpoint(release)
     info: dict[str, Any] = {
-        "type": "release", "source": str(release.source), "kind": release.kind, "variant": release.variant,
-        "iteration": ckpt.iteration, "tp": release.tp, "pp": release.pp,
-        "shards": [{"rank": list(rank), "file": src.name, "bytes": src.size} for rank, src in release.shard_list()],
+        "type": "release",
+        "source": str(release.source),
+        "kind": release.kind,
+        "variant": release.variant,
+        "iteration": ckpt.iteration,
+        "tp": release.tp,
+        "pp": release.pp,
+        "shards": [
+            {"rank": list(rank), "file": src.name, "bytes": src.size} for rank, src in release.shard_list()
+        ],
         "vocab": release.vocab.name if release.vocab else None,
         "top_level_keys": ckpt.top_level_keys,
         "pickle_globals": ckpt.globals_seen,
         "args": _jsonable(vars(ckpt.args)) if hasattr(ckpt.args, "__dict__") else _jsonable(ckpt.args),
-        "tensors": [{"name": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                     "bytes": t.nbytes, "parallel": t.kind.value if t.kind else None}
-                    for k, t in ckpt.tensors.items()],
+        "tensors": [
+            {
+                "name": k,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "bytes": t.nbytes,
+                "parallel": t.kind.value if t.kind else None,
+            }
+            for k, t in ckpt.tensors.items()
+        ],
     }
     try:
         info["dims"] = derive_dims(ckpt).to_dict()
@@ -49,19 +63,32 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
 def inspect_converted(folder: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
-    info: dict[str, Any] = {"type": "converted", "folder": str(folder),
-                            "config": json.loads((folder / "config.json").read_text())}
+    info: dict[str, Any] = {
+        "type": "converted",
+        "folder": str(folder),
+        "config": json.loads((folder / "config.json").read_text()),
+    }
     shards = []
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
-            shards.append({"file": path.name, "bytes": path.stat().st_size, "tensors": len(names),
-                           "metadata": f.metadata()})
+            shards.append(
+                {
+                    "file": path.name,
+                    "bytes": path.stat().st_size,
+                    "tensors": len(names),
+                    "metadata": f.metadata(),
+                }
+            )
     info["shards"] = shards
     for name, key in ((CONVERSION_FILE, "conversion"), (VERIFICATION_FILE, "verification")):
         if (folder / name).is_file():
             data = json.loads((folder / name).read_text())
-            info[key] = data if key == "conversion" else {"verdict": data.get("verdict"), "created": data.get("created")}
+            info[key] = (
+                data
+                if key == "conversion"
+                else {"verdict": data.get("verdict"), "created": data.get("created")}
+            )
     info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
     return info
 

@@ -73,11 +73,16 @@ class LazyTensor:
     stride: tuple[int, ...]
 
     @classmethod
-    def from_storage(cls, storage: StorageRef, offset: int, shape: tuple[int, ...],
-                     stride: tuple[int, ...]) -> LazyTensor:
-        if not all(isinstance(v, int) and v >= 0 for v in (offset, *shape, *stride)) or len(shape) != len(stride):
-            raise CheckpointError(f"{storage.origin}: malformed tensor view offset={offset} shape={shape} "
-                                  f"stride={stride}", hint="the checkpoint is corrupt")
+    def from_storage(
+        cls, storage: StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+    ) -> LazyTensor:
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, *shape, *stride)) or len(shape) != len(
+            stride
+        ):
+            raise CheckpointError(
+                f"{storage.origin}: malformed tensor view offset={offset} shape={shape} stride={stride}",
+                hint="the checkpoint is corrupt",
+            )
         numel = math.prod(shape)
         if numel:
             last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
@@ -111,7 +116,9 @@ class LazyTensor:
         for n in reversed(self.shape):
             expected.append(acc)
             acc *= n
-        return all(n <= 1 or s == e for n, s, e in zip(self.shape, self.stride, reversed(expected), strict=True))
+        return all(
+            n <= 1 or s == e for n, s, e in zip(self.shape, self.stride, reversed(expected), strict=True)
+        )
 
     @property
     def byte_offset(self) -> int:
@@ -125,8 +132,12 @@ class LazyTensor:
         if not self.is_contiguous:
             return self.materialize()[start:stop].clone()
         rows = stop - start
-        buf = pread_exact(self.storage.path, self.byte_offset + start * self.row_nbytes, rows * self.row_nbytes,
-                          self.storage.origin)
+        buf = pread_exact(
+            self.storage.path,
+            self.byte_offset + start * self.row_nbytes,
+            rows * self.row_nbytes,
+            self.storage.origin,
+        )
         if not buf:
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         return torch.frombuffer(buf, dtype=self.dtype).view(rows, *self.shape[1:])
@@ -139,6 +150,8 @@ class LazyTensor:
         if self.is_contiguous:
             return self.read_rows(0, self.shape[0])
         span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
-        buf = pread_exact(self.storage.path, self.byte_offset, span * itemsize(self.dtype), self.storage.origin)
+        buf = pread_exact(
+            self.storage.path, self.byte_offset, span * itemsize(self.dtype), self.storage.origin
+        )
         flat = torch.frombuffer(buf, dtype=self.dtype)
         return torch.as_strided(flat, self.shape, self.stride).clone()

@@ -35,12 +35,30 @@ RULES: tuple[Rule, ...] = (
     Rule("language_model.embedding.word_embeddings.weight", "model.embed_tokens.weight", V, ("V", "H")),
     Rule(_L + "input_layernorm.weight", _T + "input_layernorm.weight", P, ("H",)),
     Rule(_L + "input_layernorm.bias", _T + "input_layernorm.bias", P, ("H",)),
-    Rule(_L + "self_attention.query_key_value.weight", _T + "self_attn.query_key_value.weight", C, ("QKV", "H")),
+    Rule(
+        _L + "self_attention.query_key_value.weight", _T + "self_attn.query_key_value.weight", C, ("QKV", "H")
+    ),
     Rule(_L + "self_attention.query_key_value.bias", _T + "self_attn.query_key_value.bias", C, ("QKV",)),
-    Rule(_L + "self_attention.q_layernorm.weight", _T + "self_attn.q_layernorm.weight", P, ("D",), "qk_layernorm"),
-    Rule(_L + "self_attention.q_layernorm.bias", _T + "self_attn.q_layernorm.bias", P, ("D",), "qk_layernorm"),
-    Rule(_L + "self_attention.k_layernorm.weight", _T + "self_attn.k_layernorm.weight", P, ("D",), "qk_layernorm"),
-    Rule(_L + "self_attention.k_layernorm.bias", _T + "self_attn.k_layernorm.bias", P, ("D",), "qk_layernorm"),
+    Rule(
+        _L + "self_attention.q_layernorm.weight",
+        _T + "self_attn.q_layernorm.weight",
+        P,
+        ("D",),
+        "qk_layernorm",
+    ),
+    Rule(
+        _L + "self_attention.q_layernorm.bias", _T + "self_attn.q_layernorm.bias", P, ("D",), "qk_layernorm"
+    ),
+    Rule(
+        _L + "self_attention.k_layernorm.weight",
+        _T + "self_attn.k_layernorm.weight",
+        P,
+        ("D",),
+        "qk_layernorm",
+    ),
+    Rule(
+        _L + "self_attention.k_layernorm.bias", _T + "self_attn.k_layernorm.bias", P, ("D",), "qk_layernorm"
+    ),
     Rule(_L + "self_attention.dense.weight", _T + "self_attn.dense.weight", R, ("H", "A")),
     Rule(_L + "self_attention.dense.bias", _T + "self_attn.dense.bias", P, ("H",)),
     Rule(_L + "post_attention_layernorm.weight", _T + "post_attention_layernorm.weight", P, ("H",)),

@@ -48,7 +48,9 @@ def _expected_shape(rule: Rule, dims: ModelDims) -> tuple[int, ...]:
     return tuple(symbols[s] for s in rule.shape)
 
 
-def plan_conversion(ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | None = None) -> list[PlannedTensor]:
+def plan_conversion(
+    ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | None = None
+) -> list[PlannedTensor]:
     """Map every Megatron key to its HF target in HF order; raise one MappingError listing all problems.
 
     ``out_dtype`` None keeps each tensor's source dtype.
@@ -83,7 +85,9 @@ def plan_conversion(ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | 
             problems.append(f"{key} present although {rule.when} is off")
             continue
         if target in produced:
-            problems.append(f"{target} would be produced twice (from {produced[target].source.key} and {key})")
+            problems.append(
+                f"{target} would be produced twice (from {produced[target].source.key} and {key})"
+            )
             continue
         produced[target] = PlannedTensor(target, merged, expected, out_dtype or merged.dtype)
 
@@ -98,7 +102,8 @@ def plan_conversion(ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | 
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise MappingError(
             f"{len(problems)} problem(s) mapping {ckpt.release.source} to HF Persimmon:\n  - "
-            + "\n  - ".join(listed) + more,
+            + "\n  - ".join(listed)
+            + more,
             hint="`persimmon-tools inspect SOURCE` lists every tensor; the checkpoint may be damaged or of "
             "another architecture",
         )

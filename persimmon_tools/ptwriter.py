@@ -23,9 +23,17 @@ from typing import Any, BinaryIO
 
 import torch
 
-_STORAGE_TYPES = {torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage", torch.float32: "FloatStorage",
-                  torch.float64: "DoubleStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-                  torch.uint8: "ByteStorage", torch.int8: "CharStorage", torch.bool: "BoolStorage"}
+_STORAGE_TYPES = {
+    torch.bfloat16: "BFloat16Storage",
+    torch.float16: "HalfStorage",
+    torch.float32: "FloatStorage",
+    torch.float64: "DoubleStorage",
+    torch.int64: "LongStorage",
+    torch.int32: "IntStorage",
+    torch.uint8: "ByteStorage",
+    torch.int8: "CharStorage",
+    torch.bool: "BoolStorage",
+}
 _ALIGN = 64
 _MTIME = 1694131200  # fixed (2023-09-08), so the same release is written byte for byte the same
 
@@ -55,9 +63,17 @@ class TensorSpec:
         for d in reversed(self.shape):
             stride.append(acc)
             acc *= d
-        return (torch._utils._rebuild_tensor_v2,
-                (_StorageToken(self), 0, torch.Size(self.shape), tuple(reversed(stride)), False,
-                 collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (
+                _StorageToken(self),
+                0,
+                torch.Size(self.shape),
+                tuple(reversed(stride)),
+                False,
+                collections.OrderedDict(),
+            ),
+        )
 
 
 @dataclass(eq=False)
@@ -153,7 +169,7 @@ class TarWriter:
 
     def __init__(self, path: os.PathLike[str] | str) -> None:
         self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.GNU_FORMAT)
+        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 - closed in close()
 
     def add_dir(self, name: str) -> None:
         info = tarfile.TarInfo(name)
@@ -168,7 +184,11 @@ class TarWriter:
     def add_stream(self, name: str, write: Callable[[BinaryIO], None]) -> None:
         """Add a member whose content ``write(fileobj)`` produces; the header is patched afterwards."""
         info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = 1 << 40, 0o644, _MTIME  # placeholder; GNU headers are 512 bytes whatever the size
+        info.size, info.mode, info.mtime = (
+            1 << 40,
+            0o644,
+            _MTIME,
+        )  # placeholder; GNU headers are 512 bytes whatever the size
         header_pos = self._fh.tell()
         header = info.tobuf(tarfile.GNU_FORMAT, self._tar.encoding, self._tar.errors)
         self._fh.write(header)

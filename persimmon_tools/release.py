@@ -67,7 +67,7 @@ class Release:
 def _tar_tree(path: Path) -> dict[str, ByteSource]:
     """Regular-file members of an uncompressed tar as byte ranges of the tar file itself."""
     try:
-        tf = tarfile.open(path, mode="r:")
+        tf = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed by the `with tf` below
     except tarfile.ReadError as err:
         raise ReleaseError(
             f"{path} is not an uncompressed tar archive ({err})",
@@ -118,8 +118,9 @@ def _parse_tracker(src: ByteSource) -> int:
             hint="pass --iteration N to choose the iter_XXXXXXX folder explicitly",
         ) from None
     if value <= 0:
-        raise ReleaseError(f"{src.name} holds {value}; Megatron requires a positive iteration",
-                           hint="pass --iteration N")
+        raise ReleaseError(
+            f"{src.name} holds {value}; Megatron requires a positive iteration", hint="pass --iteration N"
+        )
     return value
 
 
@@ -133,8 +134,10 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
         grid = found.setdefault(key, {})
         rank = (int(m["tp"]), int(m["pp"]) if m["pp"] is not None else 0)
         if rank in grid:
-            raise ReleaseError(f"{source}: two checkpoint files for rank {rank} in {rel}",
-                               hint="keep either model_optim_rng.pt or model_rng.pt")
+            raise ReleaseError(
+                f"{source}: two checkpoint files for rank {rank} in {rel}",
+                hint="keep either model_optim_rng.pt or model_rng.pt",
+            )
         grid[rank] = (src, m["pp"] is not None)
     if not found:
         raise ReleaseError(
@@ -143,8 +146,10 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
         )
     roots = sorted({root for root, _ in found})
     if len(roots) > 1:
-        raise ReleaseError(f"{source} holds several releases: {', '.join(r or '.' for r in roots)}",
-                           hint="pass one of those folders as SOURCE")
+        raise ReleaseError(
+            f"{source} holds several releases: {', '.join(r or '.' for r in roots)}",
+            hint="pass one of those folders as SOURCE",
+        )
     root = roots[0]
     iterations = sorted(it for _, it in found)
     tracker = tree.get(root + TRACKER)
@@ -168,8 +173,10 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
     grid = found[(root, iteration)]
     naming = {pp_named for _, pp_named in grid.values()}
     if len(naming) > 1:
-        raise ReleaseError(f"{source}: iter_{iteration:07d} mixes mp_rank_XX and mp_rank_XX_YYY folders",
-                           hint="remove the stray shard folders")
+        raise ReleaseError(
+            f"{source}: iter_{iteration:07d} mixes mp_rank_XX and mp_rank_XX_YYY folders",
+            hint="remove the stray shard folders",
+        )
     tp = max(t for t, _ in grid) + 1
     pp = max(p for _, p in grid) + 1
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in grid]
@@ -181,8 +188,13 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
         )
     vocab = tree.get(root + VOCAB)
     return Release(
-        source=source, kind=kind, iteration=iteration,
-        shards={rank: src for rank, (src, _) in grid.items()}, tp=tp, pp=pp, vocab=vocab,
+        source=source,
+        kind=kind,
+        iteration=iteration,
+        shards={rank: src for rank, (src, _) in grid.items()},
+        tp=tp,
+        pp=pp,
+        vocab=vocab,
         pipeline_naming=naming == {True},
     )
 
@@ -216,8 +228,15 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
                 found_vocab = ByteSource.whole_file(up / VOCAB)
                 break
         m = re.fullmatch(r"iter_(\d+)", source.parent.parent.name)
-        release = Release(source=source, kind="pt", iteration=int(m[1]) if m else None,
-                          shards={(0, 0): src}, tp=1, pp=1, vocab=found_vocab)
+        release = Release(
+            source=source,
+            kind="pt",
+            iteration=int(m[1]) if m else None,
+            shards={(0, 0): src},
+            tp=1,
+            pp=1,
+            vocab=found_vocab,
+        )
     elif tarfile.is_tarfile(source) or source.suffix == ".tar":
         release = _discover(_tar_tree(source), source, "tar", iteration)
     else:

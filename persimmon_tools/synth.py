@@ -89,7 +89,7 @@ class _Values:
         pieces, need = [], hi - lo
         while need > 0:
             take = min(need, _POOL_SIZE - first)
-            pieces.append(self.pool[first:first + take])
+            pieces.append(self.pool[first : first + take])
             need, first = need - take, 0
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone()
 
@@ -105,8 +105,15 @@ def _value_transform(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def _logical_keys(p: Preset, vocab: int) -> dict[str, tuple[tuple[int, ...], Parallel]]:
     """Megatron key -> (full shape, parallel kind) for every tensor of the model, in Megatron order."""
     head_dim = p.hidden // p.heads
-    sym = {"V": vocab, "H": p.hidden, "F": p.ffn, "A": p.hidden, "QKV": 3 * p.hidden, "D": head_dim,
-           "R": int(p.rotary_pct * head_dim) // 2}
+    sym = {
+        "V": vocab,
+        "H": p.hidden,
+        "F": p.ffn,
+        "A": p.hidden,
+        "QKV": 3 * p.hidden,
+        "D": head_dim,
+        "R": int(p.rotary_pct * head_dim) // 2,
+    }
     out: dict[str, tuple[tuple[int, ...], Parallel]] = {}
     for rule in RULES:
         shape = tuple(sym[s] for s in rule.shape)
@@ -123,8 +130,16 @@ def _inv_freq(p: Preset, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 / (p.rope_base ** (torch.arange(0, rd, 2).float() / rd))).to(dtype)
 
 
-def _shard_spec(values: _Values, key: str, shape: tuple[int, ...], kind: Parallel, tp: int, rank: int,
-                dtype: torch.dtype, p: Preset) -> TensorSpec:
+def _shard_spec(
+    values: _Values,
+    key: str,
+    shape: tuple[int, ...],
+    kind: Parallel,
+    tp: int,
+    rank: int,
+    dtype: torch.dtype,
+    p: Preset,
+) -> TensorSpec:
     """The ``rank``-th tensor-parallel piece of logical tensor ``key`` (see :func:`persimmon_tools.ops.split`)."""
     if key.endswith("rotary_emb.inv_freq"):
         return TensorSpec.of(_inv_freq(p, dtype))
@@ -181,35 +196,72 @@ def _with_adept_module(func: Callable[[], None]) -> None:
 
 def _args(p: Preset, vocab: int, tp: int, pp: int, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
     return argparse.Namespace(
-        num_layers=p.layers, hidden_size=p.hidden, ffn_hidden_size=p.ffn, num_attention_heads=p.heads,
-        kv_channels=p.hidden // p.heads, seq_length=p.seq_length, max_position_embeddings=p.seq_length,
-        pos_emb="rotary", rotary_pct=p.rotary_pct, rotary_emb_base=p.rope_base, layernorm_epsilon=p.eps,
-        untie_embeddings=True, sq_relu=True, bias_gelu_fusion=False, bias_dropout_fusion=True,
-        qk_layernorm="weights_per_layer", apply_query_key_layer_scaling=True,
-        apply_residual_connection_post_layernorm=False, hidden_dropout=0.0, attention_dropout=0.0,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-        tokenizer_type="SentencePiece", sp_model_file="adept_vocab.model", padded_vocab_size=vocab,
-        make_vocab_size_divisible_by=128, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        consumed_train_samples=iteration * 8, consumed_valid_samples=0, iteration=iteration,
+        num_layers=p.layers,
+        hidden_size=p.hidden,
+        ffn_hidden_size=p.ffn,
+        num_attention_heads=p.heads,
+        kv_channels=p.hidden // p.heads,
+        seq_length=p.seq_length,
+        max_position_embeddings=p.seq_length,
+        pos_emb="rotary",
+        rotary_pct=p.rotary_pct,
+        rotary_emb_base=p.rope_base,
+        layernorm_epsilon=p.eps,
+        untie_embeddings=True,
+        sq_relu=True,
+        bias_gelu_fusion=False,
+        bias_dropout_fusion=True,
+        qk_layernorm="weights_per_layer",
+        apply_query_key_layer_scaling=True,
+        apply_residual_connection_post_layernorm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        tokenizer_type="SentencePiece",
+        sp_model_file="adept_vocab.model",
+        padded_vocab_size=vocab,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        consumed_train_samples=iteration * 8,
+        consumed_valid_samples=0,
+        iteration=iteration,
         model_backend=ModelBackend.MEGATRON,
     )
 
 
 def _stage_layers(layers: int, pp: int) -> list[range]:
     if layers % pp:
-        raise UsageError(f"--pp {pp} does not divide the preset's {layers} layers",
-                         hint="Megatron splits layers evenly between pipeline stages")
+        raise UsageError(
+            f"--pp {pp} does not divide the preset's {layers} layers",
+            hint="Megatron splits layers evenly between pipeline stages",
+        )
     per = layers // pp
     return [range(s * per, (s + 1) * per) for s in range(pp)]
 
 
-def _shard_object(values: _Values, keys: dict, p: Preset, tp: int, pp: int, tp_rank: int, pp_rank: int,
-                  dtype: torch.dtype, vocab: int, iteration: int) -> dict:
+def _shard_object(
+    values: _Values,
+    keys: dict,
+    p: Preset,
+    tp: int,
+    pp: int,
+    tp_rank: int,
+    pp_rank: int,
+    dtype: torch.dtype,
+    vocab: int,
+    iteration: int,
+) -> dict:
     layers = _stage_layers(p.layers, pp)[pp_rank]
     encoder: OrderedDict[str, TensorSpec] = OrderedDict()
     model: dict = {"language_model": {}}
     for key, (shape, kind) in keys.items():
-        spec = lambda: _shard_spec(values, key, shape, kind, tp, tp_rank, dtype, p)  # noqa: E731
+
+        def spec(key=key, shape=shape, kind=kind) -> TensorSpec:
+            return _shard_spec(values, key, shape, kind, tp, tp_rank, dtype, p)
+
         if key.startswith("language_model.encoder.layers."):
             i = int(key.split(".")[3])
             if i in layers:
@@ -223,15 +275,22 @@ def _shard_object(values: _Values, keys: dict, p: Preset, tp: int, pp: int, tp_r
             model["word_embeddings_for_head"] = {"weight": spec()}
     model["language_model"]["encoder"] = encoder
     gen = torch.Generator().manual_seed(values.seed + 7 * tp_rank + 1000 * pp_rank)
-    rng_state = [{
-        "random_rng_state": random.Random(values.seed).getstate(),
-        "np_rng_state": np.random.RandomState(values.seed).get_state(),
-        "torch_rng_state": TensorSpec.of(gen.get_state()),
-        "cuda_rng_state": TensorSpec.of(gen.get_state()),
-        "rng_tracker_states": {},
-    }]
-    return {"args": _args(p, vocab, tp, pp, dtype, iteration), "checkpoint_version": 3.0,
-            "iteration": iteration, "model": model, "rng_state": rng_state}
+    rng_state = [
+        {
+            "random_rng_state": random.Random(values.seed).getstate(),
+            "np_rng_state": np.random.RandomState(values.seed).get_state(),
+            "torch_rng_state": TensorSpec.of(gen.get_state()),
+            "cuda_rng_state": TensorSpec.of(gen.get_state()),
+            "rng_tracker_states": {},
+        }
+    ]
+    return {
+        "args": _args(p, vocab, tp, pp, dtype, iteration),
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+        "model": model,
+        "rng_state": rng_state,
+    }
 
 
 @dataclass(frozen=True)
@@ -250,8 +309,16 @@ class SyntheticRelease:
         return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
 
 
-def build_release(*, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
-                  seed: int = 0, vocab_model: bytes | None = None, **overrides) -> SyntheticRelease:
+def build_release(
+    *,
+    preset: str = "tiny",
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_model: bytes | None = None,
+    **overrides,
+) -> SyntheticRelease:
     """Checkpoint objects of a random-weight release (nothing is generated until written)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
@@ -262,18 +329,29 @@ def build_release(*, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torc
     multiple = 128 * 8  # make_vocab_size_divisible_by x TP, for any TP up to 8: same vocab for every layout
     vocab = p.vocab or -(-sp.get_piece_size() // multiple) * multiple
     if vocab < sp.get_piece_size() or vocab % tp or p.heads % tp or p.ffn % tp:
-        raise UsageError(f"TP={tp} does not divide heads {p.heads} / ffn {p.ffn} / vocab {vocab}, or the vocab "
-                         f"({vocab}) is smaller than the tokenizer ({sp.get_piece_size()})")
+        raise UsageError(
+            f"TP={tp} does not divide heads {p.heads} / ffn {p.ffn} / vocab {vocab}, or the vocab "
+            f"({vocab}) is smaller than the tokenizer ({sp.get_piece_size()})"
+        )
     _stage_layers(p.layers, pp)
     values = _Values(seed)
     keys = _logical_keys(p, vocab)
-    objects = {(t, s): _shard_object(values, keys, p, tp, pp, t, s, dtype, vocab, p.iteration)
-               for s in range(pp) for t in range(tp)}
+    objects = {
+        (t, s): _shard_object(values, keys, p, tp, pp, t, s, dtype, vocab, p.iteration)
+        for s in range(pp)
+        for t in range(tp)
+    }
     return SyntheticRelease(objects, vocab_bytes, p.iteration, tp, pp, p, vocab)
 
 
-def logical_tensors(*, preset: str = "tiny", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                    vocab_rows: int | None = None, **overrides) -> dict[str, torch.Tensor]:
+def logical_tensors(
+    *,
+    preset: str = "tiny",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_rows: int | None = None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
     """The full (unsharded) Megatron tensors a release made with the same seed holds, by flat key."""
     rel = build_release(preset=preset, dtype=dtype, seed=seed, **overrides) if vocab_rows is None else None
     p = replace(PRESETS[preset], **overrides)
@@ -288,10 +366,14 @@ def logical_tensors(*, preset: str = "tiny", dtype: torch.dtype = torch.bfloat16
 
 def _vocab_text(vocab_bytes: bytes) -> bytes:
     sp = load_sp_bytes(vocab_bytes, "vocabulary model")
-    return ("\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n").encode()
+    return (
+        "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n"
+    ).encode()
 
 
-def write_release_folder(rel: SyntheticRelease, folder: Path, *, progress: Callable[[int], None] = lambda n: None) -> Path:
+def write_release_folder(
+    rel: SyntheticRelease, folder: Path, *, progress: Callable[[int], None] = lambda n: None
+) -> Path:
     """Write ``rel`` as an extracted release folder (same layout as inside the tar)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -306,11 +388,23 @@ def write_release_folder(rel: SyntheticRelease, folder: Path, *, progress: Calla
     return folder
 
 
-def make_release(out: Path, *, preset: str = "tiny", tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0, vocab_model: bytes | None = None, name: str | None = None,
-                 progress: Callable[[int], None] = lambda n: None, **overrides) -> Path:
+def make_release(
+    out: Path,
+    *,
+    preset: str = "tiny",
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_model: bytes | None = None,
+    name: str | None = None,
+    progress: Callable[[int], None] = lambda n: None,
+    **overrides,
+) -> Path:
     """Write a random-weight release tar at ``out`` (see module docstring); returns ``out``."""
-    rel = build_release(preset=preset, tp=tp, pp=pp, dtype=dtype, seed=seed, vocab_model=vocab_model, **overrides)
+    rel = build_release(
+        preset=preset, tp=tp, pp=pp, dtype=dtype, seed=seed, vocab_model=vocab_model, **overrides
+    )
     name = name or Path(out).name.removesuffix(".tar")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,8 +417,11 @@ def make_release(out: Path, *, preset: str = "tiny", tp: int = 1, pp: int = 1, d
         writer.add_bytes(f"{name}/latest_checkpointed_iteration.txt", f"{rel.iteration}".encode())
         for (t, s), obj in sorted(rel.objects.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             member = f"{name}/iter_{rel.iteration:07d}/{rel.rank_dir(t, s)}/model_optim_rng.pt"
-            _with_adept_module(lambda m=member, o=obj: writer.add_stream(
-                m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)))
+            _with_adept_module(
+                lambda m=member, o=obj: writer.add_stream(
+                    m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)
+                )
+            )
         writer.close()
         tmp.replace(out)
     except BaseException:

@@ -40,72 +40,94 @@ def _record_offsets(zf: zipfile.ZipFile, src: ByteSource, fh) -> dict[str, tuple
     spans = {}
     for info in zf.infolist():
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise CheckpointError(f"{src.name}: record {info.filename} is compressed; torch never does that",
-                                  hint="the file is not an unmodified torch.save checkpoint")
+            raise CheckpointError(
+                f"{src.name}: record {info.filename} is compressed; torch never does that",
+                hint="the file is not an unmodified torch.save checkpoint",
+            )
         fh.seek(info.header_offset)
         header = fh.read(30)
         if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise CheckpointError(f"{src.name}: zip record {info.filename} has no valid local header",
-                                  hint="the file is truncated or corrupt; download it again")
+            raise CheckpointError(
+                f"{src.name}: zip record {info.filename} has no valid local header",
+                hint="the file is truncated or corrupt; download it again",
+            )
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         start = info.header_offset + 30 + name_len + extra_len
         if start + info.file_size > src.size:
             raise CheckpointError(
                 f"{src.name}: record {info.filename} ends at byte {start + info.file_size}, past the end of the "
-                f"file ({src.size} bytes)", hint="the file is truncated; download it again")
+                f"file ({src.size} bytes)",
+                hint="the file is truncated; download it again",
+            )
         spans[info.filename] = (start, info.file_size)
     ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
     for (name_a, (a, na)), (name_b, (b, _)) in zip(ordered, ordered[1:], strict=False):
         if a + na > b:
-            raise CheckpointError(f"{src.name}: zip records {name_a} and {name_b} overlap",
-                                  hint="the file is corrupt or was tampered with")
+            raise CheckpointError(
+                f"{src.name}: zip records {name_a} and {name_b} overlap",
+                hint="the file is corrupt or was tampered with",
+            )
     return {name: (src.offset + a, n) for name, (a, n) in spans.items()}
 
 
 def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
     """Unpickle ``src`` (a ``.pt`` file or tar member) with lazy tensors; no tensor bytes are read."""
     if src.size == 0:
-        raise CheckpointError(f"{src.name} is empty (0 bytes)", hint="the download is incomplete; download again")
+        raise CheckpointError(
+            f"{src.name} is empty (0 bytes)", hint="the download is incomplete; download again"
+        )
     with src.open() as fh:
         magic = fh.read(16)
         if magic.startswith(_LEGACY_MAGIC[:2]) and magic[2:12] == _LEGACY_MAGIC[2:12]:
             raise CheckpointError(
                 f"{src.name} uses torch's legacy (pre-1.6, non-zip) serialization, which cannot be read lazily",
-                hint="re-save it with a current torch (torch.save(torch.load(f), f2)) on a trusted machine")
+                hint="re-save it with a current torch (torch.save(torch.load(f), f2)) on a trusted machine",
+            )
         if not magic.startswith(b"PK"):
-            raise CheckpointError(f"{src.name} is not a PyTorch checkpoint (no zip signature)",
-                                  hint="pass a model_optim_rng.pt written by torch.save")
+            raise CheckpointError(
+                f"{src.name} is not a PyTorch checkpoint (no zip signature)",
+                hint="pass a model_optim_rng.pt written by torch.save",
+            )
         fh.seek(0)
         try:
             zf = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-            raise CheckpointError(f"{src.name} is not a readable zip checkpoint ({err})",
-                                  hint="the file is truncated or corrupt; download it again") from err
+            raise CheckpointError(
+                f"{src.name} is not a readable zip checkpoint ({err})",
+                hint="the file is truncated or corrupt; download it again",
+            ) from err
         with zf:
             pkl_names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pkl_names) != 1:
-                raise CheckpointError(f"{src.name}: expected one <prefix>/data.pkl, found {pkl_names or 'none'}",
-                                      hint="the file is not a torch.save checkpoint")
+                raise CheckpointError(
+                    f"{src.name}: expected one <prefix>/data.pkl, found {pkl_names or 'none'}",
+                    hint="the file is not a torch.save checkpoint",
+                )
             prefix = pkl_names[0][: -len("data.pkl")]
             spans = _record_offsets(zf, src, fh)
             pkl_offset, pkl_size = spans[pkl_names[0]]
             if pkl_size > _MAX_PICKLE:
-                raise CheckpointError(f"{src.name}: data.pkl is {pkl_size} bytes; refusing to unpickle it",
-                                      hint="a model checkpoint's pickle is a few MB at most")
+                raise CheckpointError(
+                    f"{src.name}: data.pkl is {pkl_size} bytes; refusing to unpickle it",
+                    hint="a model checkpoint's pickle is a few MB at most",
+                )
             fh.seek(pkl_offset - src.offset)
             data = fh.read(pkl_size)
 
     def resolve(key: str, dtype: torch.dtype | None, numel: int) -> StorageRef:
         name = f"{prefix}data/{key}"
         if name not in spans:
-            raise CheckpointError(f"{src.name}: the pickle references storage {key!r}, which has no record {name}",
-                                  hint="the file is truncated or corrupt")
+            raise CheckpointError(
+                f"{src.name}: the pickle references storage {key!r}, which has no record {name}",
+                hint="the file is truncated or corrupt",
+            )
         offset, size = spans[name]
         dtype = dtype or torch.uint8
         if numel * itemsize(dtype) > size:
             raise CheckpointError(
                 f"{src.name}: storage {key} claims {numel} x {dtype} but its record holds {size} bytes",
-                hint="the file is corrupt or was tampered with")
+                hint="the file is corrupt or was tampered with",
+            )
         return StorageRef(src.path, offset, size, dtype, key, f"{src.name}:{name}")
 
     obj, seen = restricted_loads(data, src.name, resolve)

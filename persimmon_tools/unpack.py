@@ -50,29 +50,40 @@ class _HashingReader:
         return data
 
     def drain(self) -> None:
-        while data := self.read(_CHUNK):
+        while self.read(_CHUNK):
             pass
 
 
 def safe_member_path(name: str, origin: str) -> PurePosixPath:
     """The relative path a member may be written to, or ReleaseError for anything that could escape."""
     path = PurePosixPath(name)
-    if path.is_absolute() or name.startswith(("/", "\\")) or ".." in path.parts or "\\" in name or "\0" in name:
-        raise ReleaseError(f"{origin}: member {name!r} would be written outside the destination",
-                           hint="the archive is not a genuine release; nothing was extracted")
+    if (
+        path.is_absolute()
+        or name.startswith(("/", "\\"))
+        or ".." in path.parts
+        or "\\" in name
+        or "\0" in name
+    ):
+        raise ReleaseError(
+            f"{origin}: member {name!r} would be written outside the destination",
+            hint="the archive is not a genuine release; nothing was extracted",
+        )
     parts = [p for p in path.parts if p not in ("", ".")]
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def unpack(tar_path: Path, dest: Path, *, progress: Callable[[int], None] = lambda n: None,
-           check_md5: bool = True) -> UnpackResult:
+def unpack(
+    tar_path: Path, dest: Path, *, progress: Callable[[int], None] = lambda n: None, check_md5: bool = True
+) -> UnpackResult:
     """Extract ``tar_path`` into ``dest`` (which must not exist, or be empty)."""
     tar_path, dest = Path(tar_path), Path(dest).absolute()
     if not tar_path.is_file():
         raise ReleaseError(f"{tar_path} does not exist or is not a file", hint="check the path")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ReleaseError(f"{dest} already exists and is not an empty folder; refusing to overwrite it",
-                           hint="choose a new DEST folder")
+        raise ReleaseError(
+            f"{dest} already exists and is not an empty folder; refusing to overwrite it",
+            hint="choose a new DEST folder",
+        )
     expected = KNOWN_RELEASES.get(tar_path.name) if check_md5 else None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
@@ -89,25 +100,39 @@ def unpack(tar_path: Path, dest: Path, *, progress: Callable[[int], None] = lamb
                             target.mkdir(parents=True, exist_ok=True)
                             continue
                         if not member.isreg():
-                            kind = "symlink" if member.issym() else "hard link" if member.islnk() else "device/FIFO"
-                            raise ReleaseError(f"{tar_path}: member {member.name!r} is a {kind}; refusing to extract",
-                                               hint="a genuine release holds regular files only; nothing was extracted")
+                            kind = (
+                                "symlink"
+                                if member.issym()
+                                else "hard link"
+                                if member.islnk()
+                                else "device/FIFO"
+                            )
+                            raise ReleaseError(
+                                f"{tar_path}: member {member.name!r} is a {kind}; refusing to extract",
+                                hint="a genuine release holds regular files only; nothing was extracted",
+                            )
                         if target.exists():
-                            raise ReleaseError(f"{tar_path}: member {member.name!r} appears twice",
-                                               hint="the archive is not a genuine release")
+                            raise ReleaseError(
+                                f"{tar_path}: member {member.name!r} appears twice",
+                                hint="the archive is not a genuine release",
+                            )
                         target.parent.mkdir(parents=True, exist_ok=True)
                         src = tf.extractfile(member)
                         with open(target, "xb") as out:
                             shutil.copyfileobj(src, out, _CHUNK)
                         if target.stat().st_size != member.size:
-                            raise ReleaseError(f"{tar_path}: member {member.name} is truncated",
-                                               hint="download the release again")
+                            raise ReleaseError(
+                                f"{tar_path}: member {member.name} is truncated",
+                                hint="download the release again",
+                            )
                         os.chmod(target, 0o644)
                         files += 1
                         total += member.size
             except (tarfile.TarError, EOFError) as err:
-                raise ReleaseError(f"{tar_path} is not a readable tar archive ({err})",
-                                   hint="the download is truncated or corrupt; download it again") from err
+                raise ReleaseError(
+                    f"{tar_path} is not a readable tar archive ({err})",
+                    hint="the download is truncated or corrupt; download it again",
+                ) from err
             reader.drain()
         digest = reader.md5.hexdigest()
         if expected and digest != expected:

@@ -33,14 +33,40 @@ OPAQUE_MODULES = ("tool_use", "megatron", "apex", "numpy")
 
 _DTYPES = {
     name: getattr(torch, name)
-    for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-                 "bool", "complex64", "complex128", "double", "float", "half", "long", "int", "short")
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "complex64",
+        "complex128",
+        "double",
+        "float",
+        "half",
+        "long",
+        "int",
+        "short",
+    )
 }
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
 }
 
 
@@ -63,7 +89,9 @@ class Opaque:
         return self.args[0] if self.args else None
 
     def __repr__(self) -> str:
-        inner = ", ".join(repr(a) for a in self.args) if self.args else ("..." if self.state is not None else "")
+        inner = (
+            ", ".join(repr(a) for a in self.args) if self.args else ("..." if self.state is not None else "")
+        )
         return f"{self.qualname}({inner})"
 
 
@@ -79,18 +107,34 @@ def _opaque_class(module: str, name: str) -> type[Opaque]:
     return type(name, (Opaque,), {"qualname": f"{module}.{name}", "__module__": "persimmon_tools.unpickle"})
 
 
-def _rebuild_tensor_v2(storage: StorageRef, storage_offset: int, size: tuple, stride: tuple,
-                       requires_grad: bool = False, backward_hooks: Any = None, metadata: Any = None) -> LazyTensor:
+def _rebuild_tensor_v2(
+    storage: StorageRef,
+    storage_offset: int,
+    size: tuple,
+    stride: tuple,
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> LazyTensor:
     return LazyTensor.from_storage(storage, storage_offset, tuple(size), tuple(stride))
 
 
-def _rebuild_tensor_v3(storage: StorageRef, storage_offset: int, size: tuple, stride: tuple,
-                       requires_grad: bool, backward_hooks: Any, dtype: torch.dtype, metadata: Any = None) -> LazyTensor:
+def _rebuild_tensor_v3(
+    storage: StorageRef,
+    storage_offset: int,
+    size: tuple,
+    stride: tuple,
+    requires_grad: bool,
+    backward_hooks: Any,
+    dtype: torch.dtype,
+    metadata: Any = None,
+) -> LazyTensor:
     return LazyTensor.from_storage(storage.with_dtype(dtype), storage_offset, tuple(size), tuple(stride))
 
 
-def _rebuild_parameter(data: LazyTensor, requires_grad: bool = False, backward_hooks: Any = None,
-                       state: Any = None) -> LazyTensor:
+def _rebuild_parameter(
+    data: LazyTensor, requires_grad: bool = False, backward_hooks: Any = None, state: Any = None
+) -> LazyTensor:
     if not isinstance(data, LazyTensor):
         raise UnsafeCheckpointError(f"_rebuild_parameter got {type(data).__name__}, not a tensor")
     return data
@@ -156,8 +200,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and name in _DTYPES:
             self.globals_seen.setdefault(qual, "dtype")
             return _DTYPES[name]
-        if module in ("torch", "torch.storage") and (name in _STORAGE_DTYPES or name in ("UntypedStorage",
-                                                                                        "TypedStorage")):
+        if module in ("torch", "torch.storage") and (
+            name in _STORAGE_DTYPES or name in ("UntypedStorage", "TypedStorage")
+        ):
             self.globals_seen.setdefault(qual, "storage type")
             return _StorageType(name, _STORAGE_DTYPES.get(name))
         if module.startswith(OPAQUE_PREFIXES) or module in OPAQUE_MODULES:
@@ -174,7 +219,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(f"{self.origin}: unexpected persistent id {str(pid)[:80]}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise UnsafeCheckpointError(f"{self.origin}: persistent id names {storage_type!r}, not a storage type")
+            raise UnsafeCheckpointError(
+                f"{self.origin}: persistent id names {storage_type!r}, not a storage type"
+            )
         return self._resolve(str(key), storage_type.dtype, int(numel))
 
 
@@ -185,8 +232,19 @@ def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[A
         obj = unpickler.load()
     except UnsafeCheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+        OverflowError,
+        RecursionError,
+        UnicodeDecodeError,
+    ) as err:
         raise CheckpointError(
             f"{origin}: the pickle is corrupt or malformed ({type(err).__name__}: {str(err)[:120]})",
             hint="the file is damaged or not a PyTorch checkpoint; download it again",

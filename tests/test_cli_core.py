@@ -21,13 +21,21 @@ def test_convert_cli_writes_a_folder_and_summary(releases, tmp_path):
     result = run("convert", releases["tp2"], tmp_path / "hf", "--no-verify", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["tensors"] == 100 and summary["peak_rss_bytes"] > 0 and "model.safetensors" in summary["files"]
+    assert (
+        summary["tensors"] == 100
+        and summary["peak_rss_bytes"] > 0
+        and "model.safetensors" in summary["files"]
+    )
 
 
 def test_dry_run_prints_the_plan(releases, tmp_path):
     result = run("convert", releases["tp2pp3"], tmp_path / "hf", "--dry-run", "--max-shard-size", "300KB")
     assert result.exit_code == 0
-    assert "TP=2 PP=3" in result.stdout and "model-00001-of-" in result.stdout and "estimated peak memory" in result.stdout
+    assert (
+        "TP=2 PP=3" in result.stdout
+        and "model-00001-of-" in result.stdout
+        and "estimated peak memory" in result.stdout
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -36,7 +44,9 @@ def test_known_errors_become_error_and_hint_with_exit_1(releases, tmp_path):
     (tmp_path / "out" / "x").write_text("x")
     result = run("convert", releases["tar"], tmp_path / "out")
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: ") and "Hint: " in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.stderr.startswith("Error: ") and "Hint: " in result.stderr and "Traceback" not in result.stderr
+    )
 
 
 def test_usage_errors_exit_2(releases, tmp_path):
@@ -50,8 +60,9 @@ def test_debug_shows_the_traceback(releases, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
     with pytest.raises(Exception, match="not empty"):
-        CliRunner().invoke(main, ["convert", str(releases["tar"]), str(tmp_path / "out"), "--debug"],
-                           catch_exceptions=False)
+        CliRunner().invoke(
+            main, ["convert", str(releases["tar"]), str(tmp_path / "out"), "--debug"], catch_exceptions=False
+        )
 
 
 def test_inspect_release_and_converted(releases, converted_tiny):
@@ -68,8 +79,12 @@ def test_inspect_release_and_converted(releases, converted_tiny):
 def test_make_release_cli(tmp_path):
     out = tmp_path / "r.tar"
     assert run("make-release", out, "--tp", "2", "--pp", "2", "--seed", "3", "-q").exit_code == 0
-    names = tarfile.open(out).getnames()
-    assert "r/iter_0001251/mp_rank_01_001/model_optim_rng.pt" in names and "r/latest_checkpointed_iteration.txt" in names
+    with tarfile.open(out) as tf:
+        names = tf.getnames()
+    assert (
+        "r/iter_0001251/mp_rank_01_001/model_optim_rng.pt" in names
+        and "r/latest_checkpointed_iteration.txt" in names
+    )
     assert run("make-release", tmp_path / "bad.tar", "--pp", "4").exit_code == 2
 
 
@@ -86,7 +101,9 @@ def _hostile_tar(path, kind, sentinel_dir):
         ok = tarfile.TarInfo("rel/ok.txt")
         ok.size = 2
         tf.addfile(ok, io.BytesIO(b"ok"))
-        info = tarfile.TarInfo({"dotdot": "rel/../../escape.txt", "absolute": f"{sentinel_dir}/abs.txt"}.get(kind, "rel/x"))
+        info = tarfile.TarInfo(
+            {"dotdot": "rel/../../escape.txt", "absolute": f"{sentinel_dir}/abs.txt"}.get(kind, "rel/x")
+        )
         if kind == "symlink":
             info.type, info.linkname = tarfile.SYMTYPE, str(sentinel_dir)
         elif kind == "hardlink":
@@ -116,7 +133,10 @@ def test_unpack_checks_md5_of_known_release_names(releases, tmp_path):
     fake = tmp_path / "8b_chat_model_release.tar"
     shutil.copy(releases["tar"], fake)
     result = run("unpack", fake, tmp_path / "dest")
-    assert result.exit_code == 1 and "does not match the published 663aeace07269c44e90f4e8bcd07f32a" in result.stderr
+    assert (
+        result.exit_code == 1
+        and "does not match the published 663aeace07269c44e90f4e8bcd07f32a" in result.stderr
+    )
     assert not (tmp_path / "dest").exists()
     assert run("unpack", fake, tmp_path / "dest", "--no-md5").exit_code == 0
 

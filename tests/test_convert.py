@@ -15,7 +15,11 @@ from persimmon_tools.synth import build_release, logical_tensors, write_release_
 
 def _load_folder(folder) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     out = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
@@ -28,7 +32,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same_bits(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(_bits(a[k]), _bits(b[k])) for k in a
+    )
 
 
 # Written by hand from spec §D, independently of persimmon_tools.mapping.
@@ -39,7 +45,9 @@ def _hf_name(megatron_key: str) -> str | None:
         return "lm_head.weight"
     if megatron_key == "language_model.embedding.word_embeddings.weight":
         return "model.embed_tokens.weight"
-    return megatron_key.replace("language_model.encoder.", "model.").replace(".self_attention.", ".self_attn.")
+    return megatron_key.replace("language_model.encoder.", "model.").replace(
+        ".self_attention.", ".self_attn."
+    )
 
 
 def test_auto_dtype_is_bit_identical_to_the_generator(converted_tiny):
@@ -60,7 +68,9 @@ def test_sharded_layouts_convert_bit_identically(layout, releases, converted_tin
 
 def test_iteration_folder_and_single_pt_inputs(releases, converted_tiny, tmp_path):
     folder = releases["folder"]
-    for i, source in enumerate([folder / "iter_0001251", folder / "iter_0001251" / "mp_rank_00" / "model_optim_rng.pt"]):
+    for i, source in enumerate(
+        [folder / "iter_0001251", folder / "iter_0001251" / "mp_rank_00" / "model_optim_rng.pt"]
+    ):
         out = tmp_path / f"hf{i}"
         convert(source, out, ConvertOptions())
         assert _same_bits(_load_folder(out), _load_folder(converted_tiny))
@@ -70,9 +80,15 @@ def test_config_comes_from_the_checkpoint(converted_tiny):
     cfg = json.loads((converted_tiny / "config.json").read_text())
     assert cfg["model_type"] == "persimmon" and cfg["num_hidden_layers"] == 6 and cfg["hidden_size"] == 64
     assert cfg["num_attention_heads"] == 4 and cfg["intermediate_size"] == 256 and cfg["vocab_size"] == 1024
-    assert cfg["partial_rotary_factor"] == 0.5 and cfg["rope_theta"] == 25000.0 and cfg["layer_norm_eps"] == 1e-5
+    assert (
+        cfg["partial_rotary_factor"] == 0.5 and cfg["rope_theta"] == 25000.0 and cfg["layer_norm_eps"] == 1e-5
+    )
     assert cfg["bos_token_id"] == cfg["eos_token_id"] == 3  # |ENDOFTEXT| in the bundled vocab
-    assert cfg["tie_word_embeddings"] is False and cfg["hidden_dropout"] == 0.0 and cfg["torch_dtype"] == "bfloat16"
+    assert (
+        cfg["tie_word_embeddings"] is False
+        and cfg["hidden_dropout"] == 0.0
+        and cfg["torch_dtype"] == "bfloat16"
+    )
     gen = json.loads((converted_tiny / "generation_config.json").read_text())
     assert gen["bos_token_id"] == gen["eos_token_id"] == 3
     conv = json.loads((converted_tiny / "conversion.json").read_text())
@@ -93,7 +109,8 @@ def test_non_default_hyperparameters_reach_config(tmp_path):
 def test_transformers_loads_it_and_matches_a_model_built_from_the_generator(converted_tiny):
     transformers = pytest.importorskip("transformers")
     model, info = transformers.PersimmonForCausalLM.from_pretrained(
-        converted_tiny, output_loading_info=True, torch_dtype=torch.float32)
+        converted_tiny, output_loading_info=True, torch_dtype=torch.float32
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     cfg = transformers.PersimmonConfig.from_pretrained(converted_tiny)
     direct = transformers.PersimmonForCausalLM(cfg).to(torch.float32).eval()
@@ -130,7 +147,9 @@ def test_fp16_overflow_is_counted_and_refused(tmp_path):
     folder = _release_with(tmp_path, "layers.0.mlp.dense_4h_to_h.bias", big, dtype=torch.float32)
     with pytest.raises(ConversionError) as err:
         convert(folder, tmp_path / "out", ConvertOptions(dtype="fp16"))
-    assert "64 value(s) exceed the fp16 range" in err.value.message and "dense_4h_to_h.bias" in err.value.message
+    assert (
+        "64 value(s) exceed the fp16 range" in err.value.message and "dense_4h_to_h.bias" in err.value.message
+    )
     assert not (tmp_path / "out").exists()
     convert(folder, tmp_path / "out", ConvertOptions(dtype="fp16", allow_overflow=True))
     assert torch.isinf(_load_folder(tmp_path / "out")["model.layers.0.mlp.dense_4h_to_h.bias"]).all()
@@ -143,7 +162,10 @@ def test_nonfinite_weights_are_refused_with_counts(tmp_path):
     folder = _release_with(tmp_path, "layers.2.input_layernorm.weight", bad)
     with pytest.raises(ConversionError) as err:
         convert(folder, tmp_path / "out", ConvertOptions())
-    assert "model.layers.2.input_layernorm.weight: 4" in err.value.message and "--allow-nonfinite" in err.value.hint
+    assert (
+        "model.layers.2.input_layernorm.weight: 4" in err.value.message
+        and "--allow-nonfinite" in err.value.hint
+    )
     assert not (tmp_path / "out").exists()
     convert(folder, tmp_path / "out", ConvertOptions(allow_nonfinite=True))
 
@@ -152,7 +174,9 @@ def test_dry_run_plan_writes_nothing(releases, tmp_path):
     plan = prepare(releases["tp2pp3"], ConvertOptions(max_shard_size="300KB"))
     summary = plan.summary()
     assert summary["tensors"] == 100 and summary["tp"] == 2 and summary["pp"] == 3
-    assert len(summary["shards"]) >= 3 and summary["bytes"] == sum(s["bytes"] for s in summary["shards"].values())
+    assert len(summary["shards"]) >= 3 and summary["bytes"] == sum(
+        s["bytes"] for s in summary["shards"].values()
+    )
     assert summary["estimated_peak_memory_bytes"] > 0
     assert list(tmp_path.iterdir()) == []
 

@@ -55,7 +55,9 @@ def test_unknown_missing_and_wrong_shape_are_reported_together(tmp_path):
 
 def test_inconsistent_replicated_tensor_across_tp_ranks(tmp_path):
     def edit(objects):
-        _encoder(objects, (1, 0))["layers.3.post_attention_layernorm.weight"] = torch.ones(64, dtype=torch.bfloat16)
+        _encoder(objects, (1, 0))["layers.3.post_attention_layernorm.weight"] = torch.ones(
+            64, dtype=torch.bfloat16
+        )
 
     folder = _edited(tmp_path, edit, tp=2)
     with pytest.raises(CheckpointError) as err:
@@ -73,7 +75,9 @@ def test_args_disagreeing_with_shapes_names_both_values(tmp_path):
     with pytest.raises(ConfigError) as err:
         derive_dims(load_release_checkpoint(open_release(folder)))
     assert "args.num_attention_heads = 8" in err.value.message and "= 4" in err.value.message
-    assert "rotary base 10000.0" in err.value.message and re.search(r"implies about 2[45]\d\d\d", err.value.message)
+    assert "rotary base 10000.0" in err.value.message and re.search(
+        r"implies about 2[45]\d\d\d", err.value.message
+    )
 
 
 def test_tp_degree_is_cross_checked_with_args(tmp_path):
@@ -99,7 +103,10 @@ def test_gpt2_style_megatron_checkpoint_is_not_persimmon(tmp_path):
 
     with pytest.raises(ConfigError) as err:
         prepare(_edited(tmp_path, edit), ConvertOptions())
-    assert err.value.message.startswith("not a Persimmon checkpoint") and "position_embeddings" in err.value.message
+    assert (
+        err.value.message.startswith("not a Persimmon checkpoint")
+        and "position_embeddings" in err.value.message
+    )
 
 
 @pytest.mark.parametrize("kind", list(Parallel))

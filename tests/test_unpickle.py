@@ -46,7 +46,11 @@ def test_disallowed_global_is_refused_and_nothing_runs(tmp_path, func):
 def test_subprocess_and_torch_internals_are_refused(tmp_path):
     import subprocess
 
-    for obj in (_Evil(subprocess.Popen, ["true"]), _Evil(torch.load, "x.pt"), _Evil(torch.hub.load, "owner/repo")):
+    for obj in (
+        _Evil(subprocess.Popen, ["true"]),
+        _Evil(torch.load, "x.pt"),
+        _Evil(torch.hub.load, "owner/repo"),
+    ):
         path = _pt_with(tmp_path, {"model": {"x": obj}})
         with pytest.raises(UnsafeCheckpointError):
             load_checkpoint(ByteSource.whole_file(path))
@@ -96,7 +100,10 @@ class _OversizedView:
         from persimmon_tools.ptwriter import TensorSpec, _StorageToken
 
         token = _StorageToken(TensorSpec.of(torch.ones(4)))
-        return (torch._utils._rebuild_tensor_v2, (token, 0, torch.Size((400,)), (1,), False, collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (token, 0, torch.Size((400,)), (1,), False, collections.OrderedDict()),
+        )
 
 
 def test_storage_view_past_its_record_is_refused(tmp_path):

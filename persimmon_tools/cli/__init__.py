@@ -84,7 +84,10 @@ class _Group(click.Group):
             if ctx.meta.get(_DEBUG_KEY):
                 raise
             click.secho(f"Error: {err.strerror or err} ({err.filename or 'no file'})", err=True, fg="red")
-            click.echo("Hint: check the path, free disk space and permissions; --debug shows the traceback.", err=True)
+            click.echo(
+                "Hint: check the path, free disk space and permissions; --debug shows the traceback.",
+                err=True,
+            )
             ctx.exit(EXIT_FAILURE)
 
 

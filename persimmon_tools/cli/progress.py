@@ -16,8 +16,17 @@ from persimmon_tools.cli import is_quiet
 def byte_progress(total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
     """Yield a callback ``advance(n_bytes)`` driving a tqdm bar on stderr."""
     disable = is_quiet() or not sys.stderr.isatty()
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable,
-              file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    ) as bar:
         yield bar.update
 
 
