@@ -1,0 +1,123 @@
+"""Command ``tokenizer``: write fast tokenizer files from a SentencePiece model, or check parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.errors import TokenizerError, UsageError
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _read_corpus(paths: tuple[Path, ...]) -> list[str]:
+    texts: list[str] = []
+    for path in paths:
+        try:
+            texts.extend(path.read_text(encoding="utf-8").split("\n"))
+        except UnicodeDecodeError as err:
+            raise TokenizerError(
+                f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                hint="pass UTF-8 files, one text per line",
+            ) from err
+        if texts and texts[-1] == "":
+            texts.pop()  # the file's final newline ends the last line, it is not an empty item
+    return texts
+
+
+@click.command("tokenizer")
+@click.argument("sp_model", type=_FILE)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--check", is_flag=True, help="Compare with SentencePiece instead of writing; PATHS are corpus files."
+)
+@click.option(
+    "--add-bos/--no-add-bos",
+    default=True,
+    show_default=True,
+    help="add_bos_token in tokenizer_config.json (the published adept/persimmon-8b-* configs: on).",
+)
+@click.option(
+    "--chat", is_flag=True, help="Add a chat_template for ADEPT's 'human: …\\n\\nadept:' prompt format."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write even if an option cannot be expressed exactly or the parity check fails.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the result (written files or parity report) as JSON."
+)
+@common_options
+def tokenizer_cmd(
+    sp_model: Path,
+    paths: tuple[Path, ...],
+    check: bool,
+    add_bos: bool,
+    chat: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Build a Hugging Face fast tokenizer from a SentencePiece model, or check one against SentencePiece.
+
+    \b
+    Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model into OUT_DIR
+    (after checking parity on a built-in multi-script sample):
+      persimmon-tools tokenizer adept_vocab.model ./persimmon-8b-chat-hf --chat
+      persimmon-tools tokenizer adept_vocab.model ./out --no-add-bos
+
+    \b
+    Check parity on your own corpus (one text per line; several files allowed), exit 1 on any mismatch:
+      persimmon-tools tokenizer --check adept_vocab.model corpus.txt more.txt
+      persimmon-tools tokenizer --check adept_vocab.model --json
+    """
+    from persimmon_tools.tokenizer import check_parity, write_tokenizer
+
+    if check:
+        if chat or force or not add_bos:
+            raise UsageError(
+                "--chat, --force and --no-add-bos only apply when writing", hint="drop them with --check"
+            )
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UsageError(
+                f"corpus file {missing[0]} does not exist", hint="pass UTF-8 text files, one item per line"
+            )
+        texts = _read_corpus(paths) if paths else None
+        report = check_parity(sp_model, texts)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        elif not is_quiet() or not report.ok:
+            source = ", ".join(str(p) for p in paths) if paths else "built-in sample"
+            click.echo(
+                f"compared {report.items} texts ({source}): {report.encode_mismatches} encode, {report.decode_mismatches} decode mismatches"
+            )
+            for example in report.examples:
+                click.echo(example)
+        if not report.ok:
+            raise TokenizerError(
+                f"{report.encode_mismatches + report.decode_mismatches} mismatches between the fast tokenizer and SentencePiece",
+                hint="see the differences above; docs/tokenizer.md lists what cannot be expressed exactly",
+            )
+        return
+    if len(paths) != 1:
+        raise UsageError(
+            "writing needs exactly one OUT_DIR",
+            hint="persimmon-tools tokenizer SP_MODEL OUT_DIR (or --check SP_MODEL [CORPUS ...])",
+        )
+    out_dir = paths[0]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a directory", hint="pass a directory for OUT_DIR")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = write_tokenizer(sp_model, out_dir, add_bos_token=add_bos, chat=chat, check=not force)
+    if as_json:
+        click.echo(json.dumps({"written": [str(p) for p in written]}, indent=2))
+    elif not is_quiet():
+        for path in written:
+            click.echo(f"wrote {path}")
+
+
+COMMANDS = [tokenizer_cmd]

@@ -1,0 +1,154 @@
+"""SentencePiece ``adept_vocab.model`` → Hugging Face fast tokenizer files, gated by a parity check.
+
+The pipeline itself is built in :mod:`persimmon_tools.tokenizer_build` from the model's own proto; the
+parity check lives in :mod:`persimmon_tools.tokenizer_check`; the built-in sample in
+:mod:`persimmon_tools.tokenizer_corpus`. This module writes the files ``AutoTokenizer`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from persimmon_tools.errors import TokenizerError
+from persimmon_tools.spm import ENDOFTEXT, load_sp
+from persimmon_tools.tokenizer_build import build_fast_tokenizer
+from persimmon_tools.tokenizer_check import ParityReport, check_parity
+from persimmon_tools.tokenizer_corpus import builtin_sample
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "ParityReport",
+    "build_fast_tokenizer",
+    "builtin_sample",
+    "check_parity",
+    "special_tokens",
+    "write_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+# ADEPT's README: `human: {prompt}\n\nadept:` and, multi-turn,
+# `human: {prompt}\n\nadept: {output}\n\nhuman: {follow_up}\n\nadept:`. No system turn exists.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'human: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'adept: ' + message['content'] }}"
+    "{%- else -%}{{ raise_exception('ADEPT chat has only user and assistant turns, not ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{%- if messages -%}{{ '\\n\\n' }}{%- endif -%}{{ 'adept:' }}{%- endif -%}"
+)
+
+MODEL_MAX_LENGTH = 16384  # Persimmon's max_position_embeddings
+
+
+def special_tokens(sp_model: Path) -> dict[str, tuple[str, int] | None]:
+    """``bos``/``eos``/``unk`` as ``(piece, id)``: ``|ENDOFTEXT|`` from the vocabulary, else the model's own.
+
+    ADEPT's code finds the end-of-document id by scanning the vocabulary for ``|ENDOFTEXT|`` and falls back to
+    ``eos_id()``; we do the same (and log a warning) so that other SentencePiece models still convert.
+    """
+    sp = load_sp(Path(sp_model))
+    unk = (sp.id_to_piece(sp.unk_id()), sp.unk_id())
+    pid = sp.piece_to_id(ENDOFTEXT)
+    if sp.id_to_piece(pid) == ENDOFTEXT:
+        return {"bos": (ENDOFTEXT, pid), "eos": (ENDOFTEXT, pid), "unk": unk}
+    log.warning("%s has no piece %r; using the model's own BOS/EOS pieces", sp_model, ENDOFTEXT)
+    bos = (sp.id_to_piece(sp.bos_id()), sp.bos_id()) if sp.bos_id() >= 0 else None
+    eos = (sp.id_to_piece(sp.eos_id()), sp.eos_id()) if sp.eos_id() >= 0 else None
+    return {"bos": bos, "eos": eos, "unk": unk}
+
+
+def _post_processor(bos: tuple[str, int] | None, add_bos_token: bool):
+    from tokenizers import processors
+
+    if not (add_bos_token and bos):
+        return processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    name, pid = bos
+    return processors.TemplateProcessing(
+        single=[f"{name}:0", "$A:0"],
+        pair=[f"{name}:0", "$A:0", f"{name}:1", "$B:1"],
+        special_tokens=[(name, pid)],
+    )
+
+
+def _parity_error(report: ParityReport) -> TokenizerError:
+    first = report.examples[0] if report.examples else "(no example recorded)"
+    return TokenizerError(
+        f"the fast tokenizer disagrees with SentencePiece on the built-in sample: {report.encode_mismatches} "
+        f"encode and {report.decode_mismatches} decode mismatches in {report.items} texts; first: {first}",
+        hint="nothing was written; --force writes it anyway (check your own corpus with "
+        "`persimmon-tools tokenizer --check MODEL CORPUS`)",
+    )
+
+
+def write_tokenizer(
+    sp_model: Path,
+    out_dir: Path,
+    *,
+    add_bos_token: bool = True,
+    chat: bool = False,
+    check: bool = True,
+) -> list[Path]:
+    """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
+
+    Args:
+        sp_model: the release's ``adept_vocab.model`` (any SentencePiece model works).
+        out_dir: an existing directory; files in it with the same names are replaced.
+        add_bos_token: prepend ``|ENDOFTEXT|`` on encode (the published ``adept/persimmon-8b-*`` configs do;
+            ADEPT's own inference code does not).
+        chat: add a ``chat_template`` producing ADEPT's ``human: …\\n\\nadept:`` prompt format.
+        check: first compare with SentencePiece on :func:`builtin_sample` and raise
+            :class:`TokenizerError` (writing nothing) on any mismatch. ``False`` also builds models whose
+            options cannot be expressed exactly (with a logged warning).
+
+    Returns:
+        The written paths.
+    """
+    sp_model, out_dir = Path(sp_model), Path(out_dir)
+    if check:
+        report = check_parity(sp_model)
+        if not report.ok:
+            raise _parity_error(report)
+        log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
+    tok = build_fast_tokenizer(sp_model, strict=check)
+    specials = special_tokens(sp_model)
+    tok.post_processor = _post_processor(specials["bos"], add_bos_token)
+    names = {k: (v[0] if v else None) for k, v in specials.items()}
+    config: dict[str, object] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": names["bos"],
+        "eos_token": names["eos"],
+        "unk_token": names["unk"],
+        "pad_token": None,
+        "add_bos_token": add_bos_token,
+        "add_eos_token": False,
+        # The whole pipeline is in tokenizer.json; `legacy` only matters to Llama classes, which are not used.
+        "legacy": False,
+        # Literal "|ENDOFTEXT|" in text is text, as in SentencePiece and ADEPT's inference code.
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+    }
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
+    special_map = {f"{k}_token": v for k, v in names.items() if v is not None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        out_dir / "tokenizer.json",
+        out_dir / "tokenizer_config.json",
+        out_dir / "special_tokens_map.json",
+    ]
+    tok.save(str(written[0]))
+    written[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written[2].write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    model_copy = out_dir / "tokenizer.model"
+    if model_copy.resolve() != sp_model.resolve():
+        shutil.copyfile(sp_model, model_copy)
+    written.append(model_copy)
+    log.debug("wrote %s", ", ".join(p.name for p in written))
+    return written

@@ -1,0 +1,287 @@
+"""Build a ``tokenizers.Tokenizer`` that encodes and decodes like a SentencePiece model.
+
+Pipeline (no pre-tokenizer for Unigram: SentencePiece runs one lattice over the whole normalized string):
+
+normalizer
+  1. ``Prepend("▁")`` for ``add_dummy_prefix`` (before the charsmap, so that text which normalizes to nothing
+     still gets the dummy prefix, as in SentencePiece; ``▁`` is never a charsmap key, which is checked);
+  2. ``Precompiled(charsmap)`` when the model has one (``nmt_nfkc``, ``nfkc``, custom rules);
+  3. ``remove_extra_whitespaces``: drop spaces after the dummy prefix / at the start, collapse runs of ``' '``;
+  4. ``escape_whitespaces``: ``' '`` → ``▁``;
+  5. ``remove_extra_whitespaces``: drop trailing ``▁`` (SentencePiece strips them after escaping, literal ``▁``
+     and the dummy prefix included);
+  6. ``treat_whitespace_as_suffix``: append ``▁`` instead of step 1.
+model
+  ``Unigram`` with SentencePiece's effective scores (see :func:`unigram_vocab`) or ``BPE`` with merges
+  derived from the piece scores; ``byte_fallback`` and ``unk_id`` from the proto.
+decoder
+  CONTROL → ``""``, UNKNOWN → ``unk_surface`` (``" ⁇ "``), ``▁`` → ``' '`` except a piece's leading ``▁``
+  (kept as a marker), byte pieces → UTF-8, fuse, strip the leading marker(s) the way
+  ``SentencePieceProcessor::Decode`` does, remaining markers → ``' '``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from persimmon_tools.errors import TokenizerError
+from persimmon_tools.tokenizer_spm import (
+    BPE,
+    BYTE,
+    CONTROL,
+    NORMAL,
+    SPACE,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    SpmInfo,
+    charsmap_has_prefix,
+    inexpressible,
+    read_spm,
+    unknown_char_pieces,
+)
+
+log = logging.getLogger(__name__)
+
+_BYTE_TOKEN = "<0x[0-9A-Fa-f]{2}>"
+
+
+def _rx(pattern: str):
+    from tokenizers import Regex
+
+    return Regex(pattern)
+
+
+def _alternation(strings: list[str]) -> str:
+    """Onig alternation of literal strings, longest first (leftmost-longest, like a prefix matcher)."""
+    return "|".join(re.escape(s) for s in sorted(set(strings), key=lambda s: (-len(s), s)))
+
+
+def build_normalizer(info: SpmInfo):
+    """The normalizer sequence described in the module docstring."""
+    from tokenizers import normalizers as n
+
+    space = SPACE if info.escape_whitespaces else " "
+    dummy = info.add_dummy_prefix and not info.treat_whitespace_as_suffix
+    # nmt_nfkc maps "▁" itself to " "; then the dummy prefix must come after the charsmap (the only
+    # difference: a non-empty text that normalizes to nothing gets no "▁" when remove_extra_whitespaces
+    # is off).
+    early = dummy and not charsmap_has_prefix(info.charsmap, space.encode())
+    steps = []
+    if early:
+        steps.append(n.Prepend(space))
+    if info.charsmap:
+        steps.append(n.Precompiled(info.charsmap))
+    if info.remove_extra_whitespaces:
+        lead = rf"(?<=\A{re.escape(space)}) +" if early else r"\A +"
+        steps.append(n.Replace(_rx(lead), ""))
+        steps.append(n.Replace(_rx(" {2,}"), " "))
+    if info.escape_whitespaces:
+        steps.append(n.Replace(" ", SPACE))
+    if dummy and not early:
+        steps.append(n.Prepend(space))
+    if info.remove_extra_whitespaces:
+        steps.append(n.Replace(_rx(re.escape(space) + r"+\z"), ""))
+    if info.add_dummy_prefix and info.treat_whitespace_as_suffix:
+        steps.append(n.Replace(_rx(r"\z"), space))
+    return n.Sequence(steps)
+
+
+def build_decoder(info: SpmInfo):
+    """Decoder chain reproducing ``SentencePieceProcessor::Decode`` for ids that encoding produces."""
+    from tokenizers import decoders as d
+
+    marker = SPACE
+    steps = []
+    controls = [info.pieces[i] for i in info.ids_of(CONTROL)]
+    if controls:
+        steps.append(d.Replace(_rx(rf"\A(?:{_alternation(controls)})\z"), ""))
+    steps.append(d.Replace(_rx(rf"\A{re.escape(info.pieces[info.unk_id])}\z"), info.unk_surface))
+    # Every ▁ but a piece's leading one becomes a space now; the leading one stays as a marker until fused.
+    steps.append(d.Replace(_rx(rf"(?!\A){marker}"), " "))
+    if info.byte_fallback:
+        steps.append(d.ByteFallback())
+    steps.append(d.Fuse())
+    if info.remove_extra_whitespaces:
+        steps.append(d.Replace(_rx(rf"\A{marker}+"), ""))  # strips one ▁ per piece while the text is empty
+    elif info.add_dummy_prefix:
+        steps.append(d.Replace(_rx(rf"\A{marker}"), ""))
+    steps.append(d.Replace(marker, " "))
+    return d.Sequence(steps)
+
+
+def unigram_vocab(info: SpmInfo, *, hide_reserved: bool) -> list[tuple[str, float]]:
+    """``(piece, score)`` for ``tokenizers.models.Unigram``, with the scores SentencePiece really uses.
+
+    tokenizers keeps every vocabulary entry in its trie and takes ``min_score`` over all of them, whereas
+    SentencePiece only looks at NORMAL pieces. Pieces outside SentencePiece's trie (CONTROL, UNKNOWN, BYTE)
+    and UNUSED ones therefore get either
+
+    * a score so low that no path through them can win (``hide_reserved``; exact when every path has the
+      same number of unknown characters, which :func:`build_fast_tokenizer` checks), or
+    * SentencePiece's ``min_score`` (keeps ``<unk>``'s score exact; literal text such as ``</s>`` may then
+      encode as that piece).
+    """
+    m = info.min_score
+    if hide_reserved:
+        longest = max(
+            (len(p) for p, t in zip(info.pieces, info.types, strict=True) if t not in (NORMAL, USER_DEFINED)),
+            default=1,
+        )
+        spread = abs(m) + abs(info.max_score) + 10.0
+        reserved = -spread * (longest + 2)
+    else:
+        reserved = m
+    max_score = info.max_score
+    out = []
+    for piece, kind, score in zip(info.pieces, info.types, info.scores, strict=True):
+        if kind == NORMAL:
+            out.append((piece, score))
+        elif kind == USER_DEFINED:
+            # unigram_model.cc: `length * max_score_ - 0.1`, length in bytes, float times float, minus a double.
+            import numpy as np
+
+            out.append((piece, float(np.float32(len(piece.encode())) * np.float32(max_score)) - 0.1))
+        else:
+            out.append((piece, reserved))
+    return out
+
+
+def _bpe_merges(info: SpmInfo) -> list[tuple[str, str]]:
+    """Every split ``(a, b)`` of a NORMAL piece into two mergeable pieces, highest score first.
+
+    SentencePiece's BPE merges any adjacent pair whose concatenation is a piece, best score first and the
+    leftmost on ties; tokenizers ranks pairs, so each piece's splits get consecutive ranks in score order.
+    """
+    mergeable = {p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED)}
+    order = sorted(info.ids_of(NORMAL), key=lambda i: (-info.scores[i], i))
+    merges = []
+    for i in order:
+        piece = info.pieces[i]
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in mergeable and b in mergeable:
+                merges.append((a, b))
+    return merges
+
+
+def _bpe_self_reaching(info: SpmInfo) -> list[str]:
+    """NORMAL pieces that SentencePiece's own BPE does not encode as themselves (greedy merges miss them)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from persimmon_tools.tokenizer_spm import read_proto
+
+    proto = read_proto(Path(info.path))
+    raw = pb.ModelProto()
+    raw.CopyFrom(proto)
+    ns = raw.normalizer_spec
+    ns.precompiled_charsmap = b""
+    ns.add_dummy_prefix = False
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = False
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(raw.SerializeToString())
+    normal = [info.pieces[i] for i in info.ids_of(NORMAL)]
+    return [p for p, ids in zip(normal, sp.encode(normal), strict=True) if len(ids) != 1]
+
+
+def build_model(info: SpmInfo):
+    """``Unigram`` or ``BPE`` model plus the pre-tokenizer it needs (``None`` for Unigram)."""
+    from tokenizers import models, pre_tokenizers
+
+    if info.model_type == BPE:
+        vocab = {p: i for i, p in enumerate(info.pieces)}
+        users = [info.pieces[i] for i in info.ids_of(USER_DEFINED)]
+        pre = None
+        if users:
+            missed = _bpe_self_reaching(info)
+            if missed:
+                raise TokenizerError(
+                    f"{info.path}: BPE model with user-defined symbols, and {len(missed)} pieces that SentencePiece's "
+                    f"own merges do not reach (e.g. {missed[0]!r}); tokenizers can freeze user-defined symbols only "
+                    "with ignore_merges, which would encode those pieces differently",
+                    hint="use --force to write it anyway, then check your corpus with `persimmon-tools tokenizer --check`",
+                )
+            pre = pre_tokenizers.Split(_rx(_alternation(users)), behavior="isolated")
+        model = models.BPE(
+            vocab=vocab,
+            merges=_bpe_merges(info),
+            unk_token=info.pieces[info.unk_id],
+            fuse_unk=True,
+            byte_fallback=info.byte_fallback,
+            ignore_merges=bool(users),
+        )
+        return model, pre
+    hide = reserved_pieces_hidden(info)
+    if not hide:
+        log.info(
+            "%s: some pieces contain characters without a piece of their own; reserved pieces keep min_score "
+            "so that <unk> scores exactly, and literal text equal to a CONTROL/BYTE piece may encode differently",
+            info.path,
+        )
+    vocab = unigram_vocab(info, hide_reserved=hide)
+    return models.Unigram(vocab, unk_id=info.unk_id, byte_fallback=info.byte_fallback), None
+
+
+def reserved_pieces_hidden(info: SpmInfo) -> bool:
+    """Whether CONTROL/UNKNOWN/BYTE/UNUSED pieces can be scored out of the Unigram lattice exactly.
+
+    True when no trie piece contains a character lacking its own piece and reserved pieces are spelled
+    with known characters: then every path has the same number of ``<unk>`` nodes and their score is moot.
+    """
+    known = _known_chars(info)
+    return not unknown_char_pieces(info) and all(
+        c in known for i in info.ids_of(CONTROL, UNKNOWN, BYTE, UNUSED) for c in info.pieces[i]
+    )
+
+
+def _known_chars(info: SpmInfo) -> set[str]:
+    return {
+        p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED) and len(p) == 1
+    }
+
+
+def build_from_info(info: SpmInfo, *, strict: bool = True):
+    """Build the tokenizer for ``info``; with ``strict`` an inexpressible option raises TokenizerError."""
+    from tokenizers import Tokenizer
+
+    problems = inexpressible(info)
+    if problems:
+        message = f"{info.path} cannot be converted exactly: " + "; ".join(problems)
+        if strict or info.model_type not in (1, BPE):
+            raise TokenizerError(
+                message,
+                hint="use --force to write an approximate tokenizer and check it with `persimmon-tools tokenizer --check`",
+            )
+        log.warning("%s (writing an approximation because strict=False)", message)
+    model, pre = build_model(info)
+    tok = Tokenizer(model)
+    tok.normalizer = build_normalizer(info)
+    if pre is not None:
+        tok.pre_tokenizer = pre
+    tok.decoder = build_decoder(info)
+    return tok
+
+
+def build_fast_tokenizer(sp_model: Path, *, strict: bool = True):
+    """A ``tokenizers.Tokenizer`` that encodes and decodes like the SentencePiece model ``sp_model``.
+
+    Args:
+        sp_model: a SentencePiece ``.model`` file (e.g. the release's ``adept_vocab.model``).
+        strict: raise :class:`TokenizerError` when an option cannot be expressed exactly (default); with
+            ``False`` such models are built anyway and a warning is logged.
+
+    Returns:
+        The tokenizer, without special-token post-processing (``encode`` gives SentencePiece's ids).
+
+    Example:
+        >>> tok = build_fast_tokenizer(Path("adept_vocab.model"))  # doctest: +SKIP
+        >>> tok.encode("human: hi").ids  # == sentencepiece's encode_as_ids  # doctest: +SKIP
+    """
+    info = read_spm(Path(sp_model))
+    tok = build_from_info(info, strict=strict)
+    log.debug("built %s tokenizer from %s (%d pieces)", type(tok.model).__name__, sp_model, len(info.pieces))
+    return tok

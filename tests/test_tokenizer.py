@@ -1,0 +1,284 @@
+"""Parity of the fast tokenizer with SentencePiece on models trained here and on a real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from persimmon_tools.errors import TokenizerError
+from persimmon_tools.tokenizer import (
+    CHAT_TEMPLATE,
+    build_fast_tokenizer,
+    builtin_sample,
+    check_parity,
+    write_tokenizer,
+)
+from persimmon_tools.tokenizer_build import reserved_pieces_hidden
+from persimmon_tools.tokenizer_spm import read_spm
+
+spm = pytest.importorskip("sentencepiece")
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "tests" / "data" / "tokenizer_corpus.txt"
+REAL_MODEL = REPO.parent / "shared" / "data" / "cc100_ja40K_en10K.symbolRemoved.vocab.reestimated.model"
+
+# Graphemes on which tokenizers' Precompiled normalizer (the only charsmap normalizer it has) differs from
+# SentencePiece's longest-match charsmap: it replaces a short grapheme by the value of its *shortest* key
+# prefix and never applies multi-character rules inside graphemes of 6+ bytes. See docs/tokenizer.md.
+CHARSMAP_RESIDUAL = ("\u0323\u0301", "\u0302\u0323", "\uff9e", "\r\n")
+
+MODELS = {
+    # name: trainer options (all on tests/data/tokenizer_corpus.txt)
+    "unigram_nmt_bytefallback": dict(model_type="unigram", byte_fallback=True),
+    "unigram_nmt_unk": dict(model_type="unigram", byte_fallback=False),
+    "unigram_identity_bytefallback": dict(
+        model_type="unigram", normalization_rule_name="identity", byte_fallback=True
+    ),
+    "unigram_nfkc_no_dummy": dict(
+        model_type="unigram", normalization_rule_name="nfkc", add_dummy_prefix=False
+    ),
+    "unigram_identity_keep_spaces": dict(
+        model_type="unigram",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+    ),
+    "unigram_digits_no_ws_split": dict(
+        model_type="unigram",
+        split_digits=True,
+        split_by_whitespace=False,
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+    ),
+    "unigram_user_control": dict(
+        model_type="unigram",
+        normalization_rule_name="identity",
+        user_defined_symbols=["<br>", "|ENDOFTEXT|", "def"],
+        control_symbols=["<ctl>", "[SEP]"],
+        byte_fallback=True,
+    ),
+    "unigram_nmt_user_control": dict(
+        model_type="unigram",
+        user_defined_symbols=["<br>", "|ENDOFTEXT|"],
+        control_symbols=["<ctl>"],
+        byte_fallback=True,
+    ),
+    "unigram_identity_no_dummy_keep_spaces": dict(
+        model_type="unigram",
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+    ),
+    "bpe_nmt_bytefallback": dict(model_type="bpe", byte_fallback=True),
+    "bpe_identity_unk": dict(model_type="bpe", normalization_rule_name="identity", byte_fallback=False),
+    "bpe_identity_keep_spaces_digits": dict(
+        model_type="bpe",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        byte_fallback=True,
+    ),
+    "bpe_user_defined": dict(
+        model_type="bpe",
+        normalization_rule_name="identity",
+        user_defined_symbols=["<br>", "def"],
+        byte_fallback=True,
+    ),
+}
+
+
+def corpus() -> list[str]:
+    lines = CORPUS.read_text(encoding="utf-8").split("\n")
+    extra = [
+        "",
+        " ",
+        "  \t \n ",
+        "trailing space ",
+        " leading space",
+        "a  b   c    d",
+        "\u2581literal\u2581lower\u2581blocks\u2581",
+        "x <unk> y </s> <s> <0x41>",  # literal text equal to reserved piece names
+        "<br><br>def|ENDOFTEXT|<ctl>",
+        "1234567890" * 5,
+        "=" * 40,
+        "\x00\x01\x02\x1f\x7f",
+        "\ufeff\u200b\u200d\u2028\u2029",
+        "\U0001f600" * 3 + "\U0001faf6\U0001f3fd",
+    ]
+    joined = ["\n".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
+    return lines + extra + joined + builtin_sample()
+
+
+def _train(tmp: Path, name: str, options: dict) -> Path:
+    opts = dict(options)
+    spm.SentencePieceTrainer.train(
+        input=str(CORPUS),
+        model_prefix=str(tmp / name),
+        vocab_size=opts.pop("vocab_size", 700),
+        hard_vocab_limit=False,
+        character_coverage=opts.pop("character_coverage", 0.98),
+        minloglevel=2,
+        num_threads=1,
+        **opts,
+    )
+    return tmp / f"{name}.model"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("spm")
+    return {name: _train(tmp, name, opts) for name, opts in MODELS.items()}
+
+
+RESERVED_LITERALS = ("<unk>", "</s>", "<s>", "<0x41>", "<ctl>", "[SEP]")
+
+
+def _texts_for(model: Path) -> list[str]:
+    """The corpus minus the documented residual classes that apply to ``model`` (docs/tokenizer.md)."""
+    info = read_spm(model)
+    texts = corpus()
+    if info.charsmap:
+        texts = [t for t in texts if not any(r in t for r in CHARSMAP_RESIDUAL)]
+    if info.model_type == 1 and not reserved_pieces_hidden(info):
+        texts = [t for t in texts if not any(r in t for r in RESERVED_LITERALS)]
+    return texts
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_parity_on_trained_models(trained, name):
+    texts = _texts_for(trained[name])
+    report = check_parity(trained[name], texts)
+    assert report.items == len(texts) > 60
+    assert report.decode_mismatches == 0, "\n".join(report.examples)
+    # Any encode difference must be an exact tie between two optimal segmentations (Unigram only).
+    assert report.encode_mismatches == report.tie_mismatches, "\n".join(report.examples)
+
+
+@pytest.mark.parametrize("name", ["unigram_nmt_bytefallback", "bpe_nmt_bytefallback"])
+def test_charsmap_residual_is_real_and_reported(trained, name):
+    # The excluded graphemes really differ (so the exclusion above is not hiding a fixed bug), and the check
+    # names them piece by piece.
+    texts = [t for t in corpus() if any(r in t for r in CHARSMAP_RESIDUAL)]
+    report = check_parity(trained[name], texts)
+    assert report.encode_mismatches > 0
+    assert "first difference at piece" in report.examples[0]
+
+
+def test_decode_parity_on_every_piece(trained):
+    for name in ("unigram_user_control", "unigram_nmt_bytefallback", "bpe_user_defined"):
+        sp = spm.SentencePieceProcessor(model_file=str(trained[name]))
+        fast = build_fast_tokenizer(trained[name])
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i):
+                continue
+            for ids in ([i], [i, i], [sp.piece_to_id("\u2581a") if sp.piece_to_id("\u2581a") else 3, i]):
+                assert fast.decode(ids, skip_special_tokens=False) == sp.decode_ids(ids), (name, ids)
+
+
+@pytest.mark.skipif(not REAL_MODEL.is_file(), reason=f"real SentencePiece model not found at {REAL_MODEL}")
+def test_real_unigram_byte_fallback_model():
+    info = read_spm(REAL_MODEL)
+    assert info.byte_fallback and info.model_type == 1 and len(info.pieces) > 40000
+    report = check_parity(REAL_MODEL, corpus())
+    assert report.items > 100
+    assert report.ok, "\n".join(report.examples)
+
+
+def test_autotokenizer_loads_and_matches(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = trained["unigram_user_control"]
+    written = write_tokenizer(model, tmp_path, chat=True)
+    assert {p.name for p in written} == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    }
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    eot = sp.piece_to_id("|ENDOFTEXT|")
+    assert tok.bos_token_id == tok.eos_token_id == eot
+    assert tok.unk_token_id == sp.unk_id()
+    for text in _texts_for(model):
+        ids = sp.encode(text)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert tok(text)["input_ids"] == [eot, *ids], text
+        assert tok.decode(ids) == sp.decode_ids(ids), text
+
+
+def test_no_add_bos(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = trained["unigram_user_control"]
+    write_tokenizer(model, tmp_path, add_bos_token=False)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False and config["add_eos_token"] is False
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert tok("hello world")["input_ids"] == sp.encode("hello world")
+
+
+def test_chat_template_reproduces_adept_prompt(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer(trained["unigram_user_control"], tmp_path, chat=True)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    one = [{"role": "user", "content": "What is a persimmon?"}]
+    assert (
+        tok.apply_chat_template(one, tokenize=False, add_generation_prompt=True)
+        == "human: What is a persimmon?\n\nadept:"
+    )
+    multi = [*one, {"role": "assistant", "content": "A fruit."}, {"role": "user", "content": "Which colour?"}]
+    assert (
+        tok.apply_chat_template(multi, tokenize=False, add_generation_prompt=True)
+        == "human: What is a persimmon?\n\nadept: A fruit.\n\nhuman: Which colour?\n\nadept:"
+    )
+    with pytest.raises(Exception, match="only user and assistant"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    assert "chat_template" not in json.loads(
+        (_plain(trained, tmp_path) / "tokenizer_config.json").read_text()
+    )
+    assert "human: " in CHAT_TEMPLATE
+
+
+def _plain(trained, tmp_path: Path) -> Path:
+    out = tmp_path / "plain"
+    out.mkdir()
+    write_tokenizer(trained["unigram_user_control"], out)
+    return out
+
+
+def test_check_failure_writes_nothing(trained, tmp_path, monkeypatch):
+    # nmt_nfkc + stacked marks / half-width dakuten: a real residual difference (class 1); put it in the sample, so the gate must refuse.
+    import persimmon_tools.tokenizer_corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "_TEXTS", [*corpus_mod._TEXTS, "stacked a\u0323\u0301 and \uff83\uff9e"])
+    with pytest.raises(TokenizerError) as err:
+        write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path)
+    assert "encode" in err.value.message and "first difference" in err.value.message
+    assert "--force" in err.value.hint
+    assert list(tmp_path.iterdir()) == []
+    written = write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path, check=False)
+    assert all(p.is_file() for p in written)
+
+
+def test_special_tokens_fall_back_to_model_bos_eos(trained, tmp_path):
+    write_tokenizer(trained["unigram_identity_bytefallback"], tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+
+
+def test_inexpressible_options_raise(trained, tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(trained["unigram_identity_bytefallback"].read_bytes())
+    proto.denormalizer_spec.precompiled_charsmap = (
+        proto.denormalizer_spec.precompiled_charsmap or b"\x04\x00\x00\x00xxxx"
+    )
+    bad = tmp_path / "denorm.model"
+    bad.write_bytes(proto.SerializeToString())
+    with pytest.raises(TokenizerError, match="denormalizer"):
+        build_fast_tokenizer(bad)
+    with pytest.raises(TokenizerError, match="not a SentencePiece model|no pieces"):
+        build_fast_tokenizer(CORPUS)
