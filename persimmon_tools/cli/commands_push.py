@@ -1,0 +1,146 @@
+"""``persimmon-tools push``: publish a verified converted folder to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.hub import CARD_MODES, PushResult, push_folder
+from persimmon_tools.model_card import format_size
+
+
+@click.command("push")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option(
+    "--private/--public", default=None, help="Visibility when the repo is created (default: Hub's)."
+)
+@click.option("--revision", metavar="BRANCH", help="Branch to push to; created from main when missing.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request (against --revision or main).")
+@click.option("--commit-message", metavar="TEXT", help="Commit title (default names the model and tool).")
+@click.option("--token", metavar="T", help="Hub token (default: HF_TOKEN, then the `hf auth login` token).")
+@click.option(
+    "--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT, then https://huggingface.co)."
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded, and the card; upload nothing.")
+@click.option(
+    "--allow-unverified", is_flag=True, help="Publish without a passing, current verification.json."
+)
+@click.option("--license", "license_", metavar="ID", help="Licence id for the card (default by variant).")
+@click.option(
+    "--card",
+    type=click.Choice(CARD_MODES),
+    default="keep",
+    show_default=True,
+    help="keep a README.md already in OUT_DIR, or replace it with the generated card.",
+)
+@click.option(
+    "--max-retries", type=click.IntRange(min=0), default=5, show_default=True, help="Retries per call."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")
+@common_options
+def push_cmd(
+    out_dir: Path,
+    repo_id: str,
+    private: bool | None,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    token: str | None,
+    endpoint: str | None,
+    dry_run: bool,
+    allow_unverified: bool,
+    license_: str | None,
+    card: str,
+    max_retries: int,
+    as_json: bool,
+) -> None:
+    """Publish converted folder OUT_DIR to the Hub model repo REPO_ID in one commit.
+
+    Like `hf upload`, plus a model card (licence by variant, provenance, verification metrics, usage,
+    caveats), a dry run, and a refusal to publish a folder whose verification.json is missing, failed, or
+    no longer matches the files. Files the repo already has with the same content are not sent again, so
+    re-running an interrupted push finishes it.
+
+    \b
+    Examples:
+      persimmon-tools push ./persimmon-8b-chat-hf me/persimmon-8b-chat --dry-run
+      persimmon-tools push ./persimmon-8b-chat-hf me/persimmon-8b-chat --private
+      persimmon-tools push ./persimmon-8b-base-hf my-org/persimmon-8b-base --revision bf16 --create-pr
+    """
+    if is_quiet() or not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if logging.getLogger().level > logging.DEBUG:  # one INFO line per HTTP request is noise unless -v
+        for name in ("httpx", "httpx2", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    result = push_folder(
+        out_dir,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+        endpoint=endpoint,
+        dry_run=dry_run,
+        allow_unverified=allow_unverified,
+        license=license_,
+        card=card,
+        max_retries=max_retries,
+    )
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+    elif dry_run:
+        _render_plan(result)
+    else:
+        _render_result(result)
+
+
+def _render_plan(result: PushResult) -> None:
+    plan = result.plan
+    click.echo("Dry run: nothing was uploaded.")
+    state = "exists" if plan.repo_exists else "would be created"
+    visibility = {True: ", private", False: ", public"}.get(plan.private, "")
+    click.echo(f"Repository: {plan.repo_id} ({plan.repo_url}; {state}{visibility})")
+    rev_state = "exists" if plan.revision_exists else "would be created from main"
+    pr = "; a pull request would be opened" if plan.create_pr else ""
+    click.echo(f"Revision:   {plan.revision} ({rev_state}{pr})")
+    click.echo(f"Verified:   {'yes' if plan.verified else 'NO (--allow-unverified)'}")
+    click.echo(f"Commit:     {plan.commit_message}")
+    click.echo(f"Files: {len(plan.to_upload)} to upload, {len(plan.skipped)} already on the Hub (skipped)")
+    width = max((len(f.path) for f in plan.files), default=0)
+    for f in plan.files:
+        action = "skip  " if f.remote_identical else "upload"
+        note = "  (same content on the Hub)" if f.remote_identical else ""
+        kind = "LFS" if f.lfs else "regular"
+        click.echo(f"  {action} {f.path:<{width}}  {format_size(f.size):>10}  {kind:<7}{note}")
+    source = "README.md from the folder, kept" if plan.card_source == "kept" else "generated"
+    click.echo(f"Model card (README.md, {source}):")
+    click.echo("-" * 72)
+    click.echo(plan.card.rstrip("\n"))
+    click.echo("-" * 72)
+
+
+def _render_result(result: PushResult) -> None:
+    if result.commit_url is None:
+        click.echo(f"Nothing to push: {result.plan.repo_id}@{result.plan.revision} already has these files.")
+        return
+    if not result.uploaded:
+        click.echo(f"Already pushed: an earlier attempt's commit went through. Commit: {result.commit_url}")
+        return
+    n_up, n_skip = len(result.uploaded), len(result.skipped)
+    click.echo(f"Pushed {n_up} file(s) to {result.plan.repo_id}@{result.plan.revision} ({n_skip} unchanged).")
+    click.echo(f"Commit: {result.commit_url}")
+    if result.pr_url:
+        click.echo(f"Pull request: {result.pr_url}")
+
+
+COMMANDS = [push_cmd]

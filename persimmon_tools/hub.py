@@ -1,0 +1,591 @@
+"""Publish a converted folder to the Hugging Face Hub: ``hf upload`` plus a model card, a dry run and a
+refusal to publish what was not verified.
+
+Only the public ``huggingface_hub.HfApi`` flow is used: ``create_repo(exist_ok=True)``,
+``revision_exists`` / ``create_branch``, ``get_paths_info`` (what the target revision already holds) and one
+``create_commit`` with the new or changed files. Files the remote already has at the same path with the same
+content (LFS sha256, or git blob id for regular files) are left out; if nothing is left, no commit is made.
+LFS objects uploaded by an interrupted run are not sent again either: the LFS batch endpoint answers
+"already present" for them and ``huggingface_hub`` skips them.
+
+Each Hub call is retried with bounded exponential backoff on 5xx, 408, 429, timeouts and connection errors
+(``huggingface_hub`` itself also retries preupload and LFS transfers); anything else fails at once as a
+:class:`~persimmon_tools.errors.HubError` with a hint (``_as_hub_error`` holds the table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, TypeVar
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from persimmon_tools import __version__
+from persimmon_tools.errors import HubError, Interrupted, PersimmonToolsError, UsageError
+from persimmon_tools.fingerprint import (
+    CONVERSION_FILE,
+    MODEL_CARD_FILE,
+    VERIFICATION_FILE,
+    fingerprint_folder,
+    fingerprint_mismatches,
+)
+from persimmon_tools.model_card import build_model_card, detect_variant, folder_digest, read_record
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CARD_MODES = ("keep", "replace")
+_LFS_PATTERNS = ("*.safetensors", "*.bin", "*.model", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.npz")
+_REGULAR_MAX = 10 * 1024 * 1024  # the Hub stores files of 10 MiB or more with LFS
+_PATHS_PER_REQUEST = 50
+try:  # the HTTP client of huggingface_hub >= 1.0
+    import httpx2
+
+    _NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+        httpx2.TimeoutException,
+        httpx2.NetworkError,
+        httpx2.RemoteProtocolError,
+    )
+except ImportError:  # pragma: no cover - other huggingface_hub versions
+    _NETWORK_ERRORS = ()
+_NETWORK_ERRORS += (TimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of a push: path in the repo, size, sha256, LFS or not, and whether the remote has it."""
+
+    path: str
+    size: int
+    sha256: str
+    lfs: bool
+    remote_identical: bool
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What a push does (or did): the target, every file, the card."""
+
+    repo_id: str
+    repo_url: str
+    revision: str
+    create_pr: bool
+    private: bool | None
+    repo_exists: bool
+    revision_exists: bool
+    verified: bool
+    card_source: str  # "generated", or "kept" (the README.md already in the folder)
+    card: str
+    commit_message: str
+    files: tuple[PlannedFile, ...]
+
+    @property
+    def to_upload(self) -> tuple[PlannedFile, ...]:
+        return tuple(f for f in self.files if not f.remote_identical)
+
+    @property
+    def skipped(self) -> tuple[PlannedFile, ...]:
+        return tuple(f for f in self.files if f.remote_identical)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Outcome of :func:`push_folder`. ``commit_url`` is ``None`` for a dry run and when nothing changed."""
+
+    repo_url: str
+    commit_url: str | None
+    pr_url: str | None
+    uploaded: tuple[str, ...]
+    skipped: tuple[str, ...]
+    card: str
+    plan: PushPlan
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class _Local:
+    path: str
+    source: Path | bytes
+    size: int
+    sha256: str
+
+
+def check_verification(folder: Path) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
+    """Why ``folder`` is not verified (empty list: it is), and the recorded fingerprint when it is.
+
+    Verified means: ``verification.json`` exists, its verdict is ``pass``, it records files, and the folder
+    still holds exactly those files with the recorded sizes and sha256.
+    """
+    report = read_record(folder, VERIFICATION_FILE)
+    if report is None:
+        return [f"{VERIFICATION_FILE} is missing or unreadable"], None
+    if report.get("verdict") != "pass":
+        return [f"{VERIFICATION_FILE} has verdict {report.get('verdict')!r}, not 'pass'"], None
+    recorded = report.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return [f"{VERIFICATION_FILE} records no file fingerprints"], None
+    problems = fingerprint_mismatches(folder, recorded)
+    return problems, (None if problems else recorded)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    dry_run: bool = False,
+    allow_unverified: bool = False,
+    license: str | None = None,  # noqa: A002 - the Hub's metadata key and the CLI flag are "license"
+    card: str = "keep",
+    max_retries: int = 5,
+    retry_base_delay: float = 1.0,
+) -> PushResult:
+    """Publish a converted folder to a Hub model repo in one commit.
+
+    Args:
+        folder: Output of ``persimmon-tools convert`` (and ``verify``).
+        repo_id: ``namespace/name`` of the model repo; created if missing (``private`` applies then).
+        private: ``True``/``False`` for a private/public repo when it is created; ``None``: the Hub's default.
+        revision: Target branch (created from ``main`` when missing) or an existing ``refs/pr/N``.
+        create_pr: Open a pull request against ``revision`` (default ``main``) instead of committing to it.
+        commit_message: Commit title; the default names the model and the tool.
+        token: Hub token; default ``HF_TOKEN``, then the token stored by ``hf auth login``.
+        endpoint: Hub URL; default ``HF_ENDPOINT``, then https://huggingface.co.
+        dry_run: Only read the remote and return the plan; upload nothing.
+        allow_unverified: Publish although verification is missing, failed or stale; the card says so.
+        license: Licence id for the generated card (default by variant: base apache-2.0, chat cc-by-nc-4.0).
+        card: ``"keep"`` a README.md already in the folder, or ``"replace"`` it by the generated card (the
+            folder itself is never modified).
+        max_retries: Retries of each Hub step on transient errors (5xx, 408, 429, timeouts, connections).
+        retry_base_delay: First backoff delay in seconds; doubles on each retry, capped at 30 s.
+
+    Returns:
+        A :class:`PushResult`: the plan, commit and PR URLs, uploaded and skipped files, the card text.
+
+    Raises:
+        HubError: refused (not verified, or files changed since) or the Hub failed; the hint says what to do.
+        UsageError: bad repo id, card mode, folder or unknown licence.
+        Interrupted: SIGINT/SIGTERM; re-running finishes the push without re-sending what the Hub has.
+
+    Example:
+        >>> push_folder(Path("persimmon-8b-chat-hf"), "me/persimmon-8b-chat", dry_run=True)  # doctest: +SKIP
+    """
+    with _signals_raise_interrupt():
+        try:
+            return _push(
+                Path(folder),
+                repo_id,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message,
+                token=token,
+                endpoint=endpoint,
+                dry_run=dry_run,
+                allow_unverified=allow_unverified,
+                license=license,
+                card=card,
+                call=_Retry(max_retries, retry_base_delay),
+            )
+        except KeyboardInterrupt as err:
+            raise Interrupted(
+                "push interrupted before it finished",
+                hint="re-run the same command to finish it: files the Hub already has are not sent again",
+            ) from err
+
+
+def _push(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    token: str | None,
+    endpoint: str | None,
+    dry_run: bool,
+    allow_unverified: bool,
+    license: str | None,
+    card: str,
+    call: _Retry,
+) -> PushResult:
+    _check_args(folder, repo_id, card, call.max_retries)
+    problems, recorded = check_verification(folder)
+    if problems and not allow_unverified:
+        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise HubError(
+            f"refusing to publish {folder}: it is not verified ({shown})",
+            hint="run `persimmon-tools verify` on the folder (again, if files changed), or pass "
+            "--allow-unverified to publish anyway; the model card will then say it is unverified",
+        )
+    verified = not problems
+    files = recorded if recorded is not None else fingerprint_folder(folder)
+    card_text, card_source = _card(folder, repo_id, license, card, verified, problems, files)
+    local = _local_files(folder, files, card_text)
+    target = revision or constants.DEFAULT_REVISION
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    api = HfApi(endpoint=endpoint, token=token, library_name="persimmon-tools", library_version=__version__)
+    plan = PushPlan(
+        repo_id=repo_id,
+        repo_url=f"{endpoint}/{repo_id}",
+        revision=target,
+        create_pr=create_pr,
+        private=private,
+        repo_exists=False,
+        revision_exists=False,
+        verified=verified,
+        card_source=card_source,
+        card=card_text,
+        commit_message=commit_message or _default_message(folder, verified),
+        files=(),
+    )
+
+    def remote_plan(rev: str) -> tuple[PlannedFile, ...]:
+        found: dict[str, Any] = {}
+        for i in range(0, len(local), _PATHS_PER_REQUEST):
+            paths = [f.path for f in local[i : i + _PATHS_PER_REQUEST]]
+            entries = call("list the files on the Hub", lambda p=paths: _paths_info(api, repo_id, p, rev))
+            found.update({e.path: e for e in entries if hasattr(e, "blob_id")})  # files, not folders
+        return _planned(local, found)
+
+    if dry_run:
+        exists = call("look up the repository", lambda: api.repo_exists(repo_id))
+        rev_exists = exists and call("look up the revision", lambda: api.revision_exists(repo_id, target))
+        planned = remote_plan(target if rev_exists else "main") if exists else _planned(local, {})
+        plan = replace(plan, repo_exists=exists, revision_exists=rev_exists, files=planned)
+        return PushResult(
+            plan.repo_url, None, None, (), tuple(f.path for f in plan.skipped), card_text, plan, True
+        )
+
+    repo_url = str(
+        call("create the repository", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    )
+    if private is not None:
+        is_private = call("look up the repository", lambda: api.repo_info(repo_id).private)
+        if is_private is not None and is_private != private:
+            logger.warning(
+                "%s exists and is %s; --private/--public only apply when the repo is created",
+                repo_id,
+                "private" if is_private else "public",
+            )
+    is_main = target == constants.DEFAULT_REVISION  # exists, or is made by the first commit of an empty repo
+    if not is_main and not call("look up the revision", lambda: api.revision_exists(repo_id, target)):
+        if target.startswith("refs/"):
+            raise HubError(
+                f"revision {target!r} not found in {repo_id}",
+                hint="--revision names a branch (created from main when missing) or an existing refs/pr/N",
+            )
+        logger.info("Creating branch %s from main", target)
+        call("create the branch", lambda: api.create_branch(repo_id, branch=target, exist_ok=True))
+    tried_commit = False
+
+    def attempt() -> tuple[Any, tuple[PlannedFile, ...]]:
+        nonlocal tried_commit
+        planned = remote_plan(target)  # again on every attempt: an earlier one may have committed
+        todo = [f for f, p in zip(local, planned, strict=True) if not p.remote_identical]
+        if not todo:
+            return None, planned
+        logger.info(
+            "Committing %d file(s) to %s@%s (%d unchanged)",
+            len(todo),
+            repo_id,
+            target,
+            len(local) - len(todo),
+        )
+        tried_commit = True
+        info = api.create_commit(
+            repo_id,
+            [_operation(f) for f in todo],
+            commit_message=plan.commit_message,
+            commit_description=_description(folder, verified, files),
+            revision=target,
+            create_pr=create_pr,
+        )
+        return info, planned
+
+    info, planned = call("upload the files and commit", attempt)
+    plan = replace(plan, repo_url=repo_url, repo_exists=True, revision_exists=True, files=planned)
+    skipped = tuple(f.path for f in plan.skipped)
+    if info is not None:
+        uploaded = tuple(f.path for f in plan.to_upload)
+        return PushResult(repo_url, info.commit_url, info.pr_url, uploaded, skipped, card_text, plan, False)
+    commit_url = None
+    if tried_commit and not create_pr:  # an earlier attempt committed, but its answer was lost on the way
+        sha = call("look up the revision", lambda: api.repo_info(repo_id, revision=target).sha)
+        commit_url = f"{endpoint}/{repo_id}/commit/{sha}"
+    logger.info("Nothing to push: %s@%s already has identical files", repo_id, target)
+    return PushResult(repo_url, commit_url, None, (), skipped, card_text, plan, False)
+
+
+def _check_args(folder: Path, repo_id: str, card: str, max_retries: int) -> None:
+    if not folder.is_dir():
+        raise UsageError(
+            f"{folder} is not a folder", hint="pass the output folder of `persimmon-tools convert`"
+        )
+    if card not in CARD_MODES:
+        raise UsageError(f"card must be one of {', '.join(CARD_MODES)}, not {card!r}")
+    if max_retries < 0:
+        raise UsageError(f"max_retries must be >= 0, not {max_retries}")
+    kind = repo_id.split("/")[0]
+    if kind in ("datasets", "spaces") and repo_id.count("/") == 2:
+        raise UsageError(
+            f"{repo_id!r} names a {kind[:-1]} repo; push publishes model repos",
+            hint=f"use the model repo id {repo_id.split('/', 1)[1]!r}",
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"invalid repo id {repo_id!r}: {err}", hint="write it as namespace/name") from err
+    if "/" not in repo_id:
+        raise UsageError(f"repo id {repo_id!r} has no namespace", hint=f"write it as your-username/{repo_id}")
+
+
+def _card(
+    folder: Path,
+    repo_id: str,
+    license: str | None,
+    mode: str,
+    verified: bool,
+    problems: list[str],
+    files: dict[str, dict[str, Any]],
+) -> tuple[str, str]:
+    existing = folder / MODEL_CARD_FILE
+    if mode == "keep" and existing.is_file():
+        if not verified:
+            logger.warning("Keeping your %s although the upload is unverified; say so in it", MODEL_CARD_FILE)
+        return existing.read_text(encoding="utf-8"), "kept"
+    reason = "; ".join(problems[:3]) or None
+    card = build_model_card(
+        folder, repo_id, license=license, verified=verified, unverified_reason=reason, files=files
+    )
+    return str(card), "generated"
+
+
+def _local_files(folder: Path, files: dict[str, dict[str, Any]], card_text: str) -> list[_Local]:
+    out = [_Local(rel, folder / rel, int(v["size"]), str(v["sha256"])) for rel, v in sorted(files.items())]
+    extra = {MODEL_CARD_FILE: card_text.encode("utf-8")}
+    if (folder / VERIFICATION_FILE).is_file():  # sent from memory: what was checked is what is sent
+        extra[VERIFICATION_FILE] = (folder / VERIFICATION_FILE).read_bytes()
+    out += [_Local(p, data, len(data), hashlib.sha256(data).hexdigest()) for p, data in sorted(extra.items())]
+    return out
+
+
+def _default_message(folder: Path, verified: bool) -> str:
+    variant = detect_variant(read_record(folder, CONVERSION_FILE), read_record(folder, VERIFICATION_FILE))
+    name = {"base": "Persimmon-8B base", "chat": "Persimmon-8B chat"}.get(variant, "Persimmon-8B")
+    return f"Upload {name} converted by persimmon-tools {__version__}" + ("" if verified else " (unverified)")
+
+
+def _description(folder: Path, verified: bool, files: dict[str, dict[str, Any]]) -> str:
+    src = (read_record(folder, CONVERSION_FILE) or {}).get("source") or {}
+    return (
+        f"Source: {src.get('name', 'unknown')} (iteration {src.get('iteration')}, TP {src.get('tp')}, "
+        f"PP {src.get('pp')})\nVerification: {'pass' if verified else 'NOT VERIFIED'}\n"
+        f"Folder fingerprint: sha256:{folder_digest(files)}"
+    )
+
+
+def _paths_info(api: HfApi, repo_id: str, paths: list[str], revision: str) -> list[Any]:
+    try:
+        return api.get_paths_info(repo_id, paths, revision=revision)
+    except RevisionNotFoundError:
+        if revision == constants.DEFAULT_REVISION:  # a repo without any commit yet: nothing is there
+            return []
+        raise
+
+
+def _git_blob_oid(source: Path | bytes, size: int) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % size)
+    if isinstance(source, bytes):
+        digest.update(source)
+    else:
+        with open(source, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _head(source: Path | bytes, n: int = 512) -> bytes:
+    if isinstance(source, bytes):
+        return source[:n]
+    with open(source, "rb") as fh:
+        return fh.read(n)
+
+
+def _planned(local: list[_Local], remote: dict[str, Any]) -> tuple[PlannedFile, ...]:
+    """Compare with the remote ``RepoFile`` entries; new files get the Hub's LFS rule (pattern, size, binary)."""
+    out = []
+    for f in local:
+        r = remote.get(f.path)
+        if r is None:
+            name = f.path.rsplit("/", 1)[-1]
+            lfs = (
+                any(fnmatch(name, p) for p in _LFS_PATTERNS)
+                or f.size >= _REGULAR_MAX
+                or b"\0" in _head(f.source)
+            )
+            out.append(PlannedFile(f.path, f.size, f.sha256, lfs, False))
+        elif r.lfs is not None:
+            out.append(
+                PlannedFile(f.path, f.size, f.sha256, True, r.lfs.sha256 == f.sha256 and r.size == f.size)
+            )
+        else:
+            same = r.size == f.size and r.blob_id == _git_blob_oid(f.source, f.size)
+            out.append(PlannedFile(f.path, f.size, f.sha256, False, same))
+    return tuple(out)
+
+
+def _operation(f: _Local) -> CommitOperationAdd:
+    op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.source)
+    if not isinstance(f.source, bytes):
+        op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed when checking the folder; do not hash twice
+    return op
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """The error and its causes / contexts (huggingface_hub wraps upload errors in RuntimeError)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            yield e
+            todo += [e.__cause__, e.__context__]
+
+
+def _status(err: BaseException) -> int | None:
+    for e in _chain(err):
+        if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
+            return e.response.status_code
+    return None
+
+
+def _is_transient(err: BaseException) -> bool:
+    status = _status(err)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    return any(isinstance(e, _NETWORK_ERRORS) for e in _chain(err))
+
+
+def _as_hub_error(err: BaseException, what: str) -> HubError | None:
+    """The HubError (message + hint) for a permanent failure; ``None`` if it is not a Hub error (stays loud)."""
+    status, chain = _status(err), list(_chain(err))
+    said = next((f": {e.server_message.strip()}" for e in chain if getattr(e, "server_message", None)), "")
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return HubError(f"cannot {what}: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE to push")
+    if status == 401:
+        return HubError(
+            f"the Hub refused the credentials when trying to {what} (401 Unauthorized){said}",
+            hint="set HF_TOKEN or run `hf auth login` (or pass --token); the token needs write access",
+        )
+    if status == 403:
+        return HubError(
+            f"not allowed to {what} (403 Forbidden){said}",
+            hint="use a token with write access to this namespace, or --create-pr to propose the "
+            "change as a pull request",
+        )
+    if any(isinstance(e, RevisionNotFoundError) for e in chain):
+        return HubError(
+            f"revision not found when trying to {what}{said}",
+            hint="--revision names a branch (created from main when missing) or an existing refs/pr/N",
+        )
+    if status == 404 or any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return HubError(
+            f"not found when trying to {what} ({status}){said}",
+            hint="check the repo id and that it is a model repo your token can see",
+        )
+    if status in (409, 412):
+        return HubError(
+            f"conflict when trying to {what} ({status}){said}",
+            hint="the branch changed during the push; re-run the command",
+        )
+    if status is not None:
+        return HubError(
+            f"the Hub rejected the request to {what} ({status}){said}",
+            hint="check the repo id (letters, digits, '-', '_', '.'), --revision and the card metadata",
+        )
+    for e in chain:
+        if isinstance(e, ValueError) and "README.md" in str(e):
+            return HubError(
+                f"the Hub rejected the model card: {e}",
+                hint="fix the metadata block of README.md in the folder, or pass --card replace",
+            )
+        if isinstance(e, ValueError) and ("LFS" in str(e) or "improperly formatted" in str(e)):
+            return HubError(f"the Hub sent an unusable answer when trying to {what}: {e}")
+    return None
+
+
+class _Retry:
+    """Run one step, retrying transient failures with bounded exponential backoff (with jitter)."""
+
+    def __init__(self, max_retries: int, base_delay: float, max_delay: float = 30.0) -> None:
+        self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
+
+    def __call__(self, what: str, fn: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except (KeyboardInterrupt, PersimmonToolsError):
+                raise
+            except Exception as err:
+                if not _is_transient(err):
+                    mapped = _as_hub_error(err, what)
+                    if mapped is None:
+                        raise
+                    raise mapped from err
+                attempt += 1
+                cause = f"HTTP {_status(err)}" if _status(err) else type(err).__name__
+                if attempt > self.max_retries:
+                    raise HubError(
+                        f"could not {what}: the Hub kept failing ({cause}) after {attempt} attempt"
+                        + ("s" * (attempt > 1)),
+                        hint="the Hub or the network is having trouble; re-run the same command later "
+                        "(files already uploaded are not sent again)",
+                    ) from err
+                delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                logger.warning(
+                    "Could not %s (%s); retry %d/%d in %.1f s", what, cause, attempt, self.max_retries, delay
+                )
+                time.sleep(delay)
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupt() -> Iterator[None]:
+    """While pushing, SIGTERM raises KeyboardInterrupt like SIGINT (only possible in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
