@@ -43,7 +43,10 @@ ST_DTYPES = {
     torch.bool: "BOOL",
 }
 FP16_MAX = 65504.0
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 64 << 20  # row blocks for the cast / interleave path
+#: Copy chunk of the same-dtype path. Measured on the 8B preset here (17.5 GiB, 2 cores, 1 torch thread):
+#: 8 MiB 13.2 s, 16 MiB 18.0 s, 32 MiB 20.6 s; small chunks stay in the CPU cache between read and check.
+COPY_CHUNK_BYTES = 8 << 20
 
 
 @dataclass
@@ -119,24 +122,32 @@ def _count_nonfinite(block: torch.Tensor) -> int:
 
 
 class _CheckedCopier:
-    """Copies byte ranges to an output fd through two reusable buffers, screening chunks for NaN/Inf.
+    """Copies byte ranges to an output fd, screening every chunk for NaN/Inf, in bounded memory.
 
-    A reader thread fills one buffer (``preadv``) while the caller's thread checks and writes the other,
-    so disk reads and writes overlap like ``cp``; memory stays at two chunks whatever the tensor size.
+    A reader thread reads chunk ``i + 1`` into one of a few reusable buffers (``preadv``) and screens it
+    (``aminmax``, run with one torch thread: OpenMP workers spinning against the writer thread cost more
+    than they gain), while this thread writes chunk ``i``: reading + checking and writing run on both cores
+    at once. Memory stays at ``_BUFFERS`` chunks whatever the tensor size. (Kernel-side ``copy_file_range``
+    with a separate check pass over an ``mmap`` measured slower here: 27 s vs 17 s for 17.5 GiB.)
     """
+
+    _BUFFERS = 3
 
     def __init__(self, out_fd: int, stats: WriteStats, progress: Callable[[int], None]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.out_fd, self.stats, self.progress = out_fd, stats, progress
-        self.buffers = [bytearray(), bytearray()]
+        self.buffers = [bytearray() for _ in range(self._BUFFERS)]
         self.fds: dict[Path, int] = {}
         self.pool = ThreadPoolExecutor(max_workers=1)
 
     def __enter__(self) -> _CheckedCopier:
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self._threads)
         self.close()
 
     def close(self) -> None:
@@ -144,7 +155,8 @@ class _CheckedCopier:
         for fd in self.fds.values():
             os.close(fd)
 
-    def _read(self, job: tuple[Path, int, int], slot: int) -> int:
+    def _read_and_check(self, job: tuple[Path, int, int], slot: int, dtype: torch.dtype) -> int:
+        """Fill buffer ``slot`` with the job's bytes; return its NaN/Inf count."""
         src, off, n = job
         fd = self.fds.get(src)
         if fd is None:
@@ -160,26 +172,31 @@ class _CheckedCopier:
                     hint="the source is truncated; download it again",
                 )
             got += k
-        return n
+        return _count_nonfinite(torch.frombuffer(view, dtype=dtype)) if n else 0
 
     def copy(self, ranges: list, dtype: torch.dtype, name: str) -> int:
-        step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
+        step = COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % dtype.itemsize
         jobs = [
             (src, off + a, min(step, size - a)) for src, off, size in ranges for a in range(0, size, step)
         ]
+        ahead = self._BUFFERS - 1
+        pending = [
+            self.pool.submit(self._read_and_check, jobs[i], i % self._BUFFERS, dtype)
+            for i in range(min(ahead, len(jobs)))
+        ]
         total = 0
-        pending = self.pool.submit(self._read, jobs[0], 0) if jobs else None
-        for i in range(len(jobs)):
-            n = pending.result()
-            pending = self.pool.submit(self._read, jobs[i + 1], (i + 1) % 2) if i + 1 < len(jobs) else None
-            view = memoryview(self.buffers[i % 2])[:n]
-            bad = _count_nonfinite(torch.frombuffer(view, dtype=dtype)) if n else 0
+        for i, job in enumerate(jobs):
+            bad = pending.pop(0).result()
+            if i + ahead < len(jobs):
+                nxt = i + ahead
+                pending.append(self.pool.submit(self._read_and_check, jobs[nxt], nxt % self._BUFFERS, dtype))
             if bad:
                 self.stats.nonfinite[name] = self.stats.nonfinite.get(name, 0) + bad
+            view = memoryview(self.buffers[i % self._BUFFERS])[: job[2]]
             while view.nbytes:
                 view = view[os.write(self.out_fd, view) :]
-            total += n
-            self.progress(n)
+            total += job[2]
+            self.progress(job[2])
         return total
 
 

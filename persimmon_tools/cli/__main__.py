@@ -1,0 +1,5 @@
+"""``python -m persimmon_tools.cli`` = the ``persimmon-tools`` console script."""
+
+from persimmon_tools.cli import main
+
+main()
