@@ -153,8 +153,9 @@ def _verification(ver: dict[str, Any], verified: bool, reason: str | None) -> li
         f"Verdict: **{ver.get('verdict', 'unknown')}**: the converted model (loaded with "
         f"`{ver.get('converted_loader', 'unknown')}`) compared with an independent reference forward pass on the "
         f"original Megatron tensors; device `{ver.get('device', 'unknown')}`, dtype `{ver.get('dtype', 'unknown')}`, "
-        f"rotary convention `{ver.get('rotary', 'unknown')}`; tolerances max |Δlogit| ≤ {_num(tol.get('max_abs'))}, "
-        f"KL ≤ {_num(tol.get('kl'))}, top-1 agreement ≥ {_num(tol.get('top1'))}.",
+        f"rotary convention `{ver.get('rotary', 'unknown')}`; tolerances ({tol.get('name', 'unknown')}): "
+        f"max |Δlogit| ≤ {_num(tol.get('max_rel'))} and mean |Δlogit| ≤ {_num(tol.get('mean_rel'))} of the "
+        f"prompt's logit scale, KL ≤ {_num(tol.get('kl'))}.",
         "",
     ]
     metrics = [m for m in ver.get("metrics") or [] if isinstance(m, dict)]

@@ -91,7 +91,7 @@ def write_verification(folder: Path, *, verdict: str = "pass", **overrides: Any)
             "pp": 1,
             "variant": "chat",
         },
-        "tolerances": {"max_abs": 0.05, "kl": 1e-4, "top1": 0.99},
+        "tolerances": {"name": "fp32", "max_rel": 1e-4, "mean_rel": 1e-5, "kl": 1e-6},
         "metrics": [
             {
                 "prompt": "human: Hello | there\n\nadept:",

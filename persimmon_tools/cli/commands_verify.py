@@ -1,0 +1,153 @@
+"""``persimmon-tools verify``: does a converted folder compute what the original checkpoint computes?"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from persimmon_tools.cli import common_options, is_quiet
+
+
+@click.command("verify")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--reference",
+    "-r",
+    "reference",
+    required=True,
+    metavar="SOURCE",
+    type=click.Path(exists=True, path_type=Path),
+    help="The original release: tarball, extracted folder, iter_* folder or model_optim_rng.pt.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda",
+    help="Where both sides run; auto picks cuda when available.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Compute dtype of both sides [default: fp32 on CPU, bf16 on CUDA].",
+)
+@click.option(
+    "--rotary",
+    type=click.Choice(["hf", "adept"]),
+    default="hf",
+    show_default=True,
+    help="adept: also report how far the HF model drifts from ADEPT's bf16 rotary, per position range.",
+)
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A prompt to add (repeatable).")
+@click.option(
+    "--prompts-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prompts to add: one per line (\\n escapes) or a .json list of strings.",
+)
+@click.option(
+    "--ids", "ids", multiple=True, metavar="IDS", help="Token ids to add, e.g. 71013,1,2 (repeatable)."
+)
+@click.option(
+    "--no-default-prompts", is_flag=True, help="Only the prompts given with --prompt/--prompts-file/--ids."
+)
+@click.option(
+    "--loader",
+    type=click.Choice(["auto", "transformers", "persimmon-tools"]),
+    default="auto",
+    show_default=True,
+    help="How to run the converted folder (auto: transformers when it fits).",
+)
+@click.option(
+    "--check-weights/--no-check-weights",
+    default=None,
+    help="Compare every tensor with the checkpoint by value [default: below 500M parameters].",
+)
+@click.option("--iteration", type=int, help="Which iter_XXXXXXX of SOURCE (default: the tracker file's).")
+@click.option(
+    "--vocab",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="adept_vocab.model, when SOURCE has none.",
+)
+@click.option(
+    "--no-source-hash", is_flag=True, help="Do not sha256 the checkpoint files (faster; JSON says so)."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    metavar="REPORT.json",
+    help="Also write the report there ('-': print it instead of the table).",
+)
+@common_options
+def verify_cmd(
+    out_dir: Path,
+    reference: Path,
+    device: str,
+    dtype: str | None,
+    rotary: str,
+    prompts: tuple[str, ...],
+    prompts_file: Path | None,
+    ids: tuple[str, ...],
+    no_default_prompts: bool,
+    loader: str,
+    check_weights: bool | None,
+    iteration: int | None,
+    vocab: Path | None,
+    no_source_hash: bool,
+    json_path: Path | None,
+) -> None:
+    """Prove that converted folder OUT_DIR computes what the original checkpoint SOURCE computes.
+
+    Runs an independent forward pass on the checkpoint's Megatron tensors and the converted model
+    (transformers, or the toolkit's layer-by-layer reader for big models) on the same prompts, and
+    compares the logits: max and mean |Δ|, KL, top-1/top-5 agreement. Also checks config.json against
+    the checkpoint and (small models) every tensor by value. On failure it names the first diverging
+    layer and the most likely tensor or config value. Writes OUT_DIR/verification.json either way.
+
+    Exit status: 0 pass, 3 verification failed, 2 usage error, 1 other failure.
+
+    \b
+    Examples:
+      persimmon-tools verify ./persimmon-8b-chat-hf --reference 8b_chat_model_release.tar
+      persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json report.json
+      persimmon-tools verify ./out -r release.tar --prompt "human: Hi\\n\\nadept:" --ids 71013,1,2
+    """
+    from persimmon_tools.prompts import parse_ids, read_prompts_file
+    from persimmon_tools.verify import VerifyOptions, check_passed, verify
+    from persimmon_tools.verify_report import render_table, write_report
+
+    texts = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+    options = VerifyOptions(
+        device=device,
+        dtype=dtype,
+        rotary=rotary,
+        prompts=tuple(texts),
+        ids=tuple(parse_ids(s) for s in ids),
+        default_prompts=not no_default_prompts,
+        loader=loader,
+        iteration=iteration,
+        vocab=vocab,
+        hash_source=not no_source_hash,
+        check_weights=check_weights,
+    )
+    show = not is_quiet() and sys.stderr.isatty()
+    report = verify(
+        out_dir,
+        reference,
+        options,
+        progress=(lambda s: click.echo(f"  {s}", err=True)) if show else (lambda s: None),
+    )
+    if json_path is not None and str(json_path) == "-":
+        click.echo(report.to_json(), nl=False)
+    else:
+        if json_path is not None:
+            write_report(report, json_path)
+        if not is_quiet() or not report.passed:
+            click.echo(render_table(report))
+    check_passed(report)
+
+
+COMMANDS = [verify_cmd]
