@@ -200,6 +200,7 @@ def main() -> None:
                 "cpu",
                 "--ids",
                 ids,
+                "--no-default-prompts",
                 "--json",
                 str(work / f"verify_{a.preset}.json"),
             ]
