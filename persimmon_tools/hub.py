@@ -15,11 +15,9 @@ Each Hub call is retried with bounded exponential backoff on 5xx, 408, 429, time
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,52 +37,14 @@ from persimmon_tools.fingerprint import (
     fingerprint_mismatches,
 )
 from persimmon_tools.hub_errors import Retry, signals_raise_interrupt
+from persimmon_tools.hub_plan import LocalFile, PlannedFile, PushPlan, compare_with_remote, local_files
 from persimmon_tools.model_card import build_model_card, detect_variant, folder_digest, read_record
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CARD_MODES = ("keep", "replace")
-_LFS_PATTERNS = ("*.safetensors", "*.bin", "*.model", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.npz")
-_REGULAR_MAX = 10 * 1024 * 1024  # the Hub stores files of 10 MiB or more with LFS
 _PATHS_PER_REQUEST = 50
-
-
-@dataclass(frozen=True)
-class PlannedFile:
-    """One file of a push: path in the repo, size, sha256, LFS or not, and whether the remote has it."""
-
-    path: str
-    size: int
-    sha256: str
-    lfs: bool
-    remote_identical: bool
-
-
-@dataclass(frozen=True)
-class PushPlan:
-    """What a push does (or did): the target, every file, the card."""
-
-    repo_id: str
-    repo_url: str
-    revision: str
-    create_pr: bool
-    private: bool | None
-    repo_exists: bool
-    revision_exists: bool
-    verified: bool
-    card_source: str  # "generated", or "kept" (the README.md already in the folder)
-    card: str
-    commit_message: str
-    files: tuple[PlannedFile, ...]
-
-    @property
-    def to_upload(self) -> tuple[PlannedFile, ...]:
-        return tuple(f for f in self.files if not f.remote_identical)
-
-    @property
-    def skipped(self) -> tuple[PlannedFile, ...]:
-        return tuple(f for f in self.files if f.remote_identical)
 
 
 @dataclass(frozen=True)
@@ -99,14 +59,6 @@ class PushResult:
     card: str
     plan: PushPlan
     dry_run: bool
-
-
-@dataclass(frozen=True)
-class _Local:
-    path: str
-    source: Path | bytes
-    size: int
-    sha256: str
 
 
 def check_verification(folder: Path) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
@@ -226,7 +178,7 @@ def _push(
     verified = not problems
     files = recorded if recorded is not None else fingerprint_folder(folder)
     card_text, card_source = _card(folder, repo_id, license, card, verified, problems, files)
-    local = _local_files(folder, files, card_text)
+    local = local_files(folder, files, card_text)
     target = revision or constants.DEFAULT_REVISION
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token, library_name="persimmon-tools", library_version=__version__)
@@ -251,12 +203,12 @@ def _push(
             paths = [f.path for f in local[i : i + _PATHS_PER_REQUEST]]
             entries = call("list the files on the Hub", lambda p=paths: _paths_info(api, repo_id, p, rev))
             found.update({e.path: e for e in entries if hasattr(e, "blob_id")})  # files, not folders
-        return _planned(local, found)
+        return compare_with_remote(local, found)
 
     if dry_run:
         exists = call("look up the repository", lambda: api.repo_exists(repo_id))
         rev_exists = exists and call("look up the revision", lambda: api.revision_exists(repo_id, target))
-        planned = remote_plan(target if rev_exists else "main") if exists else _planned(local, {})
+        planned = remote_plan(target if rev_exists else "main") if exists else compare_with_remote(local, {})
         plan = replace(plan, repo_exists=exists, revision_exists=rev_exists, files=planned)
         return PushResult(
             plan.repo_url, None, None, (), tuple(f.path for f in plan.skipped), card_text, plan, True
@@ -366,15 +318,6 @@ def _card(
     return str(card), "generated"
 
 
-def _local_files(folder: Path, files: dict[str, dict[str, Any]], card_text: str) -> list[_Local]:
-    out = [_Local(rel, folder / rel, int(v["size"]), str(v["sha256"])) for rel, v in sorted(files.items())]
-    extra = {MODEL_CARD_FILE: card_text.encode("utf-8")}
-    if (folder / VERIFICATION_FILE).is_file():  # sent from memory: what was checked is what is sent
-        extra[VERIFICATION_FILE] = (folder / VERIFICATION_FILE).read_bytes()
-    out += [_Local(p, data, len(data), hashlib.sha256(data).hexdigest()) for p, data in sorted(extra.items())]
-    return out
-
-
 def _default_message(folder: Path, verified: bool) -> str:
     variant = detect_variant(read_record(folder, CONVERSION_FILE), read_record(folder, VERIFICATION_FILE))
     name = {"base": "Persimmon-8B base", "chat": "Persimmon-8B chat"}.get(variant, "Persimmon-8B")
@@ -399,48 +342,7 @@ def _paths_info(api: HfApi, repo_id: str, paths: list[str], revision: str) -> li
         raise
 
 
-def _git_blob_oid(source: Path | bytes, size: int) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % size)
-    if isinstance(source, bytes):
-        digest.update(source)
-    else:
-        with open(source, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _head(source: Path | bytes, n: int = 512) -> bytes:
-    if isinstance(source, bytes):
-        return source[:n]
-    with open(source, "rb") as fh:
-        return fh.read(n)
-
-
-def _planned(local: list[_Local], remote: dict[str, Any]) -> tuple[PlannedFile, ...]:
-    """Compare with the remote ``RepoFile`` entries; new files get the Hub's LFS rule (pattern, size, binary)."""
-    out = []
-    for f in local:
-        r = remote.get(f.path)
-        if r is None:
-            name = f.path.rsplit("/", 1)[-1]
-            lfs = (
-                any(fnmatch(name, p) for p in _LFS_PATTERNS)
-                or f.size >= _REGULAR_MAX
-                or b"\0" in _head(f.source)
-            )
-            out.append(PlannedFile(f.path, f.size, f.sha256, lfs, False))
-        elif r.lfs is not None:
-            out.append(
-                PlannedFile(f.path, f.size, f.sha256, True, r.lfs.sha256 == f.sha256 and r.size == f.size)
-            )
-        else:
-            same = r.size == f.size and r.blob_id == _git_blob_oid(f.source, f.size)
-            out.append(PlannedFile(f.path, f.size, f.sha256, False, same))
-    return tuple(out)
-
-
-def _operation(f: _Local) -> CommitOperationAdd:
+def _operation(f: LocalFile) -> CommitOperationAdd:
     op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.source)
     if not isinstance(f.source, bytes):
         op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed when checking the folder; do not hash twice
