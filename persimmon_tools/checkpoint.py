@@ -134,11 +134,36 @@ class Checkpoint:
         return self.tensors[key].materialize()
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, LazyTensor], odd: list[str]) -> None:
+_MAX_DEPTH = 16  # ckpt["model"] nests 4 deep (spec §B.2)
+
+
+def _flatten(
+    obj: Any,
+    prefix: str,
+    out: dict[str, LazyTensor],
+    odd: list[str],
+    origin: str,
+    seen: set[int],
+    depth: int = 0,
+) -> None:
+    """Flatten nested dicts with dotted keys. A pickle can build self-referencing or shared dicts (which
+    would recurse forever or blow up exponentially) and keys that collide once dotted: all refused."""
     if isinstance(obj, dict):
+        if id(obj) in seen or depth > _MAX_DEPTH:
+            raise CheckpointError(
+                f"{origin}: the model dict is not a tree (at {prefix or 'model'}: a dict that contains "
+                f"itself, appears twice, or nests deeper than {_MAX_DEPTH} levels)",
+                hint="the file is corrupt or was tampered with",
+            )
+        seen.add(id(obj))
         for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, odd)
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, odd, origin, seen, depth + 1)
     elif isinstance(obj, LazyTensor):
+        if prefix in out:
+            raise CheckpointError(
+                f"{origin}: the tensor name {prefix} occurs twice in the model dict",
+                hint="the file is corrupt or was tampered with",
+            )
         out[prefix] = obj
     elif obj is not None:
         odd.append(f"{prefix} ({type(obj).__name__})")
@@ -154,7 +179,7 @@ def _model_dict(loaded: LoadedCheckpoint) -> tuple[dict[str, LazyTensor], list[s
         )
     flat: dict[str, LazyTensor] = {}
     odd: list[str] = []
-    _flatten(obj["model"], "", flat, odd)
+    _flatten(obj["model"], "", flat, odd, loaded.source.name, set())
     return flat, odd
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,7 +100,7 @@ def arg(args: Any, name: str) -> Any:
 def _not_persimmon(ckpt: Checkpoint, why: str) -> ConfigError:
     families = sorted(
         {
-            ".".join(k.replace("language_model.encoder.layers.", "layers.N.").split(".")[:4])
+            ".".join(re.sub(r"^language_model\.encoder\.layers\.\d+\.", "layers.N.", k).split(".")[:4])
             for k in ckpt.tensors
         }
     )
@@ -129,6 +130,63 @@ def check_inv_freq(inv_freq: torch.Tensor, base: float, rotary_dim: int) -> bool
     return rel <= tol
 
 
+#: ``args`` fields derive_dims reads as numbers: name -> (integer?, lowest, highest); floats must be > lowest.
+_NUMERIC_ARGS: dict[str, tuple[bool, float, float]] = {
+    **{
+        name: (True, 1, 2**53)
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "padded_vocab_size",
+            "kv_channels",
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "max_position_embeddings",
+            "seq_length",
+        )
+    },
+    "rotary_pct": (False, 0.0, 1.0),
+    "rotary_emb_base": (False, 0.0, math.inf),
+    "layernorm_epsilon": (False, 0.0, math.inf),
+}
+#: Tensors derive_dims reads shapes from, and the rank each must have.
+_RANKS = {
+    EMBED: 2,
+    HEAD: 2,
+    _LAYER0 + "self_attention.query_key_value.weight": 2,
+    _LAYER0 + "self_attention.q_layernorm.weight": 1,
+    _LAYER0 + "mlp.dense_h_to_4h.weight": 2,
+    _LAYER0 + "self_attention.rotary_emb.inv_freq": 1,
+}
+
+
+def _input_problems(ckpt: Checkpoint) -> list[str]:
+    """Args that are not numbers in range, and shape-defining tensors of the wrong rank (a corrupt or
+    hostile pickle can hold anything); checked before any of them is used in arithmetic."""
+    problems = []
+    for name, (integer, low, high) in _NUMERIC_ARGS.items():
+        value = arg(ckpt.args, name)
+        if value is None:
+            continue
+        if integer:
+            ok = type(value) is int and low <= value <= high
+            need = "a positive integer"
+        else:
+            finite = type(value) is int or (type(value) is float and math.isfinite(value))
+            ok = finite and low < value <= high
+            need = f"a number in ({low:g}, {high:g}]"
+        if not ok:
+            huge = type(value) is int and abs(value) > 2**64
+            shown = f"<{value.bit_length()}-bit integer>" if huge else str(value)[:60]
+            problems.append(f"args.{name} = {shown} ({type(value).__name__}), expected {need}")
+    for key, rank in _RANKS.items():
+        if key in ckpt.tensors and len(ckpt.tensors[key].shape) != rank:
+            problems.append(f"{key} has shape {list(ckpt.tensors[key].shape)}, expected {rank}-D")
+    return problems
+
+
 def derive_dims(ckpt: Checkpoint) -> ModelDims:
     """Dimensions from shapes, cross-checked with ``ckpt.args``; raises ConfigError listing every problem."""
     t, args = ckpt.tensors, ckpt.args
@@ -138,7 +196,25 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
         raise _not_persimmon(ckpt, f"no {EMBED} or layer-0 fused query_key_value")
     if (_LAYER0 + "self_attention.q_layernorm.weight") not in t:
         raise _not_persimmon(ckpt, "layer 0 has no self_attention.q_layernorm (QK-layernorm)")
-    problems: list[str] = []
+    problems = _input_problems(ckpt)
+    if problems:
+        raise ConfigError(
+            "the checkpoint's args or tensors are malformed:\n  - " + "\n  - ".join(problems),
+            hint="the checkpoint is damaged or was tampered with; `persimmon-tools inspect` shows both",
+        )
+    wrong = [
+        f"args.{name} = {value} but {found} {what} found"
+        for name, found, what in (
+            ("tensor_model_parallel_size", ckpt.release.tp, "tensor-parallel rank(s) (mp_rank_XX) were"),
+            ("pipeline_model_parallel_size", ckpt.release.pp, "pipeline stage(s) (mp_rank_XX_YYY) were"),
+        )
+        if (value := arg(args, name)) is not None and value != found
+    ]
+    if wrong:  # extra or missing shards: every shape below would disagree too; say the cause once
+        raise ConfigError(
+            f"{ckpt.release.source}: the shard grid does not match the checkpoint's args ({'; '.join(wrong)})",
+            hint="remove extra mp_rank_* folders, copy missing ones, or pass one complete iteration",
+        )
     vocab, hidden = t[EMBED].shape
     layer_ids = sorted({i for k in t if (i := layer_index(k)) is not None})
     num_layers = len(layer_ids)
@@ -168,8 +244,6 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
     cross("ffn_hidden_size", ffn, "mlp.dense_h_to_4h rows")
     cross("padded_vocab_size", vocab, "the embedding rows")
     cross("kv_channels", head_dim, "the q_layernorm size (head_dim)")
-    cross("tensor_model_parallel_size", ckpt.release.tp, "the number of mp_rank_XX shards found")
-    cross("pipeline_model_parallel_size", ckpt.release.pp, "the number of pipeline stages found")
     if arg(args, "apply_residual_connection_post_layernorm"):
         problems.append("args.apply_residual_connection_post_layernorm = True; HF Persimmon is pre-LN only")
     pos_emb = arg(args, "pos_emb")

@@ -92,6 +92,13 @@ class LazyTensor:
                     f"of {storage.numel} elements",
                     hint="the checkpoint is corrupt or was tampered with",
                 )
+            if numel > storage.numel - offset:  # zero or overlapping strides: reading it would amplify
+                raise CheckpointError(
+                    f"{storage.origin}: tensor view (shape {list(shape)}, stride {list(stride)}) has {numel} "
+                    f"elements but its storage holds {storage.numel - offset} from offset {offset}",
+                    hint="model weights are never stored as overlapping views; the checkpoint is corrupt or was "
+                    "tampered with",
+                )
         return cls(storage, offset, tuple(shape), tuple(stride))
 
     @property

@@ -17,6 +17,8 @@ from persimmon_tools.errors import MappingError
 from persimmon_tools.mapping import RULES, Rule
 
 _MAX_LISTED = 20
+#: dtypes a model weight can have (a damaged or hostile pickle can name int, bool or complex storages).
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ def plan_conversion(
             reported.add(target)
         if tuple(merged.shape) != expected:
             problems.append(f"{key}: shape {list(merged.shape)}, expected {list(expected)}")
+            continue
+        if merged.dtype not in _WEIGHT_DTYPES:
+            problems.append(f"{key}: dtype {str(merged.dtype).removeprefix('torch.')} is not a weight dtype")
             continue
         if target is None:
             continue  # dropped on purpose (inv_freq)

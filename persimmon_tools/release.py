@@ -78,14 +78,27 @@ def _tar_tree(path: Path) -> dict[str, ByteSource]:
     try:
         with tf:
             for member in tf:
-                name = PurePosixPath(member.name.lstrip("./") or member.name).as_posix()
-                if not member.isreg():
+                name = _member_name(path, member)
+                if not member.isreg() or member.issparse():
+                    if member.isdir():
+                        continue
+                    if _is_release_file(name):
+                        raise ReleaseError(
+                            f"{path}: member {member.name!r} is a {_member_kind(member)}, not a regular file; "
+                            "refusing to read it",
+                            hint="a genuine release holds regular files only; download it again",
+                        )
+                    log.debug("ignoring %s member %s", _member_kind(member), member.name)
                     continue
                 if member.offset_data + member.size > tar_size:
                     raise ReleaseError(
                         f"{path}: member {member.name} runs past the end of the file "
                         f"({member.offset_data + member.size} > {tar_size} bytes)",
                         hint="the tarball is truncated; download it again (and check its md5)",
+                    )
+                if name in tree and _is_release_file(name):
+                    raise ReleaseError(
+                        f"{path}: member {name} appears twice", hint="the archive is not a genuine release"
                     )
                 tree[name] = ByteSource(path, member.offset_data, member.size, f"{path}:{name}")
     except tarfile.TarError as err:
@@ -94,6 +107,38 @@ def _tar_tree(path: Path) -> dict[str, ByteSource]:
             hint="the tarball is truncated or corrupt; download it again (and check its md5)",
         ) from err
     return tree
+
+
+def _member_name(path: Path, member: tarfile.TarInfo) -> str:
+    """The member's name relative to the archive root; absolute names and ``..`` are refused (a genuine
+    release has neither, and ``unpack`` would refuse to extract them)."""
+    raw = member.name
+    parts = PurePosixPath(raw).parts
+    if raw.startswith(("/", "\\")) or ".." in parts or "\\" in raw or "\0" in raw:
+        raise ReleaseError(
+            f"{path}: member {raw!r} points outside the archive (absolute path or '..')",
+            hint="the archive is not a genuine release; nothing was read from it",
+        )
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"symlink (to {member.linkname!r})"
+    if member.islnk():
+        return f"hard link (to {member.linkname!r})"
+    if member.issparse():
+        return "sparse file"
+    if member.ischr() or member.isblk():
+        return "device file"
+    if member.isfifo():
+        return "FIFO"
+    return f"tar member of type {member.type!r}"
+
+
+def _is_release_file(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base in (*SHARD_FILES, TRACKER, VOCAB)
 
 
 def _folder_tree(path: Path, max_depth: int = 4) -> dict[str, ByteSource]:
@@ -208,6 +253,11 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
     source = Path(source)
     if not source.exists():
         raise ReleaseError(f"{source} does not exist", hint="check the path")
+    if not source.is_dir() and not source.is_file():
+        raise ReleaseError(
+            f"{source} is not a regular file or folder (a device, FIFO or socket)",
+            hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt",
+        )
     if source.is_dir():
         kind = "iteration" if re.fullmatch(r"iter_\d+", source.name) else "folder"
         tree = _folder_tree(source)

@@ -143,7 +143,7 @@ def write_tokenizer(
         out_dir / "tokenizer_config.json",
         out_dir / "special_tokens_map.json",
     ]
-    tok.save(str(written[0]))
+    written[0].write_text(tok.to_str(), encoding="utf-8")  # tok.save() hides ENOSPC in a bare Exception
     written[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     written[2].write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     model_copy = out_dir / "tokenizer.model"

@@ -73,7 +73,14 @@ def build_normalizer(info: SpmInfo):
     if early:
         steps.append(n.Prepend(space))
     if info.charsmap:
-        steps.append(n.Precompiled(info.charsmap))
+        try:
+            steps.append(n.Precompiled(info.charsmap))
+        except Exception as err:  # tokenizers raises a bare Exception("Cannot parse precompiled_charsmap")
+            raise TokenizerError(
+                f"the model's normalizer charsmap cannot be loaded by tokenizers ({err})",
+                hint="the model file is corrupt (SentencePiece tolerates a charsmap with non-UTF-8 strings, "
+                "tokenizers does not); re-extract adept_vocab.model from the release",
+            ) from err
     if info.remove_extra_whitespaces:
         lead = rf"(?<=\A{re.escape(space)}) +" if early else r"\A +"
         steps.append(n.Replace(_rx(lead), ""))

@@ -108,6 +108,13 @@ def read_spm(sp_model: Path) -> SpmInfo:
     proto = read_proto(sp_model)
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     pieces = [p.piece for p in proto.pieces]
+    bad = [i for i, p in enumerate(pieces) if not isinstance(p, str)]  # protobuf keeps non-UTF-8 as bytes
+    if bad:
+        raise TokenizerError(
+            f"{sp_model}: piece {bad[0]} ({pieces[bad[0]]!r}) is not valid UTF-8"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+            hint="the model file is corrupt; re-extract adept_vocab.model from the release",
+        )
     types = [p.type for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     unk = [i for i, t in enumerate(types) if t == UNKNOWN]

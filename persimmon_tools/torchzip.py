@@ -22,7 +22,9 @@ from persimmon_tools.lazy import StorageRef, itemsize
 from persimmon_tools.unpickle import restricted_loads
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch's legacy magic number
-_MAX_PICKLE = 512 << 20
+#: Largest data.pkl we unpickle. Real ones are ~150 kB for 8B (tensors live in records, not in the pickle);
+#: every pickle byte can create a Python object (EMPTY_LIST + APPEND), so this bounds memory to a few GB.
+_MAX_PICKLE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ def _record_offsets(zf: zipfile.ZipFile, src: ByteSource, fh) -> dict[str, tuple
             raise CheckpointError(
                 f"{src.name}: record {info.filename} is compressed; torch never does that",
                 hint="the file is not an unmodified torch.save checkpoint",
+            )
+        if not 0 <= info.header_offset <= src.size - 30:
+            raise CheckpointError(
+                f"{src.name}: zip record {info.filename} points outside the file (local header at byte "
+                f"{info.header_offset}, file is {src.size} bytes)",
+                hint="the file is truncated or corrupt; download it again",
             )
         fh.seek(info.header_offset)
         header = fh.read(30)
@@ -91,7 +99,8 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
         fh.seek(0)
         try:
             zf = zipfile.ZipFile(fh)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error) as err:
+            # NotImplementedError: zipfile refuses a corrupt "version needed" field ("zip file version 14.7")
             raise CheckpointError(
                 f"{src.name} is not a readable zip checkpoint ({err})",
                 hint="the file is truncated or corrupt; download it again",

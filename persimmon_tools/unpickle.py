@@ -11,7 +11,14 @@ code (or anything else a hostile file names). Here every global goes through :me
   record their name and arguments;
 - a handful of plain containers and dtypes are allowed as themselves;
 - anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ``torch`` internals other than
-  tensor rebuilds, ...) raises :class:`UnsafeCheckpointError` naming the global, before it is called.
+  tensor rebuilds, ...) raises :class:`UnsafeCheckpointError` naming the global, before it is called;
+- ``BUILD`` (``__setstate__`` / ``__dict__`` update) is only allowed on stand-ins, ``argparse.Namespace`` and
+  ``OrderedDict``: a pickle must not rewrite the fields of a validated tensor view or storage reference
+  (e.g. point a tensor at ``/etc/passwd``).
+
+The pure-Python unpickler is used, not the C one: the C unpickler sizes its memo table by the largest
+``LONG_BINPUT`` index, so a 4-byte index in a corrupt file makes it allocate and zero tens of GB. A
+checkpoint's ``data.pkl`` is small (about 150 kB for 8B), so the speed difference does not matter.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import collections
 import io
 import pickle
+import struct
 from typing import Any
 
 import torch
@@ -183,8 +191,14 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+#: Objects a pickle may ``BUILD`` (set state on); everything else it built must stay as constructed.
+_BUILDABLE = (Opaque, argparse.Namespace, collections.OrderedDict)
+
+
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure Python: see module doc
     """Unpickles a checkpoint's ``data.pkl`` with the allowlist above; storages become lazy references."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, data: bytes, origin: str, storage_resolver: Any) -> None:
         super().__init__(io.BytesIO(data))
@@ -224,6 +238,19 @@ class RestrictedUnpickler(pickle.Unpickler):
             )
         return self._resolve(str(key), storage_type.dtype, int(numel))
 
+    def load_build(self) -> None:
+        inst = self.stack[-2] if len(self.stack) >= 2 else None
+        if not isinstance(inst, _BUILDABLE):
+            raise UnsafeCheckpointError(
+                f"{self.origin}: the pickle sets the state of a {type(inst).__name__}, which is not allowed; "
+                "nothing was executed",
+                hint="a genuine checkpoint only sets the state of argparse.Namespace and ADEPT objects; "
+                "the file is corrupt or was tampered with",
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
 
 def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[Any, dict[str, str]]:
     """Unpickle ``data``; returns the object and the globals it referenced (name -> treatment)."""
@@ -244,6 +271,7 @@ def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[A
         OverflowError,
         RecursionError,
         UnicodeDecodeError,
+        struct.error,
     ) as err:
         raise CheckpointError(
             f"{origin}: the pickle is corrupt or malformed ({type(err).__name__}: {str(err)[:120]})",

@@ -68,11 +68,20 @@ class ShardPlan:
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_size: int | str) -> ShardPlan:
-    """Group tensors into ``model-0000k-of-0000n.safetensors`` files with huggingface_hub's helper."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    """Group tensors into ``model-0000k-of-0000n.safetensors`` files with huggingface_hub's sharding helper.
 
-    metas = {p.target: torch.empty(p.shape, dtype=p.out_dtype, device="meta") for p in tensors}
-    split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+    The generic ``split_state_dict_into_shards_factory`` is used with the planned sizes: its torch variant
+    imports ``torch.distributed.tensor`` (0.5-1.4 s measured here, 5-13 % of an 8B conversion) to size
+    tensors we never materialise. File names and grouping are the same as ``save_pretrained``'s.
+    """
+    from huggingface_hub import constants, split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(
+        {p.target: p for p in tensors},
+        get_storage_size=lambda p: p.nbytes,
+        filename_pattern=constants.SAFETENSORS_WEIGHTS_FILE_PATTERN,
+        max_shard_size=max_shard_size,
+    )
     by_name = {p.target: p for p in tensors}
     files = {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
     return ShardPlan(files=files, is_sharded=split.is_sharded, total_size=sum(p.nbytes for p in tensors))
@@ -303,14 +312,29 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
         )
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(out_dir: Path) -> ConversionError:
+    return ConversionError(
+        f"no space left on the device while writing {out_dir} (nothing was kept)",
+        hint=f"free space on {out_dir.parent} (an 8B bf16 model needs about 19 GB) or choose another OUT_DIR",
+    )
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir`` by rename,
     on any error (or Ctrl-C) it is deleted and ``out_dir`` is left exactly as it was."""
     out_dir = Path(out_dir).absolute()
     check_output_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise _disk_full(out_dir) from err
+        raise
     try:
         yield tmp
         old = None
@@ -324,13 +348,21 @@ def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise ConversionError(
-                f"no space left on the device while writing {out_dir} (nothing was kept)",
-                hint=f"free space on {out_dir.parent} (an 8B bf16 model needs about 19 GB) or choose another OUT_DIR",
-            ) from err
+        _remove(tmp)
+        if err.errno in _DISK_FULL:
+            raise _disk_full(out_dir) from err
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: Path) -> None:
+    """Delete the temporary folder even if Ctrl-C is pressed again (or SIGTERM repeated) meanwhile: the
+    first interrupt is already being handled, and stopping half-way would leave a partial folder."""
+    while True:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
