@@ -21,21 +21,25 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (``preadv`` loops over short reads); a short file is an error."""
+    got, size = 0, view.nbytes
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise CheckpointError(
+                f"{origin}: unexpected end of file at byte {offset + got} (wanted {size} bytes at {offset})",
+                hint="the file is truncated; download it again",
+            )
+        got += n
+
+
 def pread_exact(path: Path, offset: int, size: int, origin: str) -> bytearray:
     """Read exactly ``size`` bytes at ``offset`` of ``path`` into a new bytearray."""
     buf = bytearray(size)
-    view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     try:
-        got = 0
-        while got < size:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                raise CheckpointError(
-                    f"{origin}: unexpected end of file at byte {offset + got} (wanted {size} bytes at {offset})",
-                    hint="the file is truncated; download it again",
-                )
-            got += n
+        preadv_exact(fd, memoryview(buf), offset, origin)
     finally:
         os.close(fd)
     return buf

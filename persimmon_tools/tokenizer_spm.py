@@ -154,43 +154,6 @@ def read_spm(sp_model: Path) -> SpmInfo:
     )
 
 
-def charsmap_entries(blob: bytes) -> dict[bytes, bytes]:
-    """All ``key -> value`` rules of a ``precompiled_charsmap`` (darts-clone double array + values).
-
-    Layout (normalizer.cc ``DecodePrecompiledCharsMap``): ``<u32 trie bytes><trie units><NUL-separated values>``.
-    """
-    if not blob:
-        return {}
-    if len(blob) < 4:
-        raise TokenizerError(
-            "precompiled_charsmap is broken (shorter than its header)", hint="re-train the model"
-        )
-    (size,) = struct.unpack_from("<I", blob, 0)
-    if size + 4 > len(blob) or size % 4:
-        raise TokenizerError("precompiled_charsmap is broken (trie size)", hint="re-train the model")
-    units = struct.unpack_from(f"<{size // 4}I", blob, 4)
-    values = blob[4 + size :]
-
-    def offset(u: int) -> int:
-        return (u >> 10) << ((u & (1 << 9)) >> 6)
-
-    out: dict[bytes, bytes] = {}
-    stack = [(offset(units[0]), b"")]
-    while stack:
-        pos, key = stack.pop()
-        for c in range(1, 256):
-            child = pos ^ c
-            if child >= len(units) or (units[child] & ((1 << 31) | 0xFF)) != c:
-                continue
-            nxt = child ^ offset(units[child])
-            k = key + bytes([c])
-            if (units[child] >> 8) & 1:
-                v = units[nxt] & ((1 << 31) - 1)
-                out[k] = values[v : values.index(b"\0", v)]
-            stack.append((nxt, k))
-    return out
-
-
 def _charsmap_parts(blob: bytes) -> tuple[tuple[int, ...], bytes]:
     if len(blob) < 4:
         raise TokenizerError(

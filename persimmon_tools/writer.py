@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from persimmon_tools.errors import ConversionError
+from persimmon_tools.lazy import preadv_exact
 from persimmon_tools.plan import PlannedTensor
 
 log = logging.getLogger(__name__)
@@ -172,15 +173,8 @@ class _CheckedCopier:
             fd = self.fds[src] = os.open(src, os.O_RDONLY)
         if len(self.buffers[slot]) < n:
             self.buffers[slot] = bytearray(n)
-        view, got = memoryview(self.buffers[slot])[:n], 0
-        while got < n:
-            k = os.preadv(fd, [view[got:]], off + got)
-            if k == 0:
-                raise ConversionError(
-                    f"{src}: unexpected end of file at byte {off + got}",
-                    hint="the source is truncated; download it again",
-                )
-            got += k
+        view = memoryview(self.buffers[slot])[:n]
+        preadv_exact(fd, view, off, str(src))
         return _count_nonfinite(torch.frombuffer(view, dtype=dtype)) if n else 0
 
     def copy(self, ranges: list, dtype: torch.dtype, name: str) -> int:
