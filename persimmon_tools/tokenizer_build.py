@@ -227,7 +227,7 @@ def build_model(info: SpmInfo):
         log.info(
             "%s: some pieces contain characters without a piece of their own; reserved pieces keep min_score "
             "so that <unk> scores exactly, and literal text equal to a CONTROL/BYTE piece may encode differently",
-            info.path,
+            Path(info.path).name,
         )
     vocab = unigram_vocab(info, hide_reserved=hide)
     return models.Unigram(vocab, unk_id=info.unk_id, byte_fallback=info.byte_fallback), None

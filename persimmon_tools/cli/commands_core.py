@@ -151,7 +151,7 @@ def convert_cmd(
     elif not is_quiet():
         click.echo(
             f"Converted {result.stats.tensors} tensors ({human_bytes(result.stats.bytes_written)}) to {out_dir} "
-            f"in {result.seconds:.1f} s, peak RSS {human_bytes(peak_rss_bytes())}.",
+            f"in {result.seconds:.2f} s, peak RSS {human_bytes(peak_rss_bytes())}.",
             err=True,
         )
 
