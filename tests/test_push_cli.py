@@ -138,6 +138,8 @@ def test_signal_during_upload_exits_cleanly_and_a_rerun_finishes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background jobs inherit SIGINT ignored; Ctrl-C semantics need the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert hub.lfs_upload_started.wait(timeout=30), "the push never reached the LFS upload"
