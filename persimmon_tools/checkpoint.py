@@ -89,6 +89,14 @@ class MergedTensor:
         if not shape:
             yield self.materialize()
             return
+        if not all(p.is_contiguous for p in self.parts):
+            # A strided view (never seen in Megatron checkpoints) cannot be read by row ranges: read it once
+            # (memory: this one tensor) instead of once per block.
+            whole = self.materialize()
+            step = max(1, max_bytes // max(1, whole[:1].numel() * whole.element_size()))
+            for start in range(0, shape[0], step):
+                yield whole[start : start + step]
+            return
         if self.concat_dim == 0:
             for part in self.parts:
                 yield from _part_rows(part, max_bytes)

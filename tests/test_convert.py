@@ -201,3 +201,34 @@ def test_output_dir_is_all_or_nothing(releases, tmp_path, monkeypatch):
     convert(releases["tar"], out, ConvertOptions(force=True))
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_strided_and_offset_views_from_torch_save_convert_exactly(tmp_path):
+    """Tensors saved by torch.save as views (storage offset, transposed strides) convert to the same values."""
+    rel = build_release(seed=0)
+    enc = rel.objects[(0, 0)]["model"]["language_model"]["encoder"]
+    w = logical_tensors(seed=0)["language_model.encoder.layers.1.mlp.dense_4h_to_h.weight"]  # [64, 256]
+    enc["layers.1.mlp.dense_4h_to_h.weight"] = w.t().contiguous().t()  # same values, column-major strides
+    big = torch.cat([torch.zeros(7, dtype=w.dtype), w.reshape(-1)])
+    enc["layers.2.mlp.dense_4h_to_h.weight"] = big[7:].view(64, 256)  # a view at a storage offset
+    folder = write_release_folder(rel, tmp_path / "rel")
+    # replace the .pt with one written by torch.save itself, which keeps views and strides as they are
+    from persimmon_tools.ptwriter import TensorSpec
+    from persimmon_tools.synth import _with_adept_module
+
+    def real(obj):
+        if isinstance(obj, TensorSpec):
+            return torch.cat(list(obj.blocks())).reshape(obj.shape)
+        if isinstance(obj, dict):
+            return type(obj)((k, real(v)) for k, v in obj.items())
+        if isinstance(obj, list):
+            return [real(v) for v in obj]
+        return obj
+
+    pt = folder / "iter_0001251" / "mp_rank_00" / "model_optim_rng.pt"
+    obj = real(rel.objects[(0, 0)])
+    _with_adept_module(lambda: torch.save(obj, pt))
+    convert(folder, tmp_path / "hf", ConvertOptions(max_shard_size="100KB"))
+    out = _load_folder(tmp_path / "hf")
+    assert torch.equal(out["model.layers.1.mlp.dense_4h_to_h.weight"], w)
+    assert torch.equal(out["model.layers.2.mlp.dense_4h_to_h.weight"], w)
