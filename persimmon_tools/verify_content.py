@@ -24,6 +24,11 @@ def _blocked_qkv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly equal, with NaN equal to NaN (a NaN copied from the checkpoint is a faithful copy)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 class ContentChecker:
     """Compares converted tensors with the checkpoint's by value (streamed in row blocks)."""
 
@@ -77,7 +82,7 @@ class ContentChecker:
         entry = self.conv.st.entry(name)
         if mt is None or tuple(mt.shape) != entry.shape:
             return False
-        return all(torch.equal(s.to(entry.dtype), c) for s, c in self._blocks(src_field, src_layer, name))
+        return all(_same(s.to(entry.dtype), c) for s, c in self._blocks(src_field, src_layer, name))
 
     # -- explaining
     def _equals_other(self, cand: tuple[str, int | None], field: str, layer: int | None) -> str:
@@ -107,15 +112,25 @@ class ContentChecker:
                 layer,
             )
         diff2 = ref2 = 0.0
-        max_abs, conv_zero, equal = 0.0, True, True
+        max_abs, conv_zero, equal, nonfinite = 0.0, True, True, 0
         for s, c in self._blocks(field, layer, name):
             s, c = s.to(entry.dtype).float(), c.float()
-            if not torch.equal(s, c):
+            nonfinite += int((~torch.isfinite(s)).sum())
+            if not _same(s, c):
                 equal = False
                 max_abs = max(max_abs, float((s - c).abs().max()))
                 diff2 += float(((s - c) ** 2).sum())
             ref2 += float((s**2).sum())
             conv_zero = conv_zero and not bool(c.any())
+        if equal and nonfinite:
+            return Finding(
+                "tensor",
+                where,
+                f"holds {nonfinite} NaN/Inf values, copied from the checkpoint's {key} "
+                "(converted with --allow-nonfinite): the model's outputs cannot be trusted",
+                part,
+                layer,
+            )
         if equal:
             return None
 

@@ -235,3 +235,22 @@ def test_more_broken_conversions(good, releases, tmp_path, case):
     assert not report.passed, case
     likely = report.diagnosis["most_likely"]
     assert likely["where"] == culprit and words in likely["message"], report.diagnosis["summary"]
+
+
+def test_nan_weights_copied_with_allow_nonfinite_are_named(tmp_path):
+    """A faithful copy of NaN weights is diagnosed as such, not as a layout mistake."""
+    import torch
+    from click.testing import CliRunner
+
+    from persimmon_tools.cli import main
+    from persimmon_tools.synth import build_release, write_release_folder
+
+    rel = build_release(seed=0)
+    bad = torch.ones(64, dtype=torch.bfloat16)
+    bad[:3] = float("nan")
+    rel.objects[(0, 0)]["model"]["language_model"]["encoder"]["layers.2.input_layernorm.weight"] = bad
+    folder = write_release_folder(rel, tmp_path / "rel")
+    result = CliRunner().invoke(main, ["convert", str(folder), str(tmp_path / "out"), "--allow-nonfinite"])
+    assert result.exit_code == 3, result.output
+    assert "model.layers.2.input_layernorm.weight: holds 3 NaN/Inf values" in result.stderr
+    assert "different order" not in result.stderr
