@@ -290,5 +290,13 @@ def build_fast_tokenizer(sp_model: Path, *, strict: bool = True):
     """
     info = read_spm(Path(sp_model))
     tok = build_from_info(info, strict=strict)
+    if info.charsmap:
+        log.warning(
+            "%s normalizes with a precompiled charsmap (e.g. nmt_nfkc). tokenizers applies it grapheme by "
+            "grapheme, SentencePiece by longest match: text with combining-mark sequences or half-width "
+            "kana + voicing marks may tokenize differently (see docs/tokenizer.md). Check your own text "
+            "with `persimmon-tools tokenizer --check MODEL CORPUS`.",
+            Path(sp_model).name,
+        )
     log.debug("built %s tokenizer from %s (%d pieces)", type(tok.model).__name__, sp_model, len(info.pieces))
     return tok
