@@ -22,6 +22,7 @@ decoder
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -273,6 +274,18 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
     return tok
 
 
+@functools.cache
+def _warn_charsmap(name: str) -> None:
+    """Once per model name and process: the charsmap caveat (see docs/tokenizer.md, class 1)."""
+    log.warning(
+        "%s normalizes with a precompiled charsmap (e.g. nmt_nfkc). tokenizers applies it grapheme by "
+        "grapheme, SentencePiece by longest match: text with combining-mark sequences or half-width "
+        "kana + voicing marks may tokenize differently (see docs/tokenizer.md). Check your own text "
+        "with `persimmon-tools tokenizer --check MODEL CORPUS`.",
+        name,
+    )
+
+
 def build_fast_tokenizer(sp_model: Path, *, strict: bool = True):
     """A ``tokenizers.Tokenizer`` that encodes and decodes like the SentencePiece model ``sp_model``.
 
@@ -291,12 +304,6 @@ def build_fast_tokenizer(sp_model: Path, *, strict: bool = True):
     info = read_spm(Path(sp_model))
     tok = build_from_info(info, strict=strict)
     if info.charsmap:
-        log.warning(
-            "%s normalizes with a precompiled charsmap (e.g. nmt_nfkc). tokenizers applies it grapheme by "
-            "grapheme, SentencePiece by longest match: text with combining-mark sequences or half-width "
-            "kana + voicing marks may tokenize differently (see docs/tokenizer.md). Check your own text "
-            "with `persimmon-tools tokenizer --check MODEL CORPUS`.",
-            Path(sp_model).name,
-        )
+        _warn_charsmap(Path(sp_model).name)
     log.debug("built %s tokenizer from %s (%d pieces)", type(tok.model).__name__, sp_model, len(info.pieces))
     return tok
