@@ -23,7 +23,7 @@ from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.fingerprint import CONVERSION_FILE
 from persimmon_tools.plan import PlannedTensor, plan_conversion
 from persimmon_tools.release import Release, open_release
-from persimmon_tools.spm import ENDOFTEXT, load_sp_bytes, piece_id
+from persimmon_tools.spm import ENDOFTEXT, eod_piece, load_sp_bytes
 from persimmon_tools.writer import (
     CHUNK_BYTES,
     ShardPlan,
@@ -139,8 +139,16 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
     special_id, vocab_bytes = None, None
     if release.vocab is not None:
         vocab_bytes = release.vocab.read_all()
-        special_id = piece_id(load_sp_bytes(vocab_bytes, release.vocab.name), ENDOFTEXT, release.vocab.name)
-        if special_id >= dims.vocab_size:
+        sp = load_sp_bytes(vocab_bytes, release.vocab.name)
+        if sp.get_piece_size() > dims.vocab_size:
+            raise ConversionError(
+                f"{release.vocab.name} has {sp.get_piece_size()} pieces but the checkpoint's embedding has only "
+                f"{dims.vocab_size} rows",
+                hint="the vocabulary does not belong to this checkpoint; pass the right --vocab",
+            )
+        special = eod_piece(sp, release.vocab.name)
+        special_id = special[1] if special else None
+        if special_id is not None and special_id >= dims.vocab_size:
             raise ConversionError(
                 f"{ENDOFTEXT} has id {special_id}, beyond the {dims.vocab_size} embedding rows",
                 hint="the vocabulary does not belong to this checkpoint; pass the right --vocab",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+
+log = logging.getLogger(__name__)
 
 ENDOFTEXT = "|ENDOFTEXT|"
 
@@ -27,6 +30,26 @@ def load_sp_bytes(data: bytes, origin: str):
 def load_sp(path: Path):
     """Load a SentencePiece model file (see :func:`load_sp_bytes`)."""
     return load_sp_bytes(Path(path).read_bytes(), str(path))
+
+
+def eod_piece(sp, origin: str) -> tuple[str, int] | None:
+    """ADEPT's end-of-document piece ``(piece, id)``, used as BOS and EOS: ``|ENDOFTEXT|`` when the vocabulary
+    has it, else the model's own EOS (ADEPT's ``_SentencePieceTokenizer`` falls back to ``eos_id()``, spec §G);
+    None when the model has neither."""
+    pid = sp.piece_to_id(ENDOFTEXT)
+    if sp.id_to_piece(pid) == ENDOFTEXT:
+        return ENDOFTEXT, pid
+    if sp.eos_id() >= 0:
+        log.warning(
+            "%s has no piece %r; using its EOS piece %r (id %d) as BOS/EOS, as ADEPT's code does",
+            origin,
+            ENDOFTEXT,
+            sp.id_to_piece(sp.eos_id()),
+            sp.eos_id(),
+        )
+        return sp.id_to_piece(sp.eos_id()), sp.eos_id()
+    log.warning("%s has neither %r nor an EOS piece; bos/eos ids are left unset", origin, ENDOFTEXT)
+    return None
 
 
 def piece_id(sp, piece: str, origin: str) -> int:

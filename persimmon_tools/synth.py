@@ -34,7 +34,7 @@ import torch
 
 from persimmon_tools.errors import UsageError
 from persimmon_tools.ptwriter import TarWriter, TensorSpec, write_pt
-from persimmon_tools.spm import ENDOFTEXT, load_sp_bytes, piece_id
+from persimmon_tools.spm import eod_piece, load_sp_bytes
 from persimmon_tools.synth_values import PRESETS, Preset, Values, logical_keys, shard_spec
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def build_release(
     p = replace(PRESETS[preset], **overrides)
     vocab_bytes = vocab_model if vocab_model is not None else bundled_vocab()
     sp = load_sp_bytes(vocab_bytes, "vocabulary model")
-    piece_id(sp, ENDOFTEXT, "vocabulary model")
+    eod_piece(sp, "vocabulary model")  # |ENDOFTEXT|, else the EOS piece (ADEPT's fallback); logs which
     multiple = 128 * 8  # make_vocab_size_divisible_by x TP, for any TP up to 8: same vocab for every layout
     vocab = p.vocab or -(-sp.get_piece_size() // multiple) * multiple
     if vocab < sp.get_piece_size() or vocab % tp or p.heads % tp or p.ffn % tp:

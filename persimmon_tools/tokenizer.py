@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.spm import ENDOFTEXT, load_sp
+from persimmon_tools.spm import eod_piece, load_sp
 from persimmon_tools.tokenizer_build import build_fast_tokenizer
 from persimmon_tools.tokenizer_check import ParityReport, check_parity
 from persimmon_tools.tokenizer_corpus import builtin_sample
@@ -50,17 +50,13 @@ def special_tokens(sp_model: Path) -> dict[str, tuple[str, int] | None]:
     """``bos``/``eos``/``unk`` as ``(piece, id)``: ``|ENDOFTEXT|`` from the vocabulary, else the model's own.
 
     ADEPT's code finds the end-of-document id by scanning the vocabulary for ``|ENDOFTEXT|`` and falls back to
-    ``eos_id()``; we do the same (and log a warning) so that other SentencePiece models still convert.
+    ``eos_id()``, and uses it as BOS too; we do the same (:func:`persimmon_tools.spm.eod_piece`, with a logged
+    warning) so that other SentencePiece models still convert, consistently with ``config.json``.
     """
     sp = load_sp(Path(sp_model))
     unk = (sp.id_to_piece(sp.unk_id()), sp.unk_id())
-    pid = sp.piece_to_id(ENDOFTEXT)
-    if sp.id_to_piece(pid) == ENDOFTEXT:
-        return {"bos": (ENDOFTEXT, pid), "eos": (ENDOFTEXT, pid), "unk": unk}
-    log.warning("%s has no piece %r; using the model's own BOS/EOS pieces", sp_model, ENDOFTEXT)
-    bos = (sp.id_to_piece(sp.bos_id()), sp.bos_id()) if sp.bos_id() >= 0 else None
-    eos = (sp.id_to_piece(sp.eos_id()), sp.eos_id()) if sp.eos_id() >= 0 else None
-    return {"bos": bos, "eos": eos, "unk": unk}
+    eod = eod_piece(sp, str(sp_model))  # the same piece config.json's bos/eos ids name
+    return {"bos": eod, "eos": eod, "unk": unk}
 
 
 def _post_processor(bos: tuple[str, int] | None, add_bos_token: bool):

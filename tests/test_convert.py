@@ -232,3 +232,26 @@ def test_strided_and_offset_views_from_torch_save_convert_exactly(tmp_path):
     out = _load_folder(tmp_path / "hf")
     assert torch.equal(out["model.layers.1.mlp.dense_4h_to_h.weight"], w)
     assert torch.equal(out["model.layers.2.mlp.dense_4h_to_h.weight"], w)
+
+
+def test_vocabulary_larger_than_the_embedding_is_refused_before_writing(releases, tmp_path):
+    import sentencepiece as spm
+
+    from persimmon_tools.synth import bundled_vocab
+
+    big = tmp_path / "big.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(
+            ["alpha beta gamma delta epsilon"] * 50 + [f"word{i} token{i}" for i in range(3000)]
+        ),
+        model_prefix=str(tmp_path / "big"),
+        vocab_size=1500,
+        model_type="unigram",
+        minloglevel=2,
+    )
+    assert big.stat().st_size > 0 and len(bundled_vocab()) > 0
+    with pytest.raises(
+        ConversionError, match="1500 pieces but the checkpoint's embedding has only 1024 rows"
+    ):
+        convert(releases["tar"], tmp_path / "out", ConvertOptions(vocab=big))
+    assert not (tmp_path / "out").exists()

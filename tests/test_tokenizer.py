@@ -262,10 +262,11 @@ def test_check_failure_writes_nothing(trained, tmp_path, monkeypatch):
     assert all(p.is_file() for p in written)
 
 
-def test_special_tokens_fall_back_to_model_bos_eos(trained, tmp_path):
+def test_special_tokens_fall_back_to_the_eos_piece_like_adept(trained, tmp_path):
+    """Without |ENDOFTEXT|, ADEPT's code uses eos_id() as end-of-document, which it also prepends as BOS."""
     write_tokenizer(trained["unigram_identity_bytefallback"], tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("</s>", "</s>", "<unk>")
 
 
 def test_inexpressible_options_raise(trained, tmp_path):
