@@ -30,3 +30,15 @@ def test_quick_start_uses_the_committed_fixture_and_ci_runs_the_readme_test_comm
     test_cmd = "pip install -c constraints.txt -e '.[test]' && python -m pytest -q"
     assert test_cmd in readme
     assert test_cmd in (REPO / ".ci" / "run").read_text()
+
+
+def test_package_import_is_light_and_exposes_the_public_api():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, persimmon_tools as p; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
+        "[getattr(p, n) for n in p.__all__]; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
