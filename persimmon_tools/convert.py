@@ -115,7 +115,7 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)
 
 
-def _output_dtype(name: str, ckpt: Checkpoint) -> torch.dtype | None:
+def _output_dtype(name: str) -> torch.dtype | None:
     if name not in DTYPES:
         raise UsageError(
             f"--dtype {name!r} is not one of {', '.join(DTYPES)}",
@@ -129,12 +129,11 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
     release = open_release(Path(source), iteration=options.iteration, vocab=options.vocab)
     ckpt = load_release_checkpoint(release)
     dims = derive_dims(ckpt)
-    out_dtype = _output_dtype(options.dtype, ckpt)
+    out_dtype = _output_dtype(options.dtype)
     tensors = plan_conversion(ckpt, dims, out_dtype)
     source_dtypes = {p.source.dtype for p in tensors}
-    written_dtype = out_dtype or (source_dtypes.pop() if len(source_dtypes) == 1 else None)
-    if written_dtype is None:
-        written_dtype = max({p.source.dtype for p in tensors}, key=lambda d: d.itemsize)
+    written_dtype = out_dtype or max(source_dtypes, key=lambda d: d.itemsize)
+    if out_dtype is None and len(source_dtypes) > 1:
         log.warning("the checkpoint mixes dtypes; config.json names %s", written_dtype)
     special_id, vocab_bytes = None, None
     if release.vocab is not None:

@@ -53,8 +53,9 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
         ],
     }
     try:
-        info["dims"] = derive_dims(ckpt).to_dict()
-        info["num_parameters"] = derive_dims(ckpt).num_parameters()
+        dims = derive_dims(ckpt)
+        info["dims"] = dims.to_dict()
+        info["num_parameters"] = dims.num_parameters()
     except PersimmonToolsError as err:
         info["dims_error"] = err.message
     return info

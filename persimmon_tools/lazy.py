@@ -17,10 +17,6 @@ import torch
 from persimmon_tools.errors import CheckpointError
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
     """Fill ``view`` from ``fd`` at ``offset`` (``preadv`` loops over short reads); a short file is an error."""
     got, size = 0, view.nbytes
@@ -58,7 +54,7 @@ class StorageRef:
 
     @property
     def numel(self) -> int:
-        return self.nbytes // itemsize(self.dtype)
+        return self.nbytes // self.dtype.itemsize
 
     def with_dtype(self, dtype: torch.dtype) -> StorageRef:
         return replace(self, dtype=dtype)
@@ -115,7 +111,7 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
+        return self.numel * self.dtype.itemsize
 
     @property
     def row_nbytes(self) -> int:
@@ -134,7 +130,7 @@ class LazyTensor:
     @property
     def byte_offset(self) -> int:
         """Absolute file offset of the first element (meaningful for contiguous views)."""
-        return self.storage.data_offset + self.offset * itemsize(self.dtype)
+        return self.storage.data_offset + self.offset * self.dtype.itemsize
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` along dim 0 as a fresh CPU tensor (0-d/1-d: elements)."""
@@ -156,13 +152,13 @@ class LazyTensor:
     def materialize(self) -> torch.Tensor:
         """The whole tensor as a CPU tensor."""
         if not self.shape:
-            buf = pread_exact(self.storage.path, self.byte_offset, itemsize(self.dtype), self.storage.origin)
+            buf = pread_exact(self.storage.path, self.byte_offset, self.dtype.itemsize, self.storage.origin)
             return torch.frombuffer(buf, dtype=self.dtype).reshape(())
         if self.is_contiguous:
             return self.read_rows(0, self.shape[0])
         span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
         buf = pread_exact(
-            self.storage.path, self.byte_offset, span * itemsize(self.dtype), self.storage.origin
+            self.storage.path, self.byte_offset, span * self.dtype.itemsize, self.storage.origin
         )
         flat = torch.frombuffer(buf, dtype=self.dtype)
         return torch.as_strided(flat, self.shape, self.stride).clone()

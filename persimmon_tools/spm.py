@@ -50,14 +50,3 @@ def eod_piece(sp, origin: str) -> tuple[str, int] | None:
         return sp.id_to_piece(sp.eos_id()), sp.eos_id()
     log.warning("%s has neither %r nor an EOS piece; bos/eos ids are left unset", origin, ENDOFTEXT)
     return None
-
-
-def piece_id(sp, piece: str, origin: str) -> int:
-    """Id of ``piece`` in the vocabulary, or a TokenizerError when it is not a piece of it."""
-    pid = sp.piece_to_id(piece)
-    if sp.id_to_piece(pid) != piece:
-        raise TokenizerError(
-            f"{origin} has no piece {piece!r} (it would encode as <unk>)",
-            hint=f"Persimmon uses {ENDOFTEXT!r} as BOS/EOS; pass the release's adept_vocab.model",
-        )
-    return pid

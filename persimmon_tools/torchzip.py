@@ -18,7 +18,7 @@ import torch
 
 from persimmon_tools.bytesource import ByteSource
 from persimmon_tools.errors import CheckpointError
-from persimmon_tools.lazy import StorageRef, itemsize
+from persimmon_tools.lazy import StorageRef
 from persimmon_tools.unpickle import restricted_loads
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch's legacy magic number
@@ -132,7 +132,7 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
             )
         offset, size = spans[name]
         dtype = dtype or torch.uint8
-        if numel * itemsize(dtype) > size:
+        if numel * dtype.itemsize > size:
             raise CheckpointError(
                 f"{src.name}: storage {key} claims {numel} x {dtype} but its record holds {size} bytes",
                 hint="the file is corrupt or was tampered with",

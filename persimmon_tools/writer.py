@@ -195,18 +195,16 @@ class _CheckedCopier:
                 pending.append(self.pool.submit(self._read_and_check, jobs[nxt], nxt % self._BUFFERS, dtype))
             if bad:
                 self.stats.nonfinite[name] = self.stats.nonfinite.get(name, 0) + bad
-            view = memoryview(self.buffers[i % self._BUFFERS])[: job[2]]
-            while view.nbytes:
-                view = view[os.write(self.out_fd, view) :]
+            _write_all(self.out_fd, memoryview(self.buffers[i % self._BUFFERS])[: job[2]])
             total += job[2]
             self.progress(job[2])
         return total
 
 
-def _write_all(out, view: memoryview) -> None:
+def _write_all(fd: int, view: memoryview) -> None:
+    """``os.write`` until every byte of ``view`` is written (writes may be short)."""
     while view.nbytes:
-        n = out.write(view)
-        view = view[n:]
+        view = view[os.write(fd, view) :]
 
 
 def _chunks(p: PlannedTensor, stats: WriteStats, check_finite: bool) -> Iterator[torch.Tensor]:
@@ -235,9 +233,8 @@ def write_shard(
     header = _header(tensors)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        copier = _CheckedCopier(fd, stats, progress)
-        with copier, os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
-            out.write(header)
+        with _CheckedCopier(fd, stats, progress) as copier:
+            _write_all(fd, memoryview(header))
             for p in tensors:
                 ranges = p.source.byte_ranges() if p.out_dtype == p.source.dtype else None
                 if ranges is not None and not check_finite:
@@ -251,7 +248,7 @@ def write_shard(
                     written = 0
                     for block in _chunks(p, stats, check_finite):
                         data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-                        _write_all(out, memoryview(data))
+                        _write_all(fd, memoryview(data))
                         written += data.nbytes
                         progress(data.nbytes)
                 if written != p.nbytes:
