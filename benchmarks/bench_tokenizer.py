@@ -3,9 +3,12 @@
 Side by side in one run: persimmon-tools' ``build_fast_tokenizer`` vs transformers' ``LlamaConverter``
 (conversion time and peak RSS, each in a fresh subprocess), then encode throughput of sentencepiece vs the
 fast tokenizer on the test corpus. The model is the real 42,782-piece model from ../shared/data padded with
-synthetic NORMAL pieces to 262,144 (or any model passed with --model).
+synthetic NORMAL pieces to 262,144 (or any model passed with --model). ``--nmt-nfkc`` gives the padded
+model SentencePiece's default ``nmt_nfkc`` normalizer (the charsmap of the bundled tiny vocabulary), which
+adds the exact charsmap pipeline to the fast tokenizer; its encode speed is then also shown with
+tokenizers' own, approximate ``Precompiled`` normalizer, and the parity of both on the corpus.
 
-    python benchmarks/bench_tokenizer.py [--model PATH] [--repeat 3]
+    python benchmarks/bench_tokenizer.py [--model PATH] [--nmt-nfkc] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ CORPUS = REPO / "tests" / "data" / "tokenizer_corpus.txt"
 TARGET = 262_144
 
 
-def make_big_model(src: Path, dst: Path, size: int = TARGET) -> Path:
+def make_big_model(src: Path, dst: Path, size: int = TARGET, *, nmt_nfkc: bool = False) -> Path:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(src.read_bytes())
+    if nmt_nfkc:
+        tiny = pb.ModelProto()
+        tiny.ParseFromString((REPO / "persimmon_tools" / "data" / "tiny_vocab.model").read_bytes())
+        proto.normalizer_spec.name = tiny.normalizer_spec.name
+        proto.normalizer_spec.precompiled_charsmap = tiny.normalizer_spec.precompiled_charsmap
     have = {p.piece for p in proto.pieces}
     chars = sorted({c for p in have for c in p if c.isprintable()})
     rng = random.Random(0)
@@ -85,6 +93,9 @@ def main() -> None:
     parser.add_argument(
         "--model", type=Path, help="SentencePiece model (default: the real one padded to 262,144)"
     )
+    parser.add_argument(
+        "--nmt-nfkc", action="store_true", help="give the padded model the nmt_nfkc normalizer"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     import sentencepiece as spm
@@ -92,9 +103,10 @@ def main() -> None:
     from persimmon_tools.tokenizer import build_fast_tokenizer, check_parity
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or make_big_model(REAL, Path(tmp) / "big.model")
+        model = args.model or make_big_model(REAL, Path(tmp) / "big.model", nmt_nfkc=args.nmt_nfkc)
         sp = spm.SentencePieceProcessor(model_file=str(model))
-        print(f"model: {model.name if args.model else 'real model padded'} ({sp.get_piece_size():,} pieces)")
+        name = model.name if args.model else "real model padded" + (", nmt_nfkc" if args.nmt_nfkc else "")
+        print(f"model: {name} ({sp.get_piece_size():,} pieces)")
         print(f"| converter | seconds (best of {args.repeat}) | peak RSS MB |")
         print("|---|---|---|")
         for kind in ("persimmon-tools", "transformers LlamaConverter"):
@@ -113,14 +125,45 @@ def main() -> None:
             "fast encode (loop)": lambda: [fast.encode(t, add_special_tokens=False) for t in texts],
             "fast encode_batch (2 threads)": lambda: fast.encode_batch(texts, add_special_tokens=False),
         }
+        approximate = _approximate(model)
+        if approximate is not None:
+            timings["fast encode (loop), tokenizers' Precompiled instead"] = lambda: [
+                approximate.encode(t, add_special_tokens=False) for t in texts
+            ]
         for name, fn in timings.items():
             best = min(_time(fn) for _ in range(args.repeat))
             print(f"| {name} | {best:.3f} | {len(texts) / best:,.0f} |")
-        report = check_parity(model, texts[: len(texts) // 200])
+        sample = texts[: len(texts) // 200]
+        report = check_parity(model, sample)
         print(
-            f"\nparity on the corpus: {report.encode_mismatches} encode, {report.decode_mismatches} decode mismatches"
+            f"\nparity on the corpus ({len(sample)} texts): {report.encode_mismatches} encode, "
+            f"{report.decode_mismatches} decode mismatches"
         )
+        if approximate is not None:
+            wrong = sum(approximate.encode(t, add_special_tokens=False).ids != sp.encode(t) for t in sample)
+            print(f"with tokenizers' Precompiled normalizer instead: {wrong} encode mismatches")
         print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def _approximate(model: Path):
+    """The fast tokenizer with tokenizers' own grapheme-wise Precompiled normalizer (None: no charsmap)."""
+    from tokenizers import normalizers
+
+    import persimmon_tools.tokenizer_build as build
+    from persimmon_tools.tokenizer_spm import read_spm
+
+    if not read_spm(model).charsmap:
+        return None
+
+    def _precompiled_only(blob, users, dummy=""):  # the pre-exact pipeline: dummy prefix after the charsmap
+        return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
+
+    exact = build.exact_charsmap_steps
+    build.exact_charsmap_steps = _precompiled_only
+    try:
+        return build.build_fast_tokenizer(model)
+    finally:
+        build.exact_charsmap_steps = exact
 
 
 def _time(fn) -> float:

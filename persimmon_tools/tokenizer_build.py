@@ -4,8 +4,10 @@ Pipeline (no pre-tokenizer for Unigram: SentencePiece runs one lattice over the 
 
 normalizer
   1. ``Prepend("▁")`` for ``add_dummy_prefix`` (before the charsmap, so that text which normalizes to nothing
-     still gets the dummy prefix, as in SentencePiece; ``▁`` is never a charsmap key, which is checked);
-  2. ``Precompiled(charsmap)`` when the model has one (``nmt_nfkc``, ``nfkc``, custom rules);
+     still gets the dummy prefix, as in SentencePiece; when the charsmap rewrites ``▁`` the charsmap steps
+     carry it past themselves);
+  2. the charsmap, exactly as SentencePiece applies it (longest match), when the model has one
+     (``nmt_nfkc``, ``nfkc``, custom rules): :mod:`persimmon_tools.tokenizer_charsmap`;
   3. ``remove_extra_whitespaces``: drop spaces after the dummy prefix / at the start, collapse runs of ``' '``;
   4. ``escape_whitespaces``: ``' '`` → ``▁``;
   5. ``remove_extra_whitespaces``: drop trailing ``▁`` (SentencePiece strips them after escaping, literal ``▁``
@@ -22,18 +24,19 @@ decoder
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+from persimmon_tools.tokenizer_charsmap import exact_charsmap_steps
 from persimmon_tools.tokenizer_spm import (
     BPE,
     BYTE,
     CONTROL,
     NORMAL,
     SPACE,
+    UNIGRAM,
     UNKNOWN,
     UNUSED,
     USER_DEFINED,
@@ -60,28 +63,24 @@ def _alternation(strings: list[str]) -> str:
     return "|".join(re.escape(s) for s in sorted(set(strings), key=lambda s: (-len(s), s)))
 
 
-def build_normalizer(info: SpmInfo):
+def build_normalizer(info: SpmInfo, *, strict: bool = True):
     """The normalizer sequence described in the module docstring."""
     from tokenizers import normalizers as n
 
     space = SPACE if info.escape_whitespaces else " "
     dummy = info.add_dummy_prefix and not info.treat_whitespace_as_suffix
-    # nmt_nfkc maps "▁" itself to " "; then the dummy prefix must come after the charsmap (the only
-    # difference: a non-empty text that normalizes to nothing gets no "▁" when remove_extra_whitespaces
-    # is off).
-    early = dummy and not charsmap_has_prefix(info.charsmap, space.encode())
+    # nmt_nfkc maps "▁" itself to " ": then the exact charsmap steps carry the dummy prefix past the
+    # charsmap themselves; only the approximate fallback prepends it afterwards (then a non-empty text
+    # that normalizes to nothing gets no "▁" when remove_extra_whitespaces is off).
+    mapped = charsmap_has_prefix(info.charsmap, space.encode())
+    early = dummy and not mapped
     steps = []
     if early:
         steps.append(n.Prepend(space))
     if info.charsmap:
-        try:
-            steps.append(n.Precompiled(info.charsmap))
-        except Exception as err:  # tokenizers raises a bare Exception("Cannot parse precompiled_charsmap")
-            raise TokenizerError(
-                f"the model's normalizer charsmap cannot be loaded by tokenizers ({err})",
-                hint="the model file is corrupt (SentencePiece tolerates a charsmap with non-UTF-8 strings, "
-                "tokenizers does not); re-extract adept_vocab.model from the release",
-            ) from err
+        charsmap, carried = _charsmap_steps(info, strict=strict, dummy=space if dummy and mapped else "")
+        steps.extend(charsmap)
+        early = early or carried
     if info.remove_extra_whitespaces:
         lead = rf"(?<=\A{re.escape(space)}) +" if early else r"\A +"
         steps.append(n.Replace(_rx(lead), ""))
@@ -95,6 +94,33 @@ def build_normalizer(info: SpmInfo):
     if info.add_dummy_prefix and info.treat_whitespace_as_suffix:
         steps.append(n.Replace(_rx(r"\z"), space))
     return n.Sequence(steps)
+
+
+def _charsmap_steps(info: SpmInfo, *, strict: bool, dummy: str) -> tuple[list, bool]:
+    """SentencePiece's longest-match charsmap (:mod:`persimmon_tools.tokenizer_charsmap`), or with
+    ``strict=False`` tokenizers' approximate grapheme-wise ``Precompiled`` when that cannot be exact.
+
+    Returns the steps and whether they prepend ``dummy`` (the exact steps do, past the charsmap)."""
+    from tokenizers import normalizers as n
+
+    try:
+        n.Precompiled(info.charsmap)
+    except Exception as err:  # tokenizers raises a bare Exception("Cannot parse precompiled_charsmap")
+        raise TokenizerError(
+            f"the model's normalizer charsmap cannot be loaded by tokenizers ({err})",
+            hint="the model file is corrupt (SentencePiece tolerates a charsmap with non-UTF-8 strings, "
+            "tokenizers does not); re-extract adept_vocab.model from the release",
+        ) from err
+    users = tuple(info.pieces[i] for i in info.ids_of(USER_DEFINED))
+    try:
+        return list(exact_charsmap_steps(info.charsmap, users, dummy)), bool(dummy)
+    except TokenizerError as err:
+        if strict:
+            raise TokenizerError(f"{info.path}: {err.message}", hint=err.hint) from err
+        log.warning(
+            "%s: %s; writing the approximate grapheme-wise Precompiled normalizer", info.path, err.message
+        )
+        return [n.Precompiled(info.charsmap)], False
 
 
 def build_decoder(info: SpmInfo):
@@ -224,12 +250,6 @@ def build_model(info: SpmInfo):
         )
         return model, pre
     hide = reserved_pieces_hidden(info)
-    if not hide:
-        log.info(
-            "%s: some pieces contain characters without a piece of their own; reserved pieces keep min_score "
-            "so that <unk> scores exactly, and literal text equal to a CONTROL/BYTE piece may encode differently",
-            Path(info.path).name,
-        )
     vocab = unigram_vocab(info, hide_reserved=hide)
     return models.Unigram(vocab, unk_id=info.unk_id, byte_fallback=info.byte_fallback), None
 
@@ -246,6 +266,24 @@ def reserved_pieces_hidden(info: SpmInfo) -> bool:
     )
 
 
+def _reserved_problem(info: SpmInfo) -> str:
+    """Why reserved pieces stay matchable in tokenizers' Unigram (see :func:`reserved_pieces_hidden`)."""
+    known = _known_chars(info)
+    reserved = [info.pieces[i] for i in info.ids_of(CONTROL, UNKNOWN, BYTE, UNUSED)]
+    spelled = [p for p in reserved if any(c not in known for c in p)]
+    missing = sorted({c for p in spelled for c in p if c not in known})
+    if spelled:
+        why = f"they are spelled with characters that have no piece of their own ({', '.join(map(repr, missing[:5]))})"
+        example = spelled[0]
+    else:
+        why = f"pieces such as {unknown_char_pieces(info)[0]!r} contain characters that have no piece of their own"
+        example = reserved[0] if reserved else "<unk>"
+    return (
+        "reserved pieces (CONTROL/UNKNOWN/BYTE/UNUSED) cannot be kept out of tokenizers' Unigram lattice because "
+        f"{why}: literal text {example!r} would encode as that one piece, SentencePiece never does"
+    )
+
+
 def _known_chars(info: SpmInfo) -> set[str]:
     return {
         p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED) and len(p) == 1
@@ -257,9 +295,11 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
     from tokenizers import Tokenizer
 
     problems = inexpressible(info)
+    if info.model_type == UNIGRAM and not reserved_pieces_hidden(info):
+        problems.append(_reserved_problem(info))
     if problems:
         message = f"{info.path} cannot be converted exactly: " + "; ".join(problems)
-        if strict or info.model_type not in (1, BPE):
+        if strict or info.model_type not in (UNIGRAM, BPE):
             raise TokenizerError(
                 message,
                 hint="use --force to write an approximate tokenizer and check it with `persimmon-tools tokenizer --check`",
@@ -267,23 +307,11 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
         log.warning("%s (writing an approximation because strict=False)", message)
     model, pre = build_model(info)
     tok = Tokenizer(model)
-    tok.normalizer = build_normalizer(info)
+    tok.normalizer = build_normalizer(info, strict=strict)
     if pre is not None:
         tok.pre_tokenizer = pre
     tok.decoder = build_decoder(info)
     return tok
-
-
-@functools.cache
-def _warn_charsmap(name: str) -> None:
-    """Once per model name and process: the charsmap caveat (see docs/tokenizer.md, class 1)."""
-    log.warning(
-        "%s normalizes with a precompiled charsmap (e.g. nmt_nfkc). tokenizers applies it grapheme by "
-        "grapheme, SentencePiece by longest match: text with combining-mark sequences or half-width "
-        "kana + voicing marks may tokenize differently (see docs/tokenizer.md). Check your own text "
-        "with `persimmon-tools tokenizer --check MODEL CORPUS`.",
-        name,
-    )
 
 
 def build_fast_tokenizer(sp_model: Path, *, strict: bool = True):
@@ -303,7 +331,5 @@ def build_fast_tokenizer(sp_model: Path, *, strict: bool = True):
     """
     info = read_spm(Path(sp_model))
     tok = build_from_info(info, strict=strict)
-    if info.charsmap:
-        _warn_charsmap(Path(sp_model).name)
     log.debug("built %s tokenizer from %s (%d pieces)", type(tok.model).__name__, sp_model, len(info.pieces))
     return tok

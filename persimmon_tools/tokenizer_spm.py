@@ -154,7 +154,8 @@ def read_spm(sp_model: Path) -> SpmInfo:
     )
 
 
-def _charsmap_parts(blob: bytes) -> tuple[tuple[int, ...], bytes]:
+def charsmap_parts(blob: bytes) -> tuple[tuple[int, ...], bytes]:
+    """``(trie units, value area)`` of a ``precompiled_charsmap``: ``u32 trie_size | u32 units | values``."""
     if len(blob) < 4:
         raise TokenizerError(
             "precompiled_charsmap is broken (shorter than its header)", hint="re-train the model"
@@ -169,7 +170,7 @@ def charsmap_has_prefix(blob: bytes, prefix: bytes) -> bool:
     """Whether some charsmap key starts with ``prefix`` (walks the double array along ``prefix`` only)."""
     if not blob:
         return False
-    units, _ = _charsmap_parts(blob)
+    units, _ = charsmap_parts(blob)
     pos = (units[0] >> 10) << ((units[0] & (1 << 9)) >> 6)
     for c in prefix:
         child = pos ^ c
@@ -181,7 +182,7 @@ def charsmap_has_prefix(blob: bytes, prefix: bytes) -> bool:
 
 def charsmap_values(blob: bytes) -> list[bytes]:
     """The replacement strings of a charsmap (its NUL-separated value area)."""
-    return _charsmap_parts(blob)[1].split(b"\0") if blob else []
+    return charsmap_parts(blob)[1].split(b"\0") if blob else []
 
 
 def inexpressible(info: SpmInfo) -> list[str]:

@@ -15,7 +15,6 @@ from persimmon_tools.tokenizer import (
     check_parity,
     write_tokenizer,
 )
-from persimmon_tools.tokenizer_build import reserved_pieces_hidden
 from persimmon_tools.tokenizer_spm import read_spm
 
 spm = pytest.importorskip("sentencepiece")
@@ -24,10 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "data" / "tokenizer_corpus.txt"
 REAL_MODEL = REPO.parent / "shared" / "data" / "cc100_ja40K_en10K.symbolRemoved.vocab.reestimated.model"
 
-# Graphemes on which tokenizers' Precompiled normalizer (the only charsmap normalizer it has) differs from
-# SentencePiece's longest-match charsmap: it replaces a short grapheme by the value of its *shortest* key
-# prefix and never applies multi-character rules inside graphemes of 6+ bytes. See docs/tokenizer.md.
-CHARSMAP_RESIDUAL = ("\u0323\u0301", "\u0302\u0323", "\uff9e", "\r\n")
+# Graphemes on which tokenizers' own Precompiled normalizer differs from SentencePiece's longest-match
+# charsmap (it replaces a short grapheme by the value of its *shortest* key prefix and never applies
+# multi-character rules inside graphemes of 6+ bytes); the exact pipeline must get them right.
+CHARSMAP_GRAPHEMES = (
+    "a\u0323\u0301",
+    "a\u0301\u0323",
+    "o\u0302\u0323",
+    "\uff83\uff9e",
+    "\r\n",
+    "\uff21\u0301",
+)
 
 MODELS = {
     # name: trainer options (all on tests/data/tokenizer_corpus.txt)
@@ -106,15 +112,16 @@ def corpus() -> list[str]:
         "\x00\x01\x02\x1f\x7f",
         "\ufeff\u200b\u200d\u2028\u2029",
         "\U0001f600" * 3 + "\U0001faf6\U0001f3fd",
+        *CHARSMAP_GRAPHEMES,
     ]
     joined = ["\n".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
     return lines + extra + joined + builtin_sample()
 
 
-def _train(tmp: Path, name: str, options: dict) -> Path:
+def _train(tmp: Path, name: str, options: dict, corpus_file: Path = CORPUS) -> Path:
     opts = dict(options)
     spm.SentencePieceTrainer.train(
-        input=str(CORPUS),
+        input=str(corpus_file),
         model_prefix=str(tmp / name),
         vocab_size=opts.pop("vocab_size", 700),
         hard_vocab_limit=False,
@@ -132,18 +139,10 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {name: _train(tmp, name, opts) for name, opts in MODELS.items()}
 
 
-RESERVED_LITERALS = ("<unk>", "</s>", "<s>", "<0x41>", "<ctl>", "[SEP]")
-
-
 def _texts_for(model: Path) -> list[str]:
-    """The corpus minus the documented residual classes that apply to ``model`` (docs/tokenizer.md)."""
-    info = read_spm(model)
-    texts = corpus()
-    if info.charsmap:
-        texts = [t for t in texts if not any(r in t for r in CHARSMAP_RESIDUAL)]
-    if info.model_type == 1 and not reserved_pieces_hidden(info):
-        texts = [t for t in texts if not any(r in t for r in RESERVED_LITERALS)]
-    return texts
+    """The whole corpus: every model trained here converts exactly (ties aside, see the assertion below)."""
+    assert read_spm(model).pieces
+    return corpus()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -156,11 +155,15 @@ def test_parity_on_trained_models(trained, name):
     assert report.encode_mismatches == report.tie_mismatches, "\n".join(report.examples)
 
 
-@pytest.mark.parametrize("name", ["unigram_nmt_bytefallback", "bpe_nmt_bytefallback"])
-def test_charsmap_residual_is_real_and_reported(trained, name):
-    # The excluded graphemes really differ (so the exclusion above is not hiding a fixed bug), and the check
-    # names them piece by piece.
-    texts = [t for t in corpus() if any(r in t for r in CHARSMAP_RESIDUAL)]
+@pytest.mark.parametrize(
+    "name", ["unigram_nmt_bytefallback", "bpe_nmt_bytefallback", "unigram_nfkc_no_dummy"]
+)
+def test_charsmap_graphemes_are_exact(trained, name, monkeypatch):
+    # These texts really differ with tokenizers' own Precompiled normalizer (so the test can fail), and the
+    # exact pipeline gets every one right.
+    texts = [f"x {g} y" for g in CHARSMAP_GRAPHEMES] + [" ".join(CHARSMAP_GRAPHEMES)]
+    assert check_parity(trained[name], texts).ok
+    _approximate_charsmap(monkeypatch)
     report = check_parity(trained[name], texts)
     assert report.encode_mismatches > 0
     assert "first difference at piece" in report.examples[0]
@@ -248,11 +251,21 @@ def _plain(trained, tmp_path: Path) -> Path:
     return out
 
 
-def test_check_failure_writes_nothing(trained, tmp_path, monkeypatch):
-    # nmt_nfkc + stacked marks / half-width dakuten: a real residual difference (class 1); put it in the sample, so the gate must refuse.
-    import persimmon_tools.tokenizer_corpus as corpus_mod
+def _approximate_charsmap(monkeypatch):
+    """Make the builder use tokenizers' grapheme-wise Precompiled (wrong on the stacked marks in the sample)."""
+    from tokenizers import normalizers
 
-    monkeypatch.setattr(corpus_mod, "_TEXTS", [*corpus_mod._TEXTS, "stacked a\u0323\u0301 and \uff83\uff9e"])
+    import persimmon_tools.tokenizer_build as build
+
+    def _precompiled_only(blob, users, dummy=""):  # the pre-exact pipeline: dummy prefix after the charsmap
+        return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
+
+    monkeypatch.setattr(build, "exact_charsmap_steps", _precompiled_only)
+
+
+def test_check_failure_writes_nothing(trained, tmp_path, monkeypatch):
+    # A tokenizer that disagrees with SentencePiece on the built-in sample: the gate must refuse it.
+    _approximate_charsmap(monkeypatch)
     with pytest.raises(TokenizerError) as err:
         write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path)
     assert "encode" in err.value.message and "first difference" in err.value.message
@@ -283,3 +296,44 @@ def test_inexpressible_options_raise(trained, tmp_path):
         build_fast_tokenizer(bad)
     with pytest.raises(TokenizerError, match="not a SentencePiece model|no pieces"):
         build_fast_tokenizer(CORPUS)
+
+
+def test_reserved_pieces_spelled_with_unknown_characters_are_refused(tmp_path):
+    # Trained on text without '>' (so "<unk>", "</s>" and "<0x41>" contain a character with no piece of its
+    # own): tokenizers' Unigram would match literal "<unk>" as the reserved piece, SentencePiece never does.
+    corpus_file = tmp_path / "no_gt.txt"
+    corpus_file.write_text(CORPUS.read_text(encoding="utf-8").replace(">", ""), encoding="utf-8")
+    model = _train(tmp_path, "m", dict(model_type="unigram", byte_fallback=True), corpus_file)
+    with pytest.raises(TokenizerError) as err:
+        build_fast_tokenizer(model)
+    assert "reserved pieces" in err.value.message and "'>'" in err.value.message
+    assert "--force" in err.value.hint
+    # The refusal is not hypothetical: the approximation (what --force writes) really differs there.
+    report = check_parity(model, ["x <unk> y </s> <0x41>"], strict=False)
+    assert report.encode_mismatches == 1
+    assert check_parity(model, ["plain text, no reserved names"], strict=False).ok
+
+
+MIXED = [
+    *"aeiou xyz0123.,!<>|\t\n\r",
+    *"éñüßøÅΩ東京한ก",
+    *"\u0301\u0323\u0302\u0308\uff83\uff9e\uff21\u1100\u1161\u11a8\u3131\u314f\ufb01\u2460\u00bd\u3000\u00a0",
+    *"\x01\u200d\U0001f44d\U0001f3fd\u0e33\u0915\u093c\u0958\u212b\u2126",
+]
+
+
+@pytest.mark.parametrize(
+    "name", ["unigram_nmt_bytefallback", "bpe_nmt_bytefallback", "unigram_nfkc_no_dummy"]
+)
+def test_random_mixed_text_parity_and_offsets(trained, name):
+    import random
+
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(MIXED) for _ in range(rng.randint(0, 16))) for _ in range(1500)]
+    report = check_parity(trained[name], texts)
+    assert report.decode_mismatches == 0, "\n".join(report.examples)
+    assert report.encode_mismatches == report.tie_mismatches, "\n".join(report.examples)
+    fast = build_fast_tokenizer(trained[name])
+    for text in texts[:400]:  # the inserted markers leave sane offsets into the original text
+        offsets = fast.encode(text).offsets
+        assert all(0 <= a <= b <= len(text) for a, b in offsets), (text, offsets)

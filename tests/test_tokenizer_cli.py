@@ -19,9 +19,15 @@ CORPUS = Path(__file__).resolve().parent / "data" / "tokenizer_corpus.txt"
 def models(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("spm_cli")
     out = {}
-    for name, rule in (("identity", "identity"), ("nmt", "nmt_nfkc")):
+    no_gt = tmp / "no_gt.txt"  # without '>': "<unk>" is then spelled with a character that has no piece
+    no_gt.write_text(CORPUS.read_text(encoding="utf-8").replace(">", ""), encoding="utf-8")
+    for name, rule, corpus in (
+        ("identity", "identity", CORPUS),
+        ("nmt", "nmt_nfkc", CORPUS),
+        ("no_gt", "nmt_nfkc", no_gt),
+    ):
         spm.SentencePieceTrainer.train(
-            input=str(CORPUS),
+            input=str(corpus),
             model_prefix=str(tmp / name),
             vocab_size=700,
             character_coverage=0.98,
@@ -78,7 +84,27 @@ def test_check_corpus_json(models, tmp_path):
     assert report["items"] == 3 and report["ok"] is True
 
 
-def test_check_mismatch_exits_1_and_shows_pieces(models, tmp_path):
+def _approximate_charsmap(monkeypatch):
+    """Make the builder use tokenizers' grapheme-wise Precompiled, which is wrong on stacked marks."""
+    from tokenizers import normalizers
+
+    import persimmon_tools.tokenizer_build as build
+
+    def _precompiled_only(blob, users, dummy=""):  # the pre-exact pipeline: dummy prefix after the charsmap
+        return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
+
+    monkeypatch.setattr(build, "exact_charsmap_steps", _precompiled_only)
+
+
+def test_stacked_marks_and_crlf_are_exact(models, tmp_path):
+    corpus = tmp_path / "marks.txt"
+    corpus.write_text("windows\r\nline end\nstacked a\u0323\u0301 \uff83\uff9e\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["tokenizer", "--check", str(models["nmt"]), str(corpus)])
+    assert result.exit_code == 0, result.output
+
+
+def test_check_mismatch_exits_1_and_shows_pieces(models, tmp_path, monkeypatch):
+    _approximate_charsmap(monkeypatch)
     corpus = tmp_path / "residual.txt"
     corpus.write_text("windows\r\nline end\nstacked a\u0323\u0301\n", encoding="utf-8")
     result = CliRunner().invoke(main, ["tokenizer", "--check", str(models["nmt"]), str(corpus)])
@@ -88,9 +114,7 @@ def test_check_mismatch_exits_1_and_shows_pieces(models, tmp_path):
 
 
 def test_write_refuses_failing_model_without_force(models, tmp_path, monkeypatch):
-    import persimmon_tools.tokenizer_corpus as corpus_mod
-
-    monkeypatch.setattr(corpus_mod, "_TEXTS", [*corpus_mod._TEXTS, "stacked a\u0323\u0301 and \uff83\uff9e"])
+    _approximate_charsmap(monkeypatch)
     out = tmp_path / "tok"
     result = CliRunner().invoke(main, ["tokenizer", str(models["nmt"]), str(out)])
     assert result.exit_code == 1
@@ -99,6 +123,24 @@ def test_write_refuses_failing_model_without_force(models, tmp_path, monkeypatch
     forced = CliRunner().invoke(main, ["tokenizer", str(models["nmt"]), str(out), "--force"])
     assert forced.exit_code == 0, forced.output
     assert (out / "tokenizer.json").is_file()
+
+
+def test_inexpressible_model_is_refused_and_force_checks_the_approximation(models, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("plain words\nliteral <unk> and </s>\n", encoding="utf-8")
+    runner = CliRunner()
+    refused = runner.invoke(main, ["tokenizer", "--check", str(models["no_gt"]), str(corpus)])
+    assert refused.exit_code == 1
+    assert "cannot be converted exactly" in refused.output and "reserved pieces" in refused.output
+    assert "Hint:" in refused.output and "--force" in refused.output
+    forced = runner.invoke(
+        main, ["tokenizer", "--check", "--force", str(models["no_gt"]), str(corpus), "--json"]
+    )
+    assert forced.exit_code == 1  # the approximation really differs on the literal reserved names
+    report = json.loads(forced.stdout)
+    assert report["items"] == 2 and report["encode_mismatches"] == 1
+    written = runner.invoke(main, ["tokenizer", str(models["no_gt"]), str(tmp_path / "out")])
+    assert written.exit_code == 1 and not (tmp_path / "out" / "tokenizer.json").exists()
 
 
 def test_usage_errors(models, tmp_path):
