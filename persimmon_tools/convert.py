@@ -1,7 +1,7 @@
 """``convert``: release → HF Persimmon folder (config, sharded safetensors, tokenizer files), all or nothing.
 
 Data flows one way: release (find files) → checkpoint (lazy, merged) → config (dims from args + shapes)
-→ plan (the mapping table) → writer (streamed shards) → tokenizer → atomic rename of the folder.
+→ plan (the mapping table) → writer (streamed shards; the tokenizer beside it) → atomic rename of the folder.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -228,8 +229,16 @@ def convert(
     plan = prepare(source, options)
     on_plan(plan)
     stats = WriteStats()
-    with atomic_output_dir(out_dir, options.force) as tmp:
+    # The tokenizer (build, parity gate, files) runs beside the shard writer, which spends its time in
+    # syscalls and torch kernels; a refusal stops the conversion at the next shard. The pool is left
+    # (waiting for the thread) before the temp folder is, so nothing writes into a removed folder.
+    with atomic_output_dir(out_dir, options.force) as tmp, ThreadPoolExecutor(1, "tokenizer") as pool:
+        tokenizer = None
+        if plan.vocab_bytes is not None and options.tokenizer:
+            tokenizer = pool.submit(_write_tokenizer, plan, tmp, options)
         for fname, tensors in plan.shards.files.items():
+            if tokenizer is not None and tokenizer.done():
+                tokenizer.result()  # raises the tokenizer's error now rather than after all the weights
             write_shard(
                 tmp / fname, tensors, stats, check_finite=not options.allow_nonfinite, progress=progress
             )
@@ -238,8 +247,8 @@ def convert(
             write_index(tmp, plan.shards)
         write_json(tmp / "config.json", plan.config)
         write_json(tmp / "generation_config.json", generation_config(plan.special_id))
-        if plan.vocab_bytes is not None and options.tokenizer:
-            _write_tokenizer(plan, tmp, options)
+        if tokenizer is not None:
+            tokenizer.result()
         write_json(tmp / CONVERSION_FILE, _provenance(plan))
         files = sorted(p.name for p in tmp.iterdir())
     return ConversionResult(out_dir, plan, stats, time.perf_counter() - start, files)

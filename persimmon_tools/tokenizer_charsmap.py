@@ -233,36 +233,59 @@ def _nfc_unstable() -> frozenset[str]:
     return frozenset(out)
 
 
+def _separator(plan: _Plan, texts: list[str]) -> str:
+    """A character in no text and no rule: one segment of its own, copied by SentencePiece and every step."""
+    seen = set("".join(texts)) | set("".join(plan.rules.values()))
+    return next(
+        c
+        for c in ("|", "#", "~", *reversed(END_CANDIDATES))
+        if c not in seen and c not in (plan.end, plan.iso, plan.spare)
+    )
+
+
+def _normalize_all(normalizer, texts: list[str], sep: str) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(texts), 4096):  # in chunks: tokenizers keeps two offsets per byte
+        chunk = texts[start : start + 4096]
+        got = normalizer.normalize_str(sep.join(chunk)).split(sep)
+        if len(got) != len(chunk):  # cannot happen with sep outside every rule; be safe, one by one
+            got = [normalizer.normalize_str(text) for text in chunk]
+        out.extend(got)
+    return out
+
+
 def verify(steps: list, plan: _Plan, *, nfc: bool, items: list[str] | None = None) -> list[str]:
     """Inputs on which ``steps`` differ from SentencePiece: every key, user symbol and NFC-unstable character.
 
     A character that is neither a key nor NFC-unstable passes every step unchanged, so these inputs cover
-    the rules; a text is normalized segment by segment, and END keeps segments apart.
+    the rules; a text is normalized segment by segment, and END keeps segments apart. By default the whole
+    pipeline runs on the one-character keys, user symbols, NFC-unstable characters and every 16th
+    multi-character key, and the multi-character keys are all checked by what the pipeline does with a
+    lone key (NFC of its characters' values), which is ~5x faster; ``items`` runs the pipeline on those.
     """
     from tokenizers import normalizers as n
 
     rules, users = plan.rules, plan.users
+    user_starts = {u[0] for u in users}
+    # Keys a user symbol may start are not one segment when alone: the pipeline checks those.
+    direct = [k for k in plan.multi if k[0] not in user_starts] if items is None and nfc else []
     if items is None:
-        items = sorted({*rules, *users, *(_nfc_unstable() if nfc else ())})
-    seen = set("".join(items)) | set("".join(rules.values()))
-    # A separator no rule mentions: one segment of its own, copied by SentencePiece and by every step.
-    sep = next(
-        c
-        for c in ("|", "#", "~", *reversed(END_CANDIDATES))
-        if c not in seen and c not in (plan.end, plan.iso)
-    )
-    sequence, got = n.Sequence(steps), []
-    for start in range(0, len(items), 4096):  # in chunks: tokenizers keeps two offsets per byte
-        chunk = items[start : start + 4096]
-        out = sequence.normalize_str(sep.join(chunk)).split(sep)
-        if len(out) != len(chunk):  # cannot happen with sep outside every rule; be safe, one by one
-            out = [sequence.normalize_str(item) for item in chunk]
-        got.extend(out)
+        sample = [*direct[::16], *(k for k in plan.multi if k[0] in user_starts)] if direct else plan.multi
+        items = sorted(
+            {*(k for k in rules if len(k) == 1), *sample, *users, *(_nfc_unstable() if nfc else ())}
+        )
+    sep = _separator(plan, items)
+    got = _normalize_all(n.Sequence(steps), items, sep)
     longest = max(map(len, [*rules, *users]), default=1)
 
     def expected(item: str) -> str:
-        if item in rules and not users:  # a key alone is one segment: its own value
+        if item in rules and item[0] not in user_starts:  # a key alone is one segment: its own value
             return rules[item]
         return spm_normalize(rules, item, users, longest)
 
-    return [item for item, out in zip(items, got, strict=True) if out != expected(item)]
+    bad = [item for item, out in zip(items, got, strict=True) if out != expected(item)]
+    if direct:
+        composed = ["".join(rules.get(c, c) for c in key) for key in direct]
+        nfc_out = _normalize_all(n.NFC(), composed, _separator(plan, composed))
+        bad += [k for k, out in zip(direct, nfc_out, strict=True) if out != rules[k] and k not in bad]
+    return bad

@@ -52,13 +52,14 @@ _CONT_BYTES = tuple(range(0x80, 0xC0))
 
 
 def _children(units, pos, labels):
-    """``(row, label index, child position)`` of every existing child of the nodes at ``pos``.
+    """``(row, label index, child position)`` arrays for every existing child of the nodes at ``pos``.
 
     A child of the node at ``p`` via ``label`` sits at ``p ^ label`` and is real when its unit's label is
     ``label``; all nodes are probed at once, in chunks of 4096 to bound memory.
     """
     import numpy as np
 
+    rows, cols, kids = [], [], []
     for chunk in np.array_split(np.arange(len(pos)), max(1, len(pos) // 4096)):
         child = pos[chunk, None] ^ labels[None, :]
         inside = child < len(units)
@@ -66,43 +67,47 @@ def _children(units, pos, labels):
         hit[inside] = (units[child[inside]] & ((1 << 31) | 0xFF)) == np.broadcast_to(labels, child.shape)[
             inside
         ]
-        rows, cols = np.nonzero(hit)
-        yield from zip(chunk[rows].tolist(), cols.tolist(), child[rows, cols].tolist(), strict=True)
-
-
-def _utf8_length(lead: int) -> int:
-    return 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        r, c = np.nonzero(hit)
+        rows.append(chunk[r])
+        cols.append(c)
+        kids.append(child[r, c])
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(kids)
 
 
 def _walk(units):
     """``(key bytes, value offset)`` for every leaf of a Darts-clone double array, level by level.
 
     Only labels that can continue valid UTF-8 are probed (a lead byte after a complete character, a
-    continuation byte inside one).
+    continuation byte inside one); positions and flags are numpy arrays, only the keys are Python bytes.
     """
     import numpy as np
 
-    lead, cont = np.array(_LEAD_BYTES), np.array(_CONT_BYTES)
+    lead, cont = np.array(_LEAD_BYTES, dtype=np.int64), np.array(_CONT_BYTES, dtype=np.int64)
     # The frontier: node positions, continuation bytes still due, keys so far.
-    pos, due, keys = [_offset(int(units[0]))], [0], [b""]
-    while pos:
+    pos, due, keys = np.array([_offset(int(units[0]))], dtype=np.int64), np.zeros(1, dtype=np.int64), [b""]
+    while len(pos):
         nxt_pos, nxt_due, nxt_keys = [], [], []
         for inside_char, labels in ((False, lead), (True, cont)):
-            rows = [i for i, d in enumerate(due) if (d > 0) == inside_char]
-            if not rows:
+            rows = np.nonzero((due > 0) == inside_char)[0]
+            if not len(rows):
                 continue
-            for r, c, child in _children(units, np.array([pos[i] for i in rows], dtype=np.int64), labels):
-                row, label = rows[r], int(labels[c])
-                unit = int(units[child])
-                node = child ^ _offset(unit)
-                key = keys[row] + bytes([label])
-                left = due[row] - 1 if inside_char else _utf8_length(label) - 1
-                if (unit >> 8) & 1 and left == 0 and node < len(units):
-                    yield key, int(units[node]) & ((1 << 31) - 1)
-                nxt_pos.append(node)
-                nxt_due.append(left)
-                nxt_keys.append(key)
-        pos, due, keys = nxt_pos, nxt_due, nxt_keys
+            r, c, child = _children(units, pos[rows], labels)
+            row, label = rows[r], labels[c]
+            unit = units[child]
+            node = child ^ _offset(unit)
+            if inside_char:
+                left = due[row] - 1
+            else:
+                left = (label >= 0x80).astype(np.int64) + (label >= 0xE0) + (label >= 0xF0)
+            leaf = (((unit >> 8) & 1) == 1) & (left == 0) & (node < len(units))
+            new_keys = [keys[i] + bytes((b,)) for i, b in zip(row.tolist(), label.tolist(), strict=True)]
+            values = units[node[leaf]] & ((1 << 31) - 1)
+            for i, value in zip(np.nonzero(leaf)[0].tolist(), values.tolist(), strict=True):
+                yield new_keys[i], value
+            nxt_pos.append(node)
+            nxt_due.append(left)
+            nxt_keys.extend(new_keys)
+        pos, due, keys = np.concatenate(nxt_pos), np.concatenate(nxt_due), nxt_keys
 
 
 def trie_regex(words: list[str]) -> str:

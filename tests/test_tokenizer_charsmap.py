@@ -127,3 +127,14 @@ def test_too_many_custom_values_are_refused(tmp_path):
     with pytest.raises(TokenizerError) as err:
         exact_charsmap_steps(read_spm(model).charsmap)
     assert "cannot reproduce this model's charsmap" in err.value.message and "--force" in err.value.hint
+
+
+def test_every_key_through_the_whole_pipeline():
+    # The build checks most multi-character keys by NFC alone (what the pipeline does with a lone key); here
+    # every key of nmt_nfkc goes through the whole pipeline, so that shortcut cannot hide a mistake.
+    from persimmon_tools.tokenizer_charsmap import _plan, verify
+
+    info, users = read_spm(TINY), tuple(sorted(set(_users(TINY))))
+    plan = _plan(info.charsmap, users)
+    steps = list(exact_charsmap_steps(info.charsmap, users))
+    assert verify(steps, plan, nfc=True, items=sorted(plan.rules)) == []
