@@ -170,7 +170,7 @@ def exact_charsmap_steps(blob: bytes, users: tuple[str, ...] = (), dummy: str = 
     Tried in order: NFC composes the multi-character keys (``nfkc``/``nmt_nfkc``), with the few it gets wrong
     rewritten explicitly; else every multi-character key rewritten explicitly (custom rule sets, up to
     ``MAX_EXPLICIT_VALUES`` distinct values); else :class:`TokenizerError`. Cached per (charsmap, user
-    symbols, dummy): building and verifying ``nmt_nfkc`` takes ~2 s.
+    symbols, dummy): building and verifying ``nmt_nfkc`` takes ~1 s.
 
     ``dummy``: SentencePiece's dummy prefix, for charsmaps that rewrite it (``nmt_nfkc`` maps ``▁`` to a
     space): a marker no rule touches is prepended instead and becomes ``dummy`` after the charsmap, so any
