@@ -155,7 +155,9 @@ def _approximate(model: Path):
     if not read_spm(model).charsmap:
         return None
 
-    def _precompiled_only(blob, users, dummy=""):  # the pre-exact pipeline: dummy prefix after the charsmap
+    def _precompiled_only(
+        blob, users, dummy="", suffix=""
+    ):  # the pre-exact pipeline: dummy prefix after the charsmap
         return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
 
     exact = build.exact_charsmap_steps

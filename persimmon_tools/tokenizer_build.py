@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.tokenizer_charsmap import exact_charsmap_steps
+from persimmon_tools.tokenizer_charsmap import SUFFIX_MARK, exact_charsmap_steps
 from persimmon_tools.tokenizer_spm import (
     BPE,
     BYTE,
@@ -46,6 +46,7 @@ from persimmon_tools.tokenizer_spm import (
     read_spm,
     unknown_char_pieces,
 )
+from persimmon_tools.tokenizer_trie import escape
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,17 @@ def build_normalizer(info: SpmInfo, *, strict: bool = True):
     steps = []
     if early:
         steps.append(n.Prepend(space))
+    suffix = info.add_dummy_prefix and info.treat_whitespace_as_suffix
+    marked = False  # whether the charsmap steps put SUFFIX_MARK where the suffix goes
     if info.charsmap:
-        charsmap, carried = _charsmap_steps(info, strict=strict, dummy=space if dummy and mapped else "")
+        charsmap, carried = _charsmap_steps(
+            info,
+            strict=strict,
+            dummy=space if dummy and mapped else "",
+            suffix=("strip" if info.remove_extra_whitespaces else "keep") if suffix else "",
+        )
         steps.extend(charsmap)
-        early = early or carried
+        early, marked = early or (carried and dummy), carried and suffix
     if info.remove_extra_whitespaces:
         lead = rf"(?<=\A{re.escape(space)}) +" if early else r"\A +"
         steps.append(n.Replace(_rx(lead), ""))
@@ -90,17 +98,21 @@ def build_normalizer(info: SpmInfo, *, strict: bool = True):
     if dummy and not early:
         steps.append(n.Prepend(space))
     if info.remove_extra_whitespaces:
-        steps.append(n.Replace(_rx(re.escape(space) + r"+\z"), ""))
-    if info.add_dummy_prefix and info.treat_whitespace_as_suffix:
+        end = f"(?={escape(ord(SUFFIX_MARK))})" if marked else r"\z"
+        steps.append(n.Replace(_rx(re.escape(space) + "+" + end), ""))
+    if marked:
+        steps.append(n.Replace(SUFFIX_MARK, space))
+    elif suffix:
         steps.append(n.Replace(_rx(r"\z"), space))
     return n.Sequence(steps)
 
 
-def _charsmap_steps(info: SpmInfo, *, strict: bool, dummy: str) -> tuple[list, bool]:
+def _charsmap_steps(info: SpmInfo, *, strict: bool, dummy: str, suffix: str) -> tuple[list, bool]:
     """SentencePiece's longest-match charsmap (:mod:`persimmon_tools.tokenizer_charsmap`), or with
     ``strict=False`` tokenizers' approximate grapheme-wise ``Precompiled`` when that cannot be exact.
 
-    Returns the steps and whether they prepend ``dummy`` (the exact steps do, past the charsmap)."""
+    Returns the steps and whether they are the exact ones, which carry ``dummy`` past the charsmap and mark
+    where the whitespace ``suffix`` goes (see :func:`~persimmon_tools.tokenizer_charsmap.exact_charsmap_steps`)."""
     from tokenizers import normalizers as n
 
     try:
@@ -113,7 +125,7 @@ def _charsmap_steps(info: SpmInfo, *, strict: bool, dummy: str) -> tuple[list, b
         ) from err
     users = tuple(info.pieces[i] for i in info.ids_of(USER_DEFINED))
     try:
-        return list(exact_charsmap_steps(info.charsmap, users, dummy)), bool(dummy)
+        return list(exact_charsmap_steps(info.charsmap, users, dummy, suffix)), True
     except TokenizerError as err:
         if strict:
             raise TokenizerError(f"{info.path}: {err.message}", hint=err.hint) from err

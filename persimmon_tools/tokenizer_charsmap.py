@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 # Grapheme_Cluster_Break=Control characters (a grapheme of their own, ccc 0, no composition). The segment
 # marker END must survive the charsmap: unassigned default-ignorables. The isolating ISO is preferably a
 # control character the charsmap deletes (then even text containing it is exact).
-END_CANDIDATES = tuple(chr(c) for c in range(0xE0080, 0xE0100))
+END_CANDIDATES = tuple(chr(c) for c in range(0xE0080, 0xE00FF))
+# Stands in for the whitespace suffix (treat_whitespace_as_suffix) until the whitespace steps have run.
+SUFFIX_MARK = "\U000e00ff"
 ISO_CANDIDATES = (*(chr(c) for c in (*range(0x01, 0x09), 0x0E, 0x0F, *range(0x10, 0x20))), *END_CANDIDATES)
 # Printable ASCII: two in a row are always two graphemes, and NFC never touches or composes them.
 ASCII_PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
@@ -100,7 +102,7 @@ class _Plan:
         return bool(self.multi or [u for u in self.users if len(u) > 1])
 
 
-def _plan(blob: bytes, users: tuple[str, ...]) -> _Plan:
+def _plan(blob: bytes, users: tuple[str, ...], *, keep_end: bool = False) -> _Plan:
     rules = charsmap_entries(blob)
     multi = [k for k in rules if len(k) > 1]
     seen = set("".join(rules)) | set("".join(rules.values())) | set("".join(users))
@@ -109,13 +111,13 @@ def _plan(blob: bytes, users: tuple[str, ...]) -> _Plan:
         c for c in ISO_CANDIDATES if rules.get(c) == "" and c not in starts and c not in "".join(users)
     ]
     unused = [c for c in END_CANDIDATES if c not in seen]
-    if len(unused) < 3:
+    if len(unused) < 3 or SUFFIX_MARK in seen:
         raise TokenizerError(
             "the charsmap rewrites the marker characters persimmon-tools inserts (U+E0080..U+E00FF)",
             hint="this model cannot be converted exactly; use --force to write an approximation",
         )
     compose = bool(multi or [u for u in users if len(u) > 1])
-    end = unused[0] if compose else (deleted or unused)[0]
+    end = unused[0] if compose or keep_end else (deleted or unused)[0]
     iso = [*deleted, *unused[1:]][0]
     # Runs of printable ASCII that no rule touches and where no user symbol starts are one segment (a
     # character followed by a key's second character ends the run: a key may start there).
@@ -130,8 +132,16 @@ def _plan(blob: bytes, users: tuple[str, ...]) -> _Plan:
     return _Plan(rules, users, multi, end, iso, unused[2], segment, isolate)
 
 
-def _assemble(plan: _Plan, blob: bytes, explicit: dict[str, list[str]], *, nfc: bool) -> list:
-    """Steps 1–6 of the module docstring; ``explicit`` maps values to the keys rewritten in step 2."""
+def _assemble(
+    plan: _Plan, blob: bytes, explicit: dict[str, list[str]], *, nfc: bool, suffix: str = ""
+) -> list:
+    """Steps 1–6 of the module docstring; ``explicit`` maps values to the keys rewritten in step 2.
+
+    ``suffix`` (``"keep"``/``"strip"``, for ``treat_whitespace_as_suffix``) appends :data:`SUFFIX_MARK`
+    while END still marks every segment: SentencePiece adds its suffix to any non-empty text, and with
+    ``remove_extra_whitespaces`` (``"strip"``) only when some segment is not a single space (it skips those
+    first), even if the text then normalizes to nothing.
+    """
     from tokenizers import normalizers as n
 
     end, iso = plan.end, plan.iso
@@ -150,8 +160,11 @@ def _assemble(plan: _Plan, blob: bytes, explicit: dict[str, list[str]], *, nfc: 
             steps.append(n.Replace(iso, ""))
         if nfc:
             steps.append(n.NFC())
-        steps.append(n.Replace(end, ""))
-    elif plan.rules.get(end) != "":
+    if suffix:
+        steps.append(n.Replace(_rx(r"\z"), SUFFIX_MARK))
+        if suffix == "strip":
+            steps.append(n.Replace(_rx(rf"\A(?: +{escape(ord(end))})*{escape(ord(SUFFIX_MARK))}\z"), ""))
+    if plan.compose or plan.rules.get(end) != "":
         steps.append(n.Replace(end, ""))
     return steps
 
@@ -164,7 +177,9 @@ def _by_value(rules: dict[str, str], keys: list[str]) -> dict[str, list[str]]:
 
 
 @functools.lru_cache(maxsize=4)
-def exact_charsmap_steps(blob: bytes, users: tuple[str, ...] = (), dummy: str = "") -> tuple:
+def exact_charsmap_steps(
+    blob: bytes, users: tuple[str, ...] = (), dummy: str = "", suffix: str = ""
+) -> tuple:
     """The normalizer steps of the module docstring for charsmap ``blob``, verified with :func:`verify`.
 
     Tried in order: NFC composes the multi-character keys (``nfkc``/``nmt_nfkc``), with the few it gets wrong
@@ -174,33 +189,38 @@ def exact_charsmap_steps(blob: bytes, users: tuple[str, ...] = (), dummy: str = 
 
     ``dummy``: SentencePiece's dummy prefix, for charsmaps that rewrite it (``nmt_nfkc`` maps ``▁`` to a
     space): a marker no rule touches is prepended instead and becomes ``dummy`` after the charsmap, so any
-    non-empty text gets it, even one that normalizes to nothing (as in SentencePiece).
+    non-empty text gets it, even one that normalizes to nothing (as in SentencePiece). ``suffix``: see
+    :func:`_assemble`.
     """
     from tokenizers import normalizers as n
 
-    plan = _plan(blob, tuple(sorted(set(users))))
+    plan = _plan(blob, tuple(sorted(set(users))), keep_end=bool(suffix))
     rules, users = plan.rules, plan.users
-    attempts = []
+    attempts = []  # (steps, inputs they get wrong, explicit rewrites, nfc)
     if plan.compose:
-        steps = _assemble(plan, blob, {}, nfc=True)
+        explicit: dict[str, list[str]] = {}
+        steps = _assemble(plan, blob, explicit, nfc=True)
         bad = verify(steps, plan, nfc=True)
         wrong = _by_value(rules, [k for k in bad if k in rules and len(k) > 1])
         if bad and len(wrong) <= MAX_EXPLICIT_VALUES and all(k in rules and len(k) > 1 for k in bad):
-            steps = _assemble(plan, blob, wrong, nfc=True)
+            explicit = wrong
+            steps = _assemble(plan, blob, explicit, nfc=True)
             # The rewrites only match a whole segment equal to one of those keys, so every other verified
             # input is unaffected; re-verify the ones that were wrong.
             bad = verify(steps, plan, nfc=True, items=bad)
-        attempts.append((steps, bad))
+        attempts.append((steps, bad, explicit, True))
         every = _by_value(rules, plan.multi)
         if bad and len(every) <= MAX_EXPLICIT_VALUES:
             steps = _assemble(plan, blob, every, nfc=False)
-            attempts.append((steps, verify(steps, plan, nfc=False)))
+            attempts.append((steps, verify(steps, plan, nfc=False), every, False))
     else:
         steps = _assemble(plan, blob, {}, nfc=False)
-        attempts.append((steps, verify(steps, plan, nfc=False)))
-    for steps, bad in attempts:
+        attempts.append((steps, verify(steps, plan, nfc=False), {}, False))
+    for steps, bad, explicit, nfc in attempts:
         if not bad:
             log.debug("exact charsmap normalizer: %d steps, %d rules", len(steps), len(rules))
+            if suffix:  # verified without it (it is not part of the charsmap); the same steps plus the mark
+                steps = _assemble(plan, blob, explicit, nfc=nfc, suffix=suffix)
             if dummy:
                 steps = [
                     n.Prepend(plan.spare),
@@ -208,7 +228,7 @@ def exact_charsmap_steps(blob: bytes, users: tuple[str, ...] = (), dummy: str = 
                     n.Replace(_rx(rf"\A{escape(ord(plan.spare))}"), dummy),
                 ]
             return tuple(steps)
-    steps, bad = attempts[-1]
+    steps, bad, _, _ = attempts[-1]
     got = n.Sequence(steps)
     shown = ", ".join(
         f"{k!r} → {got.normalize_str(k)!r} instead of {spm_normalize(rules, k, users)!r}" for k in bad[:3]

@@ -77,6 +77,13 @@ MODELS = {
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
     ),
+    "unigram_nmt_suffix": dict(model_type="unigram", treat_whitespace_as_suffix=True, byte_fallback=True),
+    "unigram_nmt_suffix_keep_spaces": dict(
+        model_type="unigram",
+        treat_whitespace_as_suffix=True,
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+    ),
     "bpe_nmt_bytefallback": dict(model_type="bpe", byte_fallback=True),
     "bpe_identity_unk": dict(model_type="bpe", normalization_rule_name="identity", byte_fallback=False),
     "bpe_identity_keep_spaces_digits": dict(
@@ -110,6 +117,8 @@ def corpus() -> list[str]:
         "1234567890" * 5,
         "=" * 40,
         "\x00\x01\x02\x1f\x7f",
+        "\x01",  # normalizes to nothing under nmt_nfkc, but SentencePiece still adds its dummy ▁ / suffix ▁
+        " \x01 ",
         "\ufeff\u200b\u200d\u2028\u2029",
         "\U0001f600" * 3 + "\U0001faf6\U0001f3fd",
         *CHARSMAP_GRAPHEMES,
@@ -189,9 +198,11 @@ def test_real_unigram_byte_fallback_model():
     assert report.ok, "\n".join(report.examples)
 
 
-def test_autotokenizer_loads_and_matches(trained, tmp_path):
+@pytest.mark.parametrize("name", ["unigram_user_control", "unigram_nmt_user_control"])
+def test_autotokenizer_loads_and_matches(trained, tmp_path, name):
+    # identity and nmt_nfkc (the exact charsmap pipeline, as transformers loads it from tokenizer.json)
     transformers = pytest.importorskip("transformers")
-    model = trained["unigram_user_control"]
+    model = trained[name]
     written = write_tokenizer(model, tmp_path, chat=True)
     assert {p.name for p in written} == {
         "tokenizer.json",
@@ -257,7 +268,9 @@ def _approximate_charsmap(monkeypatch):
 
     import persimmon_tools.tokenizer_build as build
 
-    def _precompiled_only(blob, users, dummy=""):  # the pre-exact pipeline: dummy prefix after the charsmap
+    def _precompiled_only(
+        blob, users, dummy="", suffix=""
+    ):  # the pre-exact pipeline: dummy prefix after the charsmap
         return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
 
     monkeypatch.setattr(build, "exact_charsmap_steps", _precompiled_only)

@@ -90,7 +90,9 @@ def _approximate_charsmap(monkeypatch):
 
     import persimmon_tools.tokenizer_build as build
 
-    def _precompiled_only(blob, users, dummy=""):  # the pre-exact pipeline: dummy prefix after the charsmap
+    def _precompiled_only(
+        blob, users, dummy="", suffix=""
+    ):  # the pre-exact pipeline: dummy prefix after the charsmap
         return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
 
     monkeypatch.setattr(build, "exact_charsmap_steps", _precompiled_only)
