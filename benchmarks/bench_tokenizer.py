@@ -146,24 +146,22 @@ def main() -> None:
 
 
 def _approximate(model: Path):
-    """The fast tokenizer with tokenizers' own grapheme-wise Precompiled normalizer (None: no charsmap)."""
-    from tokenizers import normalizers
-
+    """What ``--force`` writes when the exact charsmap is refused: tokenizers' own grapheme-wise Precompiled
+    normalizer (None: the model has no charsmap)."""
     import persimmon_tools.tokenizer_build as build
+    from persimmon_tools.errors import TokenizerError
     from persimmon_tools.tokenizer_spm import read_spm
 
     if not read_spm(model).charsmap:
         return None
 
-    def _precompiled_only(
-        blob, users, dummy="", suffix=""
-    ):  # the pre-exact pipeline: dummy prefix after the charsmap
-        return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
+    def refuse(*args):
+        raise TokenizerError("exact charsmap switched off for the comparison")
 
     exact = build.exact_charsmap_steps
-    build.exact_charsmap_steps = _precompiled_only
+    build.exact_charsmap_steps = refuse
     try:
-        return build.build_fast_tokenizer(model)
+        return build.build_fast_tokenizer(model, strict=False)
     finally:
         build.exact_charsmap_steps = exact
 

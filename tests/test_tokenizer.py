@@ -167,12 +167,12 @@ def test_parity_on_trained_models(trained, name):
 @pytest.mark.parametrize(
     "name", ["unigram_nmt_bytefallback", "bpe_nmt_bytefallback", "unigram_nfkc_no_dummy"]
 )
-def test_charsmap_graphemes_are_exact(trained, name, monkeypatch):
+def test_charsmap_graphemes_are_exact(trained, name, approximate_charsmap):
     # These texts really differ with tokenizers' own Precompiled normalizer (so the test can fail), and the
     # exact pipeline gets every one right.
     texts = [f"x {g} y" for g in CHARSMAP_GRAPHEMES] + [" ".join(CHARSMAP_GRAPHEMES)]
     assert check_parity(trained[name], texts).ok
-    _approximate_charsmap(monkeypatch)
+    approximate_charsmap()
     report = check_parity(trained[name], texts)
     assert report.encode_mismatches > 0
     assert "first difference at piece" in report.examples[0]
@@ -262,23 +262,9 @@ def _plain(trained, tmp_path: Path) -> Path:
     return out
 
 
-def _approximate_charsmap(monkeypatch):
-    """Make the builder use tokenizers' grapheme-wise Precompiled (wrong on the stacked marks in the sample)."""
-    from tokenizers import normalizers
-
-    import persimmon_tools.tokenizer_build as build
-
-    def _precompiled_only(
-        blob, users, dummy="", suffix=""
-    ):  # the pre-exact pipeline: dummy prefix after the charsmap
-        return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
-
-    monkeypatch.setattr(build, "exact_charsmap_steps", _precompiled_only)
-
-
-def test_check_failure_writes_nothing(trained, tmp_path, monkeypatch):
+def test_check_failure_writes_nothing(trained, tmp_path, approximate_charsmap):
     # A tokenizer that disagrees with SentencePiece on the built-in sample: the gate must refuse it.
-    _approximate_charsmap(monkeypatch)
+    approximate_charsmap()
     with pytest.raises(TokenizerError) as err:
         write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path)
     assert "encode" in err.value.message and "first difference" in err.value.message

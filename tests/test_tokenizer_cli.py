@@ -84,20 +84,6 @@ def test_check_corpus_json(models, tmp_path):
     assert report["items"] == 3 and report["ok"] is True
 
 
-def _approximate_charsmap(monkeypatch):
-    """Make the builder use tokenizers' grapheme-wise Precompiled, which is wrong on stacked marks."""
-    from tokenizers import normalizers
-
-    import persimmon_tools.tokenizer_build as build
-
-    def _precompiled_only(
-        blob, users, dummy="", suffix=""
-    ):  # the pre-exact pipeline: dummy prefix after the charsmap
-        return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))
-
-    monkeypatch.setattr(build, "exact_charsmap_steps", _precompiled_only)
-
-
 def test_stacked_marks_and_crlf_are_exact(models, tmp_path):
     corpus = tmp_path / "marks.txt"
     corpus.write_text("windows\r\nline end\nstacked a\u0323\u0301 \uff83\uff9e\n", encoding="utf-8")
@@ -105,8 +91,8 @@ def test_stacked_marks_and_crlf_are_exact(models, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_check_mismatch_exits_1_and_shows_pieces(models, tmp_path, monkeypatch):
-    _approximate_charsmap(monkeypatch)
+def test_check_mismatch_exits_1_and_shows_pieces(models, tmp_path, approximate_charsmap):
+    approximate_charsmap()
     corpus = tmp_path / "residual.txt"
     corpus.write_text("windows\r\nline end\nstacked a\u0323\u0301\n", encoding="utf-8")
     result = CliRunner().invoke(main, ["tokenizer", "--check", str(models["nmt"]), str(corpus)])
@@ -115,8 +101,8 @@ def test_check_mismatch_exits_1_and_shows_pieces(models, tmp_path, monkeypatch):
     assert "Error:" in result.output and "Hint:" in result.output
 
 
-def test_write_refuses_failing_model_without_force(models, tmp_path, monkeypatch):
-    _approximate_charsmap(monkeypatch)
+def test_write_refuses_failing_model_without_force(models, tmp_path, approximate_charsmap):
+    approximate_charsmap()
     out = tmp_path / "tok"
     result = CliRunner().invoke(main, ["tokenizer", str(models["nmt"]), str(out)])
     assert result.exit_code == 1
