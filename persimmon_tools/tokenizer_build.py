@@ -14,7 +14,8 @@ normalizer
      and the dummy prefix included);
   6. ``treat_whitespace_as_suffix``: append ``▁`` instead of step 1.
 model
-  ``Unigram`` with SentencePiece's effective scores (see :func:`unigram_vocab`) or ``BPE`` with merges
+  ``Unigram`` with SentencePiece's effective scores and its reserved pieces kept out of the lattice
+  (:mod:`persimmon_tools.tokenizer_unigram`, which may add a last normalizer step) or ``BPE`` with merges
   derived from the piece scores; ``byte_fallback`` and ``unk_id`` from the proto.
 decoder
   CONTROL → ``""``, UNKNOWN → ``unk_surface`` (``" ⁇ "``), ``▁`` → ``' '`` except a piece's leading ``▁``
@@ -32,21 +33,18 @@ from persimmon_tools.errors import TokenizerError
 from persimmon_tools.tokenizer_charsmap import SUFFIX_MARK, exact_charsmap_steps
 from persimmon_tools.tokenizer_spm import (
     BPE,
-    BYTE,
     CONTROL,
     NORMAL,
     SPACE,
     UNIGRAM,
-    UNKNOWN,
-    UNUSED,
     USER_DEFINED,
     SpmInfo,
     charsmap_has_prefix,
     inexpressible,
     read_spm,
-    unknown_char_pieces,
 )
 from persimmon_tools.tokenizer_trie import escape
+from persimmon_tools.tokenizer_unigram import remap_step, reserved_plan, unigram_vocab
 
 log = logging.getLogger(__name__)
 
@@ -158,43 +156,6 @@ def build_decoder(info: SpmInfo):
     return d.Sequence(steps)
 
 
-def unigram_vocab(info: SpmInfo, *, hide_reserved: bool) -> list[tuple[str, float]]:
-    """``(piece, score)`` for ``tokenizers.models.Unigram``, with the scores SentencePiece really uses.
-
-    tokenizers keeps every vocabulary entry in its trie and takes ``min_score`` over all of them, whereas
-    SentencePiece only looks at NORMAL pieces. Pieces outside SentencePiece's trie (CONTROL, UNKNOWN, BYTE)
-    and UNUSED ones therefore get either
-
-    * a score so low that no path through them can win (``hide_reserved``; exact when every path has the
-      same number of unknown characters, which :func:`build_fast_tokenizer` checks), or
-    * SentencePiece's ``min_score`` (keeps ``<unk>``'s score exact; literal text such as ``</s>`` may then
-      encode as that piece).
-    """
-    m = info.min_score
-    if hide_reserved:
-        longest = max(
-            (len(p) for p, t in zip(info.pieces, info.types, strict=True) if t not in (NORMAL, USER_DEFINED)),
-            default=1,
-        )
-        spread = abs(m) + abs(info.max_score) + 10.0
-        reserved = -spread * (longest + 2)
-    else:
-        reserved = m
-    max_score = info.max_score
-    out = []
-    for piece, kind, score in zip(info.pieces, info.types, info.scores, strict=True):
-        if kind == NORMAL:
-            out.append((piece, score))
-        elif kind == USER_DEFINED:
-            # unigram_model.cc: `length * max_score_ - 0.1`, length in bytes, float times float, minus a double.
-            import numpy as np
-
-            out.append((piece, float(np.float32(len(piece.encode())) * np.float32(max_score)) - 0.1))
-        else:
-            out.append((piece, reserved))
-    return out
-
-
 def _bpe_merges(info: SpmInfo) -> list[tuple[str, str]]:
     """Every split ``(a, b)`` of a NORMAL piece into two mergeable pieces, highest score first.
 
@@ -261,45 +222,8 @@ def build_model(info: SpmInfo):
             ignore_merges=bool(users),
         )
         return model, pre
-    hide = reserved_pieces_hidden(info)
-    vocab = unigram_vocab(info, hide_reserved=hide)
+    vocab = unigram_vocab(info, hide_reserved=reserved_plan(info).hide)
     return models.Unigram(vocab, unk_id=info.unk_id, byte_fallback=info.byte_fallback), None
-
-
-def reserved_pieces_hidden(info: SpmInfo) -> bool:
-    """Whether CONTROL/UNKNOWN/BYTE/UNUSED pieces can be scored out of the Unigram lattice exactly.
-
-    True when no trie piece contains a character lacking its own piece and reserved pieces are spelled
-    with known characters: then every path has the same number of ``<unk>`` nodes and their score is moot.
-    """
-    known = _known_chars(info)
-    return not unknown_char_pieces(info) and all(
-        c in known for i in info.ids_of(CONTROL, UNKNOWN, BYTE, UNUSED) for c in info.pieces[i]
-    )
-
-
-def _reserved_problem(info: SpmInfo) -> str:
-    """Why reserved pieces stay matchable in tokenizers' Unigram (see :func:`reserved_pieces_hidden`)."""
-    known = _known_chars(info)
-    reserved = [info.pieces[i] for i in info.ids_of(CONTROL, UNKNOWN, BYTE, UNUSED)]
-    spelled = [p for p in reserved if any(c not in known for c in p)]
-    missing = sorted({c for p in spelled for c in p if c not in known})
-    if spelled:
-        why = f"they are spelled with characters that have no piece of their own ({', '.join(map(repr, missing[:5]))})"
-        example = spelled[0]
-    else:
-        why = f"pieces such as {unknown_char_pieces(info)[0]!r} contain characters that have no piece of their own"
-        example = reserved[0] if reserved else "<unk>"
-    return (
-        "reserved pieces (CONTROL/UNKNOWN/BYTE/UNUSED) cannot be kept out of tokenizers' Unigram lattice because "
-        f"{why}: literal text {example!r} would encode as that one piece, SentencePiece never does"
-    )
-
-
-def _known_chars(info: SpmInfo) -> set[str]:
-    return {
-        p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED) and len(p) == 1
-    }
 
 
 def build_from_info(info: SpmInfo, *, strict: bool = True):
@@ -307,8 +231,9 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
     from tokenizers import Tokenizer
 
     problems = inexpressible(info)
-    if info.model_type == UNIGRAM and not reserved_pieces_hidden(info):
-        problems.append(_reserved_problem(info))
+    plan = reserved_plan(info) if info.model_type == UNIGRAM else None
+    if plan and plan.problem:
+        problems.append(plan.problem)
     if problems:
         message = f"{info.path} cannot be converted exactly: " + "; ".join(problems)
         if strict or info.model_type not in (UNIGRAM, BPE):
@@ -320,6 +245,10 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
     model, pre = build_model(info)
     tok = Tokenizer(model)
     tok.normalizer = build_normalizer(info, strict=strict)
+    if plan and plan.remapped:
+        from tokenizers import normalizers
+
+        tok.normalizer = normalizers.Sequence([tok.normalizer, remap_step(plan)])
     if pre is not None:
         tok.pre_tokenizer = pre
     tok.decoder = build_decoder(info)

@@ -71,16 +71,15 @@ def _describe_encode(text: str, expected: list[int], got: list[int], piece) -> s
     )
 
 
-def _tie_scorer(sp):
-    """``ids -> exact path score`` for Unigram models (``None`` when ids hold unknown/byte pieces)."""
-    if type(sp).__name__ != "SentencePieceProcessor":
-        return None
+def _tie_scorer(sp, scores: list[float]):
+    """``ids -> exact path score`` with SentencePiece's effective Unigram ``scores`` (user-defined bonus
+    included); ``None`` when the ids hold a control piece."""
 
     def score(ids: list[int]) -> float | None:
         # Unknown characters cost the same in both paths (same text): leave their byte/<unk> pieces out.
         if any(sp.is_control(i) for i in ids):
             return None
-        return math.fsum(sp.get_score(i) for i in ids if not (sp.is_unknown(i) or sp.is_byte(i)))
+        return math.fsum(scores[i] for i in ids if not (sp.is_unknown(i) or sp.is_byte(i)))
 
     return score
 
@@ -96,10 +95,15 @@ def _within_float32_rounding(a: float, b: float, steps: int) -> bool:
     return abs(a - b) <= steps * float(np.spacing(np.float32(max(abs(a), abs(b)))))
 
 
-def compare(sp, fast, texts: Iterable[str], origin: str, *, unigram: bool = False) -> ParityReport:
-    """Compare a loaded ``SentencePieceProcessor`` and a ``tokenizers.Tokenizer`` on ``texts``."""
+def compare(
+    sp, fast, texts: Iterable[str], origin: str, *, unigram_scores: list[float] | None = None
+) -> ParityReport:
+    """Compare a loaded ``SentencePieceProcessor`` and a ``tokenizers.Tokenizer`` on ``texts``.
+
+    ``unigram_scores`` (a Unigram model's effective piece scores) lets encode mismatches be classified as
+    float32 ties (:attr:`ParityReport.tie_mismatches`)."""
     items = enc_bad = dec_bad = ties = 0
-    scorer = _tie_scorer(sp) if unigram else None
+    scorer = _tie_scorer(sp, unigram_scores) if unigram_scores is not None else None
     examples: list[str] = []
     for text in texts:
         items += 1
@@ -143,8 +147,11 @@ def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: 
 
     sp = load_sp(Path(sp_model))
     fast = build_fast_tokenizer(Path(sp_model), strict=strict)
-    from persimmon_tools.tokenizer_spm import UNIGRAM, USER_DEFINED, read_spm
+    from persimmon_tools.tokenizer_spm import UNIGRAM, read_spm
+    from persimmon_tools.tokenizer_unigram import unigram_vocab
 
     info = read_spm(Path(sp_model))
-    unigram = info.model_type == UNIGRAM and not info.ids_of(USER_DEFINED)
-    return compare(sp, fast, builtin_sample() if texts is None else texts, str(sp_model), unigram=unigram)
+    scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
+    return compare(
+        sp, fast, builtin_sample() if texts is None else texts, str(sp_model), unigram_scores=scores
+    )

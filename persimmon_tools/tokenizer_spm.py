@@ -198,8 +198,8 @@ def inexpressible(info: SpmInfo) -> list[str]:
     single = [
         i
         for i, (p, t) in enumerate(zip(info.pieces, info.types, strict=True))
-        if t in (CONTROL, UNUSED, UNKNOWN) and len(p) == 1
-    ]
+        if t in (CONTROL, UNUSED, UNKNOWN) and len(p) == 1 and info.model_type != UNIGRAM
+    ]  # Unigram: tokenizer_unigram.reserved_plan decides whether they can be kept out
     if single:
         problems.append(
             "one-character pieces of type CONTROL/UNUSED/UNKNOWN "

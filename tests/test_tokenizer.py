@@ -15,12 +15,15 @@ from persimmon_tools.tokenizer import (
     check_parity,
     write_tokenizer,
 )
+from persimmon_tools.tokenizer_build import build_normalizer
 from persimmon_tools.tokenizer_spm import read_spm
+from persimmon_tools.tokenizer_unigram import reserved_plan
 
 spm = pytest.importorskip("sentencepiece")
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "data" / "tokenizer_corpus.txt"
+SP_TEST_MODEL = REPO / "tests" / "data" / "sentencepiece_test_model.model"  # see tests/data/README.md
 REAL_MODEL = REPO.parent / "shared" / "data" / "cc100_ja40K_en10K.symbolRemoved.vocab.reestimated.model"
 
 # Graphemes on which tokenizers' own Precompiled normalizer differs from SentencePiece's longest-match
@@ -39,6 +42,9 @@ MODELS = {
     # name: trainer options (all on tests/data/tokenizer_corpus.txt)
     "unigram_nmt_bytefallback": dict(model_type="unigram", byte_fallback=True),
     "unigram_nmt_unk": dict(model_type="unigram", byte_fallback=False),
+    # Like T5's spiece.model: no byte fallback, and no piece contains '<', '>' or '/' (so the reserved names
+    # are spelled with characters SentencePiece treats as unknown; tokenizer_unigram blocks them).
+    "unigram_nmt_unk_no_brackets": dict(model_type="unigram", byte_fallback=False, drop_chars="<>/"),
     "unigram_identity_bytefallback": dict(
         model_type="unigram", normalization_rule_name="identity", byte_fallback=True
     ),
@@ -129,6 +135,11 @@ def corpus() -> list[str]:
 
 def _train(tmp: Path, name: str, options: dict, corpus_file: Path = CORPUS) -> Path:
     opts = dict(options)
+    drop = opts.pop("drop_chars", "")
+    if drop:  # train on the corpus without these characters
+        text = corpus_file.read_text(encoding="utf-8")
+        corpus_file = tmp / f"{name}.txt"
+        corpus_file.write_text(text.translate({ord(c): None for c in drop}), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(corpus_file),
         model_prefix=str(tmp / name),
@@ -311,6 +322,75 @@ def test_reserved_pieces_spelled_with_unknown_characters_are_refused(tmp_path):
     report = check_parity(model, ["x <unk> y </s> <0x41>"], strict=False)
     assert report.encode_mismatches == 1
     assert check_parity(model, ["plain text, no reserved names"], strict=False).ok
+
+
+def test_reserved_names_spelled_with_unknown_characters_are_blocked_without_byte_fallback(trained):
+    # No piece contains '<', '>' or '/': SentencePiece encodes them as <unk>, so the fast tokenizer may map
+    # them to a stand-in, and then literal "<unk>" can no longer match the reserved piece.
+    model = trained["unigram_nmt_unk_no_brackets"]
+    info = read_spm(model)
+    plan = reserved_plan(info)
+    assert set(plan.remapped) == {"<", ">", "/"} and not plan.hide and not plan.problem
+    texts = ["x <unk> y </s> <s>", "<unk>", "a/b <i> c", "<<unk>>"]
+    assert check_parity(model, texts).ok
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    fast = build_fast_tokenizer(model)
+    enc = fast.encode("x <unk> y")
+    assert enc.ids == sp.encode("x <unk> y") and info.unk_id in enc.ids
+    # Offsets still point at the original characters behind each <unk>.
+    assert all(
+        set("x <unk> y"[a:b]) <= set("<>")
+        for t, (a, b) in zip(enc.ids, enc.offsets, strict=True)
+        if t == info.unk_id
+    )
+    # Without the last step (the stand-in), tokenizers matches the reserved piece: the step is load-bearing.
+    fast.normalizer = build_normalizer(info)
+    assert fast.encode("x <unk> y").ids != sp.encode("x <unk> y")
+
+
+def test_one_character_control_piece_in_a_unigram_model(trained, tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    for name, exact in (("unigram_nmt_unk", True), ("unigram_nmt_bytefallback", False)):
+        proto = pb.ModelProto()
+        proto.ParseFromString(trained[name].read_bytes())
+        piece = proto.pieces.add()
+        piece.piece, piece.type, piece.score = "\u00a7", pb.ModelProto.SentencePiece.CONTROL, 0.0
+        model = tmp_path / f"{name}_section.model"
+        model.write_bytes(proto.SerializeToString())
+        if exact:  # '§' is unknown to SentencePiece; without byte fallback it is blocked like '<' above
+            assert check_parity(model, ["a \u00a7 b", "\u00a7\u00a7", "\u00a7"]).ok
+        else:  # with byte fallback its bytes are the ids, so it cannot be mapped away
+            with pytest.raises(TokenizerError, match="byte fallback needs"):
+                build_fast_tokenizer(model)
+
+
+def test_sentencepiece_own_test_model():
+    # A real Unigram model (sentencepiece's own test model): no byte fallback and no piece contains '<', '>'
+    # or '/', so its reserved names are blocked rather than refused.
+    info = read_spm(SP_TEST_MODEL)
+    plan = reserved_plan(info)
+    assert {"<", ">", "/"} <= set(plan.remapped) and not plan.problem and not info.byte_fallback
+    report = check_parity(SP_TEST_MODEL, corpus())
+    assert report.items > 100 and report.ok, "\n".join(report.examples)
+    # Runs of repeated pieces are where float32 ties show up (docs/tokenizer.md): every difference there must
+    # be such a tie, never anything else.
+    runs = [c * n for c in ".!-=0ab…" for n in range(2, 30)]
+    ties = check_parity(SP_TEST_MODEL, runs)
+    assert ties.decode_mismatches == 0 and ties.encode_mismatches == ties.tie_mismatches > 0
+
+
+def test_float32_ties_depend_on_the_text_before_them():
+    # Why no tokenizer.json reproduces float32 ties: SentencePiece adds path scores in float32, so how it splits
+    # the same run ("---" after a forced boundary at "▁") depends on the rounding of the score of the text
+    # before it. tokenizers' Viterbi adds the same float32 scores exactly (float64), so after a forced
+    # boundary its choice cannot depend on what came before, whatever scores tokenizer.json holds.
+    sp = spm.SentencePieceProcessor(model_file=str(SP_TEST_MODEL))
+    fast = build_fast_tokenizer(SP_TEST_MODEL)
+    after_3_words = sp.encode("the cat sat ---", out_type=str)
+    after_4_words = sp.encode("the cat sat on ---", out_type=str)
+    assert after_3_words[-3:] == ["▁", "--", "-"] and after_4_words[-3:] == ["▁", "-", "--"]
+    assert fast.encode("the cat sat ---").tokens[-3:] == fast.encode("the cat sat on ---").tokens[-3:]
 
 
 MIXED = [

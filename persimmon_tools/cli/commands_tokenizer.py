@@ -98,9 +98,17 @@ def tokenizer_cmd(
             for example in report.examples:
                 click.echo(example)
         if not report.ok:
+            ties = report.tie_mismatches
             raise TokenizerError(
-                f"{report.encode_mismatches + report.decode_mismatches} mismatches between the fast tokenizer and SentencePiece",
-                hint="see the differences above; docs/tokenizer.md lists what cannot be expressed exactly",
+                f"{report.encode_mismatches + report.decode_mismatches} mismatches between the fast tokenizer and SentencePiece"
+                + (f" ({ties} of them float32 ties)" if ties else ""),
+                hint="see the differences above; docs/tokenizer.md lists what cannot be expressed exactly"
+                + (
+                    " (a float32 tie: two segmentations with the same exact score, which SentencePiece orders by "
+                    "float32 rounding of the text before them; tokenizers adds scores in float64 and cannot)"
+                    if ties
+                    else ""
+                ),
             )
         return
     if len(paths) != 1:
