@@ -13,8 +13,9 @@ from persimmon_tools.errors import TokenizerError
 from persimmon_tools.tokenizer_spm import charsmap_parts
 
 
+@functools.lru_cache(maxsize=4)
 def charsmap_entries(blob: bytes) -> dict[str, str]:
-    """Every ``key → value`` rule of a SentencePiece ``precompiled_charsmap``.
+    """Every ``key → value`` rule of a SentencePiece ``precompiled_charsmap`` (cached: do not modify).
 
     The blob is ``u32 trie_size | trie (u32 units, Darts-clone double array) | values (NUL-terminated
     UTF-8)``; a leaf unit's value is the byte offset of its replacement in the value area.

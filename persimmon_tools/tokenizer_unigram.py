@@ -4,8 +4,12 @@ SentencePiece's Unigram lattice holds NORMAL and USER_DEFINED pieces only; CONTR
 pieces never match text, so literal ``<unk>`` in the input is encoded as ``<``, ``unk``, ``>``. An unknown
 character scores ``min_score - 10``, ``min_score`` taken over NORMAL pieces. tokenizers' ``Unigram`` matches
 *every* vocabulary entry and takes ``min_score`` over all of them. Each reserved piece is therefore kept out
-in one of two ways (:func:`reserved_plan`):
+in one of three ways (:func:`reserved_plan`):
 
+* **never produced**: it is spelled with a character the normalizer never outputs: a one-character charsmap
+  key (always rewritten: SentencePiece's longest match either takes that key or a longer one covering it)
+  that no charsmap value and no user-defined piece contains, e.g. ``A`` under case folding (``nmt_nfkc_cf``),
+  so ``<0x41>`` never matches. Nothing to do; byte fallback or not.
 * **blocked**: it is spelled with a character that no NORMAL/USER_DEFINED piece contains. Without byte
   fallback such a character always encodes as ``<unk>``, whatever it is, so the normalizer's last step maps
   it to a stand-in (a Unicode noncharacter no piece contains). The reserved piece can then never occur in
@@ -44,6 +48,7 @@ _STAND_INS = [chr(cp) for cp in range(0xFDD0, 0xFDF0)]  # Unicode noncharacters:
 class ReservedPlan:
     """How the reserved pieces of a Unigram model are kept out of tokenizers' lattice."""
 
+    unproduced: frozenset[str]  # characters the normalizer never outputs
     remapped: tuple[str, ...]  # characters the normalizer maps to ``stand_in`` as its last step
     stand_in: str
     hide: bool  # give matchable reserved pieces a prohibitive score (else SentencePiece's min_score)
@@ -58,6 +63,8 @@ def reserved_plan(info: SpmInfo) -> ReservedPlan:
     reserved = [info.pieces[i] for i in info.ids_of(*RESERVED)]
     every = {c for p in info.pieces for c in p}
     stand_in = next((c for c in _STAND_INS if c not in every), "")
+    unproduced = never_output(info)
+    reserved = [p for p in reserved if not any(c in unproduced for c in p)]
     remapped: tuple[str, ...] = ()
     if not info.byte_fallback and stand_in:  # with byte fallback the unknown character's bytes are the ids
         remapped = tuple(sorted({c for p in reserved for c in p if c not in in_trie}))
@@ -85,7 +92,21 @@ def reserved_plan(info: SpmInfo) -> ReservedPlan:
             "user-defined pieces score below the lowest NORMAL piece (the model's scores are all above -0.1), "
             "which changes tokenizers' unknown-character score"
         )
-    return ReservedPlan(remapped=remapped, stand_in=stand_in, hide=bool(matchable), problem=problem)
+    return ReservedPlan(
+        unproduced=unproduced, remapped=remapped, stand_in=stand_in, hide=bool(matchable), problem=problem
+    )
+
+
+def never_output(info: SpmInfo) -> frozenset[str]:
+    """Characters that never occur in normalized text (the "never produced" case of the module docstring)."""
+    if not info.charsmap:
+        return frozenset()
+    from persimmon_tools.tokenizer_trie import charsmap_entries
+
+    rules = charsmap_entries(info.charsmap)
+    users = [info.pieces[i] for i in info.ids_of(USER_DEFINED)]
+    produced = set("".join(rules.values())) | set("".join(users)) | {" ", "\u2581"}
+    return frozenset(k for k, v in rules.items() if len(k) == 1 and v != k and k not in produced)
 
 
 def _problem(why: str, example: str) -> str:

@@ -45,6 +45,10 @@ MODELS = {
     # Like T5's spiece.model: no byte fallback, and no piece contains '<', '>' or '/' (so the reserved names
     # are spelled with characters SentencePiece treats as unknown; tokenizer_unigram blocks them).
     "unigram_nmt_unk_no_brackets": dict(model_type="unigram", byte_fallback=False, drop_chars="<>/"),
+    # Case folding: 'A'..'F' never reach the model, so byte pieces such as <0x41> can never match.
+    "unigram_nmt_cf_bytefallback": dict(
+        model_type="unigram", normalization_rule_name="nmt_nfkc_cf", byte_fallback=True
+    ),
     "unigram_identity_bytefallback": dict(
         model_type="unigram", normalization_rule_name="identity", byte_fallback=True
     ),
@@ -346,6 +350,17 @@ def test_reserved_names_spelled_with_unknown_characters_are_blocked_without_byte
     # Without the last step (the stand-in), tokenizers matches the reserved piece: the step is load-bearing.
     fast.normalizer = build_normalizer(info)
     assert fast.encode("x <unk> y").ids != sp.encode("x <unk> y")
+
+
+def test_reserved_names_the_normalizer_never_produces_need_nothing(trained):
+    # Under case folding 'A'..'F' are always rewritten, so "<0x41>" never occurs in normalized text: exact
+    # even with byte fallback, where characters cannot be mapped to a stand-in.
+    info = read_spm(trained["unigram_nmt_cf_bytefallback"])
+    plan = reserved_plan(info)
+    assert {"A", "B", "F", "Z"} <= plan.unproduced and "a" not in plan.unproduced
+    assert not plan.problem and not plan.remapped
+    texts = ["x <0x41> <0x0A> <unk> </s> y", "ABC <0xFF>", "<0x61>"]
+    assert check_parity(trained["unigram_nmt_cf_bytefallback"], texts).ok
 
 
 def test_one_character_control_piece_in_a_unigram_model(trained, tmp_path):
