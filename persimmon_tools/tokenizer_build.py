@@ -30,11 +30,11 @@ import re
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+from persimmon_tools.tokenizer_bpe import build_bpe
 from persimmon_tools.tokenizer_charsmap import SUFFIX_MARK, exact_charsmap_steps
 from persimmon_tools.tokenizer_spm import (
     BPE,
     CONTROL,
-    NORMAL,
     SPACE,
     UNIGRAM,
     USER_DEFINED,
@@ -156,72 +156,12 @@ def build_decoder(info: SpmInfo):
     return d.Sequence(steps)
 
 
-def _bpe_merges(info: SpmInfo) -> list[tuple[str, str]]:
-    """Every split ``(a, b)`` of a NORMAL piece into two mergeable pieces, highest score first.
-
-    SentencePiece's BPE merges any adjacent pair whose concatenation is a piece, best score first and the
-    leftmost on ties; tokenizers ranks pairs, so each piece's splits get consecutive ranks in score order.
-    """
-    mergeable = {p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED)}
-    order = sorted(info.ids_of(NORMAL), key=lambda i: (-info.scores[i], i))
-    merges = []
-    for i in order:
-        piece = info.pieces[i]
-        for k in range(1, len(piece)):
-            a, b = piece[:k], piece[k:]
-            if a in mergeable and b in mergeable:
-                merges.append((a, b))
-    return merges
-
-
-def _bpe_self_reaching(info: SpmInfo) -> list[str]:
-    """NORMAL pieces that SentencePiece's own BPE does not encode as themselves (greedy merges miss them)."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    from persimmon_tools.tokenizer_spm import read_proto
-
-    proto = read_proto(Path(info.path))
-    raw = pb.ModelProto()
-    raw.CopyFrom(proto)
-    ns = raw.normalizer_spec
-    ns.precompiled_charsmap = b""
-    ns.add_dummy_prefix = False
-    ns.remove_extra_whitespaces = False
-    ns.escape_whitespaces = False
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(raw.SerializeToString())
-    normal = [info.pieces[i] for i in info.ids_of(NORMAL)]
-    return [p for p, ids in zip(normal, sp.encode(normal), strict=True) if len(ids) != 1]
-
-
 def build_model(info: SpmInfo):
     """``Unigram`` or ``BPE`` model plus the pre-tokenizer it needs (``None`` for Unigram)."""
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import models
 
     if info.model_type == BPE:
-        vocab = {p: i for i, p in enumerate(info.pieces)}
-        users = [info.pieces[i] for i in info.ids_of(USER_DEFINED)]
-        pre = None
-        if users:
-            missed = _bpe_self_reaching(info)
-            if missed:
-                raise TokenizerError(
-                    f"{info.path}: BPE model with user-defined symbols, and {len(missed)} pieces that SentencePiece's "
-                    f"own merges do not reach (e.g. {missed[0]!r}); tokenizers can freeze user-defined symbols only "
-                    "with ignore_merges, which would encode those pieces differently",
-                    hint="use --force to write it anyway, then check your corpus with `persimmon-tools tokenizer --check`",
-                )
-            pre = pre_tokenizers.Split(_rx(_alternation(users)), behavior="isolated")
-        model = models.BPE(
-            vocab=vocab,
-            merges=_bpe_merges(info),
-            unk_token=info.pieces[info.unk_id],
-            fuse_unk=True,
-            byte_fallback=info.byte_fallback,
-            ignore_merges=bool(users),
-        )
-        return model, pre
+        return build_bpe(info)
     vocab = unigram_vocab(info, hide_reserved=reserved_plan(info).hide)
     return models.Unigram(vocab, unk_id=info.unk_id, byte_fallback=info.byte_fallback), None
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from persimmon_tools.errors import TokenizerError
 from persimmon_tools.tokenizer_spm import (
     BYTE,
     CONTROL,
@@ -103,7 +104,10 @@ def never_output(info: SpmInfo) -> frozenset[str]:
         return frozenset()
     from persimmon_tools.tokenizer_trie import charsmap_entries
 
-    rules = charsmap_entries(info.charsmap)
+    try:
+        rules = charsmap_entries(info.charsmap)
+    except TokenizerError:  # a corrupt charsmap: the normalizer step reports it, with its hint
+        return frozenset()
     users = [info.pieces[i] for i in info.ids_of(USER_DEFINED)]
     produced = set("".join(rules.values())) | set("".join(users)) | {" ", "\u2581"}
     return frozenset(k for k, v in rules.items() if len(k) == 1 and v != k and k not in produced)

@@ -124,6 +124,7 @@ def corpus() -> list[str]:
         "\u2581literal\u2581lower\u2581blocks\u2581",
         "x <unk> y </s> <s> <0x41>",  # literal text equal to reserved piece names
         "<br><br>def|ENDOFTEXT|<ctl>",
+        "<br></s><br>def<unk>def<br><0x41>",  # reserved names as whole chunks between user-defined symbols
         "1234567890" * 5,
         "=" * 40,
         "\x00\x01\x02\x1f\x7f",
