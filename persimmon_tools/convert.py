@@ -63,6 +63,9 @@ class ConvertOptions:
     add_bos_token: bool = True
     chat: bool | None = None  # None: from the release name (8b_chat_* → chat template)
     force_tokenizer: bool = False
+    allow_tokenizer_ties: bool = (
+        False  # write the tokenizer when its only parity differences are float32 ties
+    )
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,12 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
         log.warning("fast tokenizer support is not available; wrote tokenizer.model only")
         return
     write_tokenizer(
-        sp_path, folder, add_bos_token=options.add_bos_token, chat=chat, check=not options.force_tokenizer
+        sp_path,
+        folder,
+        add_bos_token=options.add_bos_token,
+        chat=chat,
+        check=not options.force_tokenizer,
+        allow_ties=options.allow_tokenizer_ties,
     )
 
 

@@ -72,13 +72,23 @@ def _post_processor(bos: tuple[str, int] | None, add_bos_token: bool):
     )
 
 
+TIES_HINT = (
+    "all of them are float32 ties: two segmentations with the same exact score, which SentencePiece orders by "
+    "the float32 rounding of the text before them and tokenizers (float64) cannot (docs/tokenizer.md); "
+)
+
+
 def _parity_error(report: ParityReport) -> TokenizerError:
     first = report.examples[0] if report.examples else "(no example recorded)"
+    hint = "nothing was written; " + (
+        TIES_HINT + "--allow-ties writes it with every other check kept"
+        if report.only_ties
+        else "--force writes it anyway (check your own corpus with `persimmon-tools tokenizer --check MODEL CORPUS`)"
+    )
     return TokenizerError(
         f"the fast tokenizer disagrees with SentencePiece on the built-in sample: {report.encode_mismatches} "
         f"encode and {report.decode_mismatches} decode mismatches in {report.items} texts; first: {first}",
-        hint="nothing was written; --force writes it anyway (check your own corpus with "
-        "`persimmon-tools tokenizer --check MODEL CORPUS`)",
+        hint=hint,
     )
 
 
@@ -89,6 +99,7 @@ def write_tokenizer(
     add_bos_token: bool = True,
     chat: bool = False,
     check: bool = True,
+    allow_ties: bool = False,
 ) -> list[Path]:
     """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
 
@@ -101,6 +112,8 @@ def write_tokenizer(
         check: first compare with SentencePiece on :func:`builtin_sample` and raise
             :class:`TokenizerError` (writing nothing) on any mismatch. ``False`` also builds models whose
             options cannot be expressed exactly (with a logged warning).
+        allow_ties: with ``check``, write anyway (with a logged warning) when every mismatch is a float32 tie
+            (:attr:`ParityReport.only_ties`), the one difference no ``tokenizer.json`` can avoid.
 
     Returns:
         The written paths.
@@ -108,9 +121,16 @@ def write_tokenizer(
     sp_model, out_dir = Path(sp_model), Path(out_dir)
     if check:
         report = check_parity(sp_model)
-        if not report.ok:
+        if report.only_ties and allow_ties:
+            log.warning(
+                "tokenizer parity: %d of %d texts differ from SentencePiece, all by float32 ties (allowed)",
+                report.encode_mismatches,
+                report.items,
+            )
+        elif not report.ok:
             raise _parity_error(report)
-        log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
+        else:
+            log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
     tok = build_fast_tokenizer(sp_model, strict=check)
     specials = special_tokens(sp_model)
     tok.post_processor = _post_processor(specials["bos"], add_bos_token)

@@ -40,6 +40,11 @@ class ParityReport:
     def ok(self) -> bool:
         return self.encode_mismatches == 0 and self.decode_mismatches == 0
 
+    @property
+    def only_ties(self) -> bool:
+        """Mismatches, all of them float32 ties (what ``--allow-ties`` accepts)."""
+        return not self.ok and self.decode_mismatches == 0 and self.encode_mismatches == self.tie_mismatches
+
     def to_dict(self) -> dict[str, object]:
         return {
             "sp_model": self.sp_model,

@@ -20,7 +20,7 @@ in one of three ways (:func:`reserved_plan`):
   which is harmless only when every path has the same number of unknown characters: no trie piece may
   contain a character lacking its own piece, and the hidden piece must be spelled with known characters.
 
-When neither applies, :attr:`ReservedPlan.problem` says why and the model cannot be converted exactly.
+When none applies, :attr:`ReservedPlan.problem` says why and the model cannot be converted exactly.
 """
 
 from __future__ import annotations

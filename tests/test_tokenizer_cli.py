@@ -149,3 +149,37 @@ def test_help_has_examples():
     result = CliRunner().invoke(main, ["tokenizer", "--help"])
     assert result.exit_code == 0
     assert "persimmon-tools tokenizer --check adept_vocab.model corpus.txt" in result.output
+
+
+SP_TEST_MODEL = Path(__file__).resolve().parent / "data" / "sentencepiece_test_model.model"
+
+
+def test_float32_ties_fail_the_check_unless_allowed(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat ---\nplain words\n", encoding="utf-8")  # the first line is a float32 tie
+    runner = CliRunner()
+    strict = runner.invoke(main, ["tokenizer", "--check", str(SP_TEST_MODEL), str(corpus)])
+    assert strict.exit_code == 1
+    assert "1 encode mismatches are float32 ties" in strict.output and "float32 rounding" in strict.output
+    allowed = runner.invoke(main, ["tokenizer", "--check", "--allow-ties", str(SP_TEST_MODEL), str(corpus)])
+    assert allowed.exit_code == 0, allowed.output
+    assert "1 encode, 0 decode mismatches" in allowed.output
+
+
+def test_write_gate_accepts_ties_only_with_allow_ties(tmp_path, monkeypatch):
+    import persimmon_tools.tokenizer as tokenizer_module
+    from persimmon_tools.tokenizer_check import ParityReport
+
+    def fake_report(encode: int, ties: int):
+        return lambda sp_model, texts=None, **kw: ParityReport(str(sp_model), 40, encode, 0, ["example"], ties)
+
+    monkeypatch.setattr(tokenizer_module, "check_parity", fake_report(1, 1))
+    refused = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "a")])
+    assert refused.exit_code == 1 and "--allow-ties" in refused.output
+    assert not (tmp_path / "a" / "tokenizer.json").exists()
+    written = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "b"), "--allow-ties"])
+    assert written.exit_code == 0, written.output
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+    monkeypatch.setattr(tokenizer_module, "check_parity", fake_report(2, 1))  # one real difference
+    mixed = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "c"), "--allow-ties"])
+    assert mixed.exit_code == 1 and "--force writes it anyway" in mixed.output

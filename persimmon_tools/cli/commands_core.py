@@ -53,6 +53,11 @@ _PATH = click.Path(path_type=Path)
     help="Write tokenizer files (tokenizer.model, tokenizer.json, ...).",
 )
 @click.option(
+    "--allow-ties",
+    is_flag=True,
+    help="Write the tokenizer when its only parity differences are float32 ties (see `tokenizer --help`).",
+)
+@click.option(
     "--add-bos/--no-add-bos",
     default=True,
     show_default=True,
@@ -84,6 +89,7 @@ def convert_cmd(
     iteration: int | None,
     vocab: Path | None,
     tokenizer: bool,
+    allow_ties: bool,
     add_bos: bool,
     chat: bool | None,
     run_verify: bool,
@@ -115,6 +121,7 @@ def convert_cmd(
         add_bos_token=add_bos,
         chat=chat,
         force_tokenizer=force,
+        allow_tokenizer_ties=allow_ties,
     )
     if dry_run:
         plan = prepare(source, options)

@@ -50,6 +50,13 @@ def _read_corpus(paths: tuple[Path, ...]) -> list[str]:
     "check that approximation).",
 )
 @click.option(
+    "--allow-ties",
+    is_flag=True,
+    help="Accept mismatches that are all float32 ties (same exact score; SentencePiece picks by float32 "
+    "rounding, which no tokenizer.json can reproduce): write anyway, or with --check exit 0; every other "
+    "check stays on.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the result (written files or parity report) as JSON."
 )
 @common_options
@@ -60,6 +67,7 @@ def tokenizer_cmd(
     add_bos: bool,
     chat: bool,
     force: bool,
+    allow_ties: bool,
     as_json: bool,
 ) -> None:
     """Build a Hugging Face fast tokenizer from a SentencePiece model, or check one against SentencePiece.
@@ -75,6 +83,7 @@ def tokenizer_cmd(
       persimmon-tools tokenizer --check adept_vocab.model corpus.txt more.txt
       persimmon-tools tokenizer --check adept_vocab.model --json
       persimmon-tools tokenizer --check --force toy.model corpus.txt   # the approximation --force writes
+      persimmon-tools tokenizer --check --allow-ties t5.model runs.txt  # float32 ties only: exit 0
     """
     from persimmon_tools.tokenizer import check_parity, write_tokenizer
 
@@ -94,9 +103,16 @@ def tokenizer_cmd(
             source = ", ".join(str(p) for p in paths) if paths else "built-in sample"
             click.echo(
                 f"compared {report.items} texts ({source}): {report.encode_mismatches} encode, {report.decode_mismatches} decode mismatches"
+                + (
+                    f" ({report.tie_mismatches} encode mismatches are float32 ties)"
+                    if report.tie_mismatches
+                    else ""
+                )
             )
             for example in report.examples:
                 click.echo(example)
+        if report.only_ties and allow_ties:
+            return
         if not report.ok:
             ties = report.tie_mismatches
             raise TokenizerError(
@@ -120,7 +136,9 @@ def tokenizer_cmd(
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a directory", hint="pass a directory for OUT_DIR")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_tokenizer(sp_model, out_dir, add_bos_token=add_bos, chat=chat, check=not force)
+    written = write_tokenizer(
+        sp_model, out_dir, add_bos_token=add_bos, chat=chat, check=not force, allow_ties=allow_ties
+    )
     if as_json:
         click.echo(json.dumps({"written": [str(p) for p in written]}, indent=2))
     elif not is_quiet():
