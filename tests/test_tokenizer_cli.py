@@ -171,7 +171,9 @@ def test_write_gate_accepts_ties_only_with_allow_ties(tmp_path, monkeypatch):
     from persimmon_tools.tokenizer_check import ParityReport
 
     def fake_report(encode: int, ties: int):
-        return lambda sp_model, texts=None, **kw: ParityReport(str(sp_model), 40, encode, 0, ["example"], ties)
+        return lambda sp_model, texts=None, **kw: ParityReport(
+            str(sp_model), 40, encode, 0, ["example"], ties
+        )
 
     monkeypatch.setattr(tokenizer_module, "check_parity", fake_report(1, 1))
     refused = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "a")])
