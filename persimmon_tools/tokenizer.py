@@ -15,7 +15,7 @@ from pathlib import Path
 from persimmon_tools.errors import TokenizerError
 from persimmon_tools.spm import eod_piece, load_sp
 from persimmon_tools.tokenizer_build import build_fast_tokenizer
-from persimmon_tools.tokenizer_check import ParityReport, check_parity
+from persimmon_tools.tokenizer_check import TIE_EXPLANATION, ParityReport, check_parity
 from persimmon_tools.tokenizer_corpus import builtin_sample
 
 __all__ = [
@@ -72,16 +72,10 @@ def _post_processor(bos: tuple[str, int] | None, add_bos_token: bool):
     )
 
 
-TIES_HINT = (
-    "all of them are float32 ties: two segmentations with the same exact score, which SentencePiece orders by "
-    "the float32 rounding of the text before them and tokenizers (float64) cannot (docs/tokenizer.md); "
-)
-
-
 def _parity_error(report: ParityReport) -> TokenizerError:
     first = report.examples[0] if report.examples else "(no example recorded)"
     hint = "nothing was written; " + (
-        TIES_HINT + "--allow-ties writes it with every other check kept"
+        f"all of them are float32 ties: {TIE_EXPLANATION} (docs/tokenizer.md); --allow-ties writes it with every other check kept"
         if report.only_ties
         else "--force writes it anyway (check your own corpus with `persimmon-tools tokenizer --check MODEL CORPUS`)"
     )

@@ -20,11 +20,7 @@ from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
 from persimmon_tools.tokenizer_spm import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, SpmInfo
-from persimmon_tools.tokenizer_trie import escape
-
-
-def _literal(text: str) -> str:
-    return "".join(escape(ord(c)) for c in text)
+from persimmon_tools.tokenizer_trie import alternation, literal
 
 
 def bpe_merges(info: SpmInfo) -> list[tuple[str, str]]:
@@ -85,8 +81,8 @@ def reserved_chunk_splits(info: SpmInfo, sp, users: list[str]) -> str | None:
         parts = [name[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
         for k, part in enumerate(parts):
             before, after = "".join(parts[:k]), "".join(parts[k + 1 :])
-            behind = rf"(?<=\A{_literal(before)})" if before else r"\A"
-            alternatives.append(rf"{behind}{_literal(part)}(?={_literal(after)}\z)")
+            behind = rf"(?<=\A{literal(before)})" if before else r"\A"
+            alternatives.append(rf"{behind}{literal(part)}(?={literal(after)}\z)")
     if not alternatives:
         return None
     longest = max(len(n) for n in names)
@@ -120,8 +116,7 @@ def build_bpe(info: SpmInfo):
                 "with ignore_merges, which would encode those pieces differently",
                 hint="use --force to write it anyway, then check your corpus with `persimmon-tools tokenizer --check`",
             )
-        ordered = sorted(set(users), key=lambda s: (-len(s), s))  # longest first, like a prefix matcher
-        steps = [pre_tokenizers.Split(Regex("|".join(_literal(u) for u in ordered)), behavior="isolated")]
+        steps = [pre_tokenizers.Split(Regex(alternation(users)), behavior="isolated")]
         splits = reserved_chunk_splits(info, sp, users)
         if splits:
             steps.append(pre_tokenizers.Split(Regex(splits), behavior="isolated"))

@@ -26,7 +26,6 @@ decoder
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
@@ -43,8 +42,8 @@ from persimmon_tools.tokenizer_spm import (
     inexpressible,
     read_spm,
 )
-from persimmon_tools.tokenizer_trie import escape
-from persimmon_tools.tokenizer_unigram import remap_step, reserved_plan, unigram_vocab
+from persimmon_tools.tokenizer_trie import alternation, escape, literal
+from persimmon_tools.tokenizer_unigram import ReservedPlan, remap_step, reserved_plan, unigram_vocab
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,6 @@ def _rx(pattern: str):
     from tokenizers import Regex
 
     return Regex(pattern)
-
-
-def _alternation(strings: list[str]) -> str:
-    """Onig alternation of literal strings, longest first (leftmost-longest, like a prefix matcher)."""
-    return "|".join(re.escape(s) for s in sorted(set(strings), key=lambda s: (-len(s), s)))
 
 
 def build_normalizer(info: SpmInfo, *, strict: bool = True):
@@ -88,7 +82,7 @@ def build_normalizer(info: SpmInfo, *, strict: bool = True):
         steps.extend(charsmap)
         early, marked = early or (carried and dummy), carried and suffix
     if info.remove_extra_whitespaces:
-        lead = rf"(?<=\A{re.escape(space)}) +" if early else r"\A +"
+        lead = rf"(?<=\A{literal(space)}) +" if early else r"\A +"
         steps.append(n.Replace(_rx(lead), ""))
         steps.append(n.Replace(_rx(" {2,}"), " "))
     if info.escape_whitespaces:
@@ -97,7 +91,7 @@ def build_normalizer(info: SpmInfo, *, strict: bool = True):
         steps.append(n.Prepend(space))
     if info.remove_extra_whitespaces:
         end = f"(?={escape(ord(SUFFIX_MARK))})" if marked else r"\z"
-        steps.append(n.Replace(_rx(re.escape(space) + "+" + end), ""))
+        steps.append(n.Replace(_rx(literal(space) + "+" + end), ""))
     if marked:
         steps.append(n.Replace(SUFFIX_MARK, space))
     elif suffix:
@@ -141,8 +135,8 @@ def build_decoder(info: SpmInfo):
     steps = []
     controls = [info.pieces[i] for i in info.ids_of(CONTROL)]
     if controls:
-        steps.append(d.Replace(_rx(rf"\A(?:{_alternation(controls)})\z"), ""))
-    steps.append(d.Replace(_rx(rf"\A{re.escape(info.pieces[info.unk_id])}\z"), info.unk_surface))
+        steps.append(d.Replace(_rx(rf"\A(?:{alternation(controls)})\z"), ""))
+    steps.append(d.Replace(_rx(rf"\A{literal(info.pieces[info.unk_id])}\z"), info.unk_surface))
     # Every ▁ but a piece's leading one becomes a space now; the leading one stays as a marker until fused.
     steps.append(d.Replace(_rx(rf"(?!\A){marker}"), " "))
     if info.byte_fallback:
@@ -156,13 +150,14 @@ def build_decoder(info: SpmInfo):
     return d.Sequence(steps)
 
 
-def build_model(info: SpmInfo):
-    """``Unigram`` or ``BPE`` model plus the pre-tokenizer it needs (``None`` for Unigram)."""
+def build_model(info: SpmInfo, plan: ReservedPlan | None = None):
+    """``Unigram`` or ``BPE`` model plus the pre-tokenizer it needs (``None`` for Unigram); ``plan`` is the
+    Unigram model's :func:`reserved_plan` when the caller already has it."""
     from tokenizers import models
 
     if info.model_type == BPE:
         return build_bpe(info)
-    vocab = unigram_vocab(info, hide_reserved=reserved_plan(info).hide)
+    vocab = unigram_vocab(info, hide_reserved=(plan or reserved_plan(info)).hide)
     return models.Unigram(vocab, unk_id=info.unk_id, byte_fallback=info.byte_fallback), None
 
 
@@ -182,7 +177,7 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
                 hint="use --force to write an approximate tokenizer and check it with `persimmon-tools tokenizer --check`",
             )
         log.warning("%s (writing an approximation because strict=False)", message)
-    model, pre = build_model(info)
+    model, pre = build_model(info, plan)
     tok = Tokenizer(model)
     tok.normalizer = build_normalizer(info, strict=strict)
     if plan and plan.remapped:

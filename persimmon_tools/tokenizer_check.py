@@ -57,6 +57,13 @@ class ParityReport:
         }
 
 
+#: What a float32 tie is, for messages (docs/tokenizer.md explains it in full).
+TIE_EXPLANATION = (
+    "two segmentations with the same exact score, which SentencePiece orders by the float32 rounding of the "
+    "text before them and tokenizers (float64) cannot"
+)
+
+
 def _describe_encode(text: str, expected: list[int], got: list[int], piece) -> str:
     first = next(
         (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
@@ -147,15 +154,14 @@ def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: 
     Returns:
         A :class:`ParityReport`; ``report.ok`` is True only with zero encode and zero decode mismatches.
     """
-    from persimmon_tools.tokenizer_build import build_fast_tokenizer
+    from persimmon_tools.tokenizer_build import build_from_info
     from persimmon_tools.tokenizer_corpus import builtin_sample
-
-    sp = load_sp(Path(sp_model))
-    fast = build_fast_tokenizer(Path(sp_model), strict=strict)
     from persimmon_tools.tokenizer_spm import UNIGRAM, read_spm
     from persimmon_tools.tokenizer_unigram import unigram_vocab
 
+    sp = load_sp(Path(sp_model))
     info = read_spm(Path(sp_model))
+    fast = build_from_info(info, strict=strict)
     scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
     return compare(
         sp, fast, builtin_sample() if texts is None else texts, str(sp_model), unigram_scores=scores

@@ -224,14 +224,19 @@ def inexpressible(info: SpmInfo) -> list[str]:
     return problems
 
 
+def known_chars(info: SpmInfo) -> set[str]:
+    """Characters that are NORMAL/USER_DEFINED pieces of their own (never ``<unk>`` in SentencePiece)."""
+    return {
+        p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED) and len(p) == 1
+    }
+
+
 def unknown_char_pieces(info: SpmInfo) -> list[str]:
     """NORMAL/USER_DEFINED pieces containing a character that is not itself a one-character trie piece.
 
     Only for those does SentencePiece's ``<unk>`` score compete with a real piece in the lattice.
     """
-    known = {
-        p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED) and len(p) == 1
-    }
+    known = known_chars(info)
     return [
         p
         for p, t in zip(info.pieces, info.types, strict=True)

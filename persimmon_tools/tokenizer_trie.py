@@ -152,6 +152,16 @@ def escape(cp: int) -> str:
     return ch if ch.isascii() and ch.isalnum() else f"\\x{{{cp:X}}}"
 
 
+def literal(text: str) -> str:
+    """``text`` as an Oniguruma regex matching exactly it."""
+    return "".join(escape(ord(c)) for c in text)
+
+
+def alternation(strings: list[str]) -> str:
+    """Alternation of literal strings, longest first (leftmost-longest, like a prefix matcher)."""
+    return "|".join(literal(s) for s in sorted(set(strings), key=lambda s: (-len(s), s)))
+
+
 def char_class(chars: list[str]) -> str:
     """A regex matching one of ``chars`` (never empty: an impossible class for no characters)."""
     if len(chars) == 1:

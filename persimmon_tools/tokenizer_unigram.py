@@ -38,6 +38,7 @@ from persimmon_tools.tokenizer_spm import (
     UNUSED,
     USER_DEFINED,
     SpmInfo,
+    known_chars,
     unknown_char_pieces,
 )
 
@@ -70,8 +71,9 @@ def reserved_plan(info: SpmInfo) -> ReservedPlan:
     if not info.byte_fallback and stand_in:  # with byte fallback the unknown character's bytes are the ids
         remapped = tuple(sorted({c for p in reserved for c in p if c not in in_trie}))
     matchable = [p for p in reserved if not any(c in remapped for c in p)]
-    known = _known_chars(info)
+    known = known_chars(info)
     problem = ""
+    unknown = unknown_char_pieces(info)
     spelled = [p for p in matchable if any(c not in known for c in p)]
     if spelled:
         missing = sorted({c for p in spelled for c in p if c not in known})
@@ -79,16 +81,13 @@ def reserved_plan(info: SpmInfo) -> ReservedPlan:
         if info.byte_fallback:
             why += " and byte fallback needs those characters' bytes, so they cannot be mapped away"
         problem = _problem(why, spelled[0])
-    elif matchable and unknown_char_pieces(info):
+    elif matchable and unknown:
         why = (
-            f"pieces such as {unknown_char_pieces(info)[0]!r} contain characters that have no piece of their own, "
+            f"pieces such as {unknown[0]!r} contain characters that have no piece of their own, "
             "so the unknown-character score matters, and hiding reserved pieces would change it"
         )
         problem = _problem(why, matchable[0])
-    elif (
-        unknown_char_pieces(info)
-        and min(s for _, s in unigram_vocab(info, hide_reserved=False)) < info.min_score
-    ):
+    elif unknown and min(s for _, s in unigram_vocab(info, hide_reserved=False)) < info.min_score:
         problem = (
             "user-defined pieces score below the lowest NORMAL piece (the model's scores are all above -0.1), "
             "which changes tokenizers' unknown-character score"
@@ -118,12 +117,6 @@ def _problem(why: str, example: str) -> str:
         "reserved pieces (CONTROL/UNKNOWN/BYTE/UNUSED) cannot be kept out of tokenizers' Unigram lattice because "
         f"{why}: literal text {example!r} would encode as that one piece, SentencePiece never does"
     )
-
-
-def _known_chars(info: SpmInfo) -> set[str]:
-    return {
-        p for p, t in zip(info.pieces, info.types, strict=True) if t in (NORMAL, USER_DEFINED) and len(p) == 1
-    }
 
 
 def unigram_vocab(info: SpmInfo, *, hide_reserved: bool) -> list[tuple[str, float]]:

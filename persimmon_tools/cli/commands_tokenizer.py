@@ -86,6 +86,7 @@ def tokenizer_cmd(
       persimmon-tools tokenizer --check --allow-ties t5.model runs.txt  # float32 ties only: exit 0
     """
     from persimmon_tools.tokenizer import check_parity, write_tokenizer
+    from persimmon_tools.tokenizer_check import TIE_EXPLANATION
 
     if check:
         if chat or not add_bos:
@@ -119,12 +120,7 @@ def tokenizer_cmd(
                 f"{report.encode_mismatches + report.decode_mismatches} mismatches between the fast tokenizer and SentencePiece"
                 + (f" ({ties} of them float32 ties)" if ties else ""),
                 hint="see the differences above; docs/tokenizer.md lists what cannot be expressed exactly"
-                + (
-                    " (a float32 tie: two segmentations with the same exact score, which SentencePiece orders by "
-                    "float32 rounding of the text before them; tokenizers adds scores in float64 and cannot)"
-                    if ties
-                    else ""
-                ),
+                + (f" (a float32 tie: {TIE_EXPLANATION})" if ties else ""),
             )
         return
     if len(paths) != 1:
