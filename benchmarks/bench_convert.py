@@ -5,14 +5,17 @@
     python benchmarks/bench_convert.py --skip-baseline-converter --skip-verify
 
 Steps (each a subprocess, peak RSS from ``os.wait4``; the tar's page cache is dropped with
-``posix_fadvise(DONTNEED)`` before each timed read so every contender starts cold on the source):
+``posix_fadvise(DONTNEED)`` before each timed read, so every contender starts cold on the source):
 
 1. ``cp`` of the tar to the same filesystem (and ``cp`` + ``sync``, since convert fsyncs its output), and
-2. ``persimmon-tools convert`` (``--dtype auto``, no verify), alternating for ``--rounds`` rounds: median wall time, peak RSS;
+2. ``persimmon-tools convert`` (``--dtype auto``, no verify), for ``--rounds`` rounds: median wall time, peak
+   RSS. Each round starts after deleting both outputs, ``sync`` and ``--settle`` seconds, and runs both; the
+   order flips every round, so each contender follows the deletions and the other's write equally often
+   (what was deleted just before a write changes its speed on this disk by up to 50%);
 3. bit-identity: every output tensor compared byte for byte with its source bytes in the tar;
-5. a straightforward baseline converter (``torch.load`` of the whole checkpoint + ``safetensors`` ``save_file``,
+4. a straightforward baseline converter (``torch.load`` of the whole checkpoint + ``safetensors`` ``save_file``,
    on the ``.pt`` extracted beforehand) under an address-space limit (``RLIMIT_AS``), so it fails cleanly instead of taking the machine down;
-4. ``persimmon-tools verify`` on CPU with a 32-token prompt: wall time and peak RSS.
+5. ``persimmon-tools verify`` on CPU with a 32-token prompt: wall time and peak RSS.
 
 Prints a table and writes JSON (``--json``, default ``benchmarks/results/convert_<preset>.json``).
 """
@@ -139,7 +142,18 @@ def main() -> None:
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--skip-bitcheck", action="store_true")
     ap.add_argument("--keep-output", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating cp/convert rounds (median reported)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds of cp and convert, order flipped each round (even is fair)",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds of quiet after deleting and syncing, before each timed step",
+    )
     a = ap.parse_args()
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -159,29 +173,61 @@ def main() -> None:
     size = tar.stat().st_size
     results["release_bytes"] = size
 
-    # cp and convert alternate, each from a cold source cache; the median of the rounds is reported.
+    # cp and convert from the same disk history. On this disk (ext4 with online `discard` on a virtual
+    # disk) what was deleted just before a write changes its speed by up to 50%: `cp` took 6.8-7.6 s after
+    # nothing was deleted and 10.6 s right after a convert output was deleted, however long the disk was
+    # left to settle. So each round starts from the same state (both outputs deleted, `sync`, `--settle`
+    # seconds, cold source) and runs both, keeping the first output while the second is written; the order
+    # flips every round (cp first, then convert first, ...), so each contender is measured equally often
+    # after the deletions and after the other's write. Medians of the rounds are reported.
     copy, out = work / "cp_copy.tar", work / f"{a.preset}-hf"
-    cps, convs = [], []
-    for _ in range(a.rounds):
+    keep_both = shutil.disk_usage(work).free + (copy.stat().st_size if copy.exists() else 0) > 2.1 * size
+
+    def clean_slate() -> None:
+        copy.unlink(missing_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        time.sleep(a.settle)
+
+    def run_cp() -> dict:
         drop_cache(tar)
         cp = run_measured(["cp", str(tar), str(copy)])
         start = time.perf_counter()
         subprocess.run(["sync"], check=True)
         cp["sync_seconds"] = round(time.perf_counter() - start, 2)
-        copy.unlink()
-        cps.append(cp)
-        shutil.rmtree(out, ignore_errors=True)
+        return cp
+
+    def run_convert() -> dict:
         drop_cache(tar)
         conv = run_measured([*CLI, "convert", str(tar), str(out), "--no-verify", "-q", "--json"])
-        if conv["exit_code"] != 0:
-            print(conv["stderr"], file=sys.stderr)
+        subprocess.run(["sync"], check=True)
+        return conv
+
+    if not keep_both:
+        print(
+            "not enough free space for both outputs: each step starts after deleting the other's",
+            file=sys.stderr,
+        )
+    cps, convs = [], []
+    for r in range(a.rounds):
+        order = [run_cp, run_convert] if r % 2 == 0 else [run_convert, run_cp]
+        clean_slate()
+        for step in order:
+            if not keep_both and step is not order[0]:
+                clean_slate()
+            res = step()
+            (cps if step is run_cp else convs).append({**res, "first_in_round": step is order[0]})
+        if convs[-1]["exit_code"] != 0:
+            print(convs[-1]["stderr"], file=sys.stderr)
             break
-        convs.append(conv)
+    copy.unlink(missing_ok=True)
+    conv = convs[-1]
+    results["order"] = "counterbalanced" if keep_both else "each after deleting the other's output"
     median = lambda runs: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # noqa: E731
     results["cp_rounds"] = [r["seconds"] for r in cps]
     results["convert_rounds"] = [r["seconds"] for r in convs] or [conv["seconds"]]
     results["cp"] = median(cps)
-    results["convert"] = median(convs) if convs else conv
+    results["convert"] = median(convs) if conv["exit_code"] == 0 else conv
     if not a.skip_bitcheck and results["convert"]["exit_code"] == 0:
         results["bit_identity"] = bit_identical(tar, out)
 

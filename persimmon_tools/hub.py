@@ -37,13 +37,19 @@ from persimmon_tools.fingerprint import (
     fingerprint_mismatches,
 )
 from persimmon_tools.hub_errors import Retry, signals_raise_interrupt
-from persimmon_tools.hub_plan import LocalFile, PlannedFile, PushPlan, compare_with_remote, local_files
+from persimmon_tools.hub_plan import (
+    CARD_MODES,
+    LocalFile,
+    PlannedFile,
+    PushPlan,
+    compare_with_remote,
+    local_files,
+)
 from persimmon_tools.model_card import build_model_card, detect_variant, folder_digest, read_record
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CARD_MODES = ("keep", "replace")
 _PATHS_PER_REQUEST = 50
 
 

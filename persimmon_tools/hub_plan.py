@@ -11,6 +11,8 @@ from typing import Any
 
 from persimmon_tools.fingerprint import MODEL_CARD_FILE, VERIFICATION_FILE
 
+CARD_MODES = ("keep", "replace")  # push --card: keep the Hub's README.md, or replace it with ours
+
 _LFS_PATTERNS = ("*.safetensors", "*.bin", "*.model", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.npz")
 _REGULAR_MAX = 10 * 1024 * 1024  # the Hub stores files of 10 MiB or more with LFS
 

@@ -113,8 +113,9 @@ def write_tokenizer(
         The written paths.
     """
     sp_model, out_dir = Path(sp_model), Path(out_dir)
+    tok = build_fast_tokenizer(sp_model, strict=check)  # built once: the check encodes with this very object
     if check:
-        report = check_parity(sp_model)
+        report = check_parity(sp_model, fast=tok)
         if report.only_ties and allow_ties:
             log.warning(
                 "tokenizer parity: %d of %d texts differ from SentencePiece, all by float32 ties (allowed)",
@@ -125,7 +126,6 @@ def write_tokenizer(
             raise _parity_error(report)
         else:
             log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
-    tok = build_fast_tokenizer(sp_model, strict=check)
     specials = special_tokens(sp_model)
     tok.post_processor = _post_processor(specials["bos"], add_bos_token)
     names = {k: (v[0] if v else None) for k, v in specials.items()}

@@ -143,13 +143,17 @@ def compare(
     return ParityReport(origin, items, enc_bad, dec_bad, examples, ties)
 
 
-def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: bool = True) -> ParityReport:
+def check_parity(
+    sp_model: Path, texts: Iterable[str] | None = None, *, strict: bool = True, fast=None
+) -> ParityReport:
     """Encode ``texts`` (default: :func:`builtin_sample`) with SentencePiece and with the fast tokenizer.
 
     Args:
         sp_model: SentencePiece ``.model`` file.
         texts: the corpus, one item per text; ``None`` uses the built-in multi-script sample.
         strict: passed to :func:`build_fast_tokenizer` (``False`` checks an approximate conversion).
+        fast: the ``tokenizers.Tokenizer`` built from ``sp_model`` when the caller already has it (its
+            post-processor must not add tokens); ``None`` builds it here.
 
     Returns:
         A :class:`ParityReport`; ``report.ok`` is True only with zero encode and zero decode mismatches.
@@ -161,7 +165,8 @@ def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: 
 
     sp = load_sp(Path(sp_model))
     info = read_spm(Path(sp_model))
-    fast = build_from_info(info, strict=strict)
+    if fast is None:
+        fast = build_from_info(info, strict=strict)
     scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
     return compare(
         sp, fast, builtin_sample() if texts is None else texts, str(sp_model), unigram_scores=scores

@@ -2,13 +2,16 @@
 
 Each command lives in its own module and calls one library function, then renders the result. This file
 holds the only place where library errors become ``Error:``/``Hint:`` text and exit codes:
-1 = failure, 2 = usage, 3 = verification failed, 130 = interrupted.
+1 = failure, 2 = usage, 3 = verification failed, 130 = interrupted, 141 = the reader of stdout went away
+(``| head``: no message, like tools that SIGPIPE stops).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +68,21 @@ def _install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a tool that a closed pipe stopped
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll reports POLLERR on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real fd (CliRunner, closed stream)
+        return False
+
+
 class _Group(click.Group):
     """Click group that turns known library errors into messages and exit codes (no traceback)."""
 
@@ -81,6 +99,11 @@ class _Group(click.Group):
             click.echo("Error: interrupted; temporary output was removed.", err=True)
             ctx.exit(130)
         except OSError as err:
+            if isinstance(err, BrokenPipeError) and _stdout_reader_gone():
+                os.dup2(
+                    os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+                )  # so the exit flush cannot fail
+                ctx.exit(EXIT_STDOUT_CLOSED)
             if ctx.meta.get(_DEBUG_KEY):
                 raise
             click.secho(f"Error: {err.strerror or err} ({err.filename or 'no file'})", err=True, fg="red")
@@ -105,6 +128,29 @@ def main() -> None:
 
     Every command has --help with examples. Nothing here needs ADEPT's code or the network (except push).
     """
+
+
+def run() -> None:
+    """The console script: :func:`main`, then exit without the interpreter's teardown.
+
+    Tearing down an interpreter that has imported torch takes ~0.35 s here (``python -c "import torch"``:
+    1.07 s; with ``os._exit(0)`` at the end: 0.71 s), which is 4% of converting an 8B release. When a
+    command returns, its work is done: outputs renamed into place, temporary folders removed, threads
+    joined. So the streams and logging are flushed and the process exits with the command's code. An
+    unexpected exception (a bug) takes the normal path, with its traceback.
+    """
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
+                stream.flush()
+        os._exit(code or 0)
 
 
 def _register() -> None:

@@ -1,5 +1,5 @@
 """``python -m persimmon_tools.cli`` = the ``persimmon-tools`` console script."""
 
-from persimmon_tools.cli import main
+from persimmon_tools.cli import run
 
-main()
+run()

@@ -7,12 +7,15 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
-from persimmon_tools.hub import CARD_MODES, PushResult, push_folder
-from persimmon_tools.model_card import format_size
+from persimmon_tools.hub_plan import CARD_MODES
+
+if TYPE_CHECKING:
+    from persimmon_tools.hub import PushResult
 
 
 @click.command("push")
@@ -81,6 +84,8 @@ def push_cmd(
     if logging.getLogger().level > logging.DEBUG:  # one INFO line per HTTP request is noise unless -v
         for name in ("httpx", "httpx2", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    from persimmon_tools.hub import push_folder  # here: huggingface_hub's client costs 0.12 s to import
+
     result = push_folder(
         out_dir,
         repo_id,
@@ -105,6 +110,8 @@ def push_cmd(
 
 
 def _render_plan(result: PushResult) -> None:
+    from persimmon_tools.model_card import format_size
+
     plan = result.plan
     click.echo("Dry run: nothing was uploaded.")
     state = "exists" if plan.repo_exists else "would be created"
