@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -223,7 +224,18 @@ def main() -> None:
     copy.unlink(missing_ok=True)
     conv = convs[-1]
     results["order"] = "counterbalanced" if keep_both else "each after deleting the other's output"
-    median = lambda runs: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # noqa: E731
+
+    def median(runs: list[dict]) -> dict:
+        """The run nearest the median (its peak RSS etc.), with ``seconds`` the median itself."""
+        mid = statistics.median(r["seconds"] for r in runs)
+        return {**min(runs, key=lambda r: abs(r["seconds"] - mid)), "seconds": round(mid, 2)}
+
+    for name, runs in (("cp", cps), ("convert", convs)):
+        for first in (True, False):
+            times = [r["seconds"] for r in runs if r["first_in_round"] is first]
+            if times:
+                key = "after_deletions" if first else "after_the_other"
+                results.setdefault("by_position", {}).setdefault(name, {})[key] = statistics.median(times)
     results["cp_rounds"] = [r["seconds"] for r in cps]
     results["convert_rounds"] = [r["seconds"] for r in convs] or [conv["seconds"]]
     results["cp"] = median(cps)
@@ -298,7 +310,13 @@ def main() -> None:
             gib(conv["peak_rss_bytes"]),
             f"{size / conv['seconds'] / 2**20:.0f} MiB/s",
             f"{conv['seconds'] / cp_s:.2f}x cp, {conv['seconds'] / cps_s:.2f}x cp+sync; medians of "
-            f"{len(results['convert_rounds'])} rounds (cp {results['cp_rounds']}, convert {results['convert_rounds']})",
+            f"{len(results['convert_rounds'])} rounds (cp {results['cp_rounds']}, convert {results['convert_rounds']})"
+            + "".join(
+                f"; {where.replace('_', ' ')}: cp {pos['cp'][where]:.2f} s, convert {pos['convert'][where]:.2f} s"
+                for pos in [results.get("by_position", {})]
+                for where in ("after_deletions", "after_the_other")
+                if where in pos.get("cp", {}) and where in pos.get("convert", {})
+            ),
         ),
     ]
     if "bit_identity" in results:

@@ -31,6 +31,7 @@ from persimmon_tools.writer import (
     WriteStats,
     atomic_output_dir,
     check_output_dir,
+    finish_shard,
     plan_shards,
     write_index,
     write_json,
@@ -240,16 +241,32 @@ def convert(
     # The tokenizer (build, parity gate, files) runs beside the shard writer, which spends its time in
     # syscalls and torch kernels; a refusal stops the conversion at the next shard. The pool is left
     # (waiting for the thread) before the temp folder is, so nothing writes into a removed folder.
-    with atomic_output_dir(out_dir, options.force) as tmp, ThreadPoolExecutor(1, "tokenizer") as pool:
+    # Each shard's fsync and read-back check run in a third thread while the next shard is written
+    # (measured: 4 x 0.2 s of stalls on the 8B release otherwise).
+    with (
+        atomic_output_dir(out_dir, options.force) as tmp,
+        ThreadPoolExecutor(1, "tokenizer") as pool,
+        ThreadPoolExecutor(1, "fsync") as syncer,
+    ):
         tokenizer = None
         if plan.vocab_bytes is not None and options.tokenizer:
             tokenizer = pool.submit(_write_tokenizer, plan, tmp, options)
+        finishing = []
         for fname, tensors in plan.shards.files.items():
-            if tokenizer is not None and tokenizer.done():
-                tokenizer.result()  # raises the tokenizer's error now rather than after all the weights
+            for done in [tokenizer, *finishing]:
+                if done is not None and done.done():
+                    done.result()  # raises an error now rather than after all the weights
             write_shard(
-                tmp / fname, tensors, stats, check_finite=not options.allow_nonfinite, progress=progress
+                tmp / fname,
+                tensors,
+                stats,
+                check_finite=not options.allow_nonfinite,
+                progress=progress,
+                sync=False,
             )
+            finishing.append(syncer.submit(finish_shard, tmp / fname, tensors))
+        for done in finishing:
+            done.result()
         _refuse_bad_values(stats, options)
         if plan.shards.is_sharded:
             write_index(tmp, plan.shards)

@@ -12,6 +12,7 @@ names and the index match what ``save_pretrained`` would write. Every written sh
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -165,9 +166,9 @@ class _CheckedCopier:
         for fd in self.fds.values():
             os.close(fd)
 
-    def _read_and_check(self, job: tuple[Path, int, int], slot: int, dtype: torch.dtype) -> int:
+    def _read_and_check(self, job: tuple[Path, int, int, torch.dtype], slot: int) -> int:
         """Fill buffer ``slot`` with the job's bytes; return its NaN/Inf count."""
-        src, off, n = job
+        src, off, n, dtype = job
         fd = self.fds.get(src)
         if fd is None:
             fd = self.fds[src] = os.open(src, os.O_RDONLY)
@@ -177,28 +178,34 @@ class _CheckedCopier:
         preadv_exact(fd, view, off, str(src))
         return _count_nonfinite(torch.frombuffer(view, dtype=dtype)) if n else 0
 
-    def copy(self, ranges: list, dtype: torch.dtype, name: str) -> int:
-        step = COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % dtype.itemsize
-        jobs = [
-            (src, off + a, min(step, size - a)) for src, off, size in ranges for a in range(0, size, step)
-        ]
+    def copy(self, tensors: list[tuple[list, torch.dtype, str]]) -> list[int]:
+        """Copy each ``(byte ranges, dtype, name)`` in order, as one pipeline (no stall between tensors);
+        return the bytes written per tensor."""
+        jobs, owner = [], []
+        for index, (ranges, dtype, _) in enumerate(tensors):
+            step = COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % dtype.itemsize
+            for src, off, size in ranges:
+                for a in range(0, size, step):
+                    jobs.append((src, off + a, min(step, size - a), dtype))
+                    owner.append(index)
         ahead = self._BUFFERS - 1
         pending = [
-            self.pool.submit(self._read_and_check, jobs[i], i % self._BUFFERS, dtype)
+            self.pool.submit(self._read_and_check, jobs[i], i % self._BUFFERS)
             for i in range(min(ahead, len(jobs)))
         ]
-        total = 0
+        written = [0] * len(tensors)
         for i, job in enumerate(jobs):
             bad = pending.pop(0).result()
             if i + ahead < len(jobs):
                 nxt = i + ahead
-                pending.append(self.pool.submit(self._read_and_check, jobs[nxt], nxt % self._BUFFERS, dtype))
+                pending.append(self.pool.submit(self._read_and_check, jobs[nxt], nxt % self._BUFFERS))
+            name = tensors[owner[i]][2]
             if bad:
                 self.stats.nonfinite[name] = self.stats.nonfinite.get(name, 0) + bad
             _write_all(self.out_fd, memoryview(self.buffers[i % self._BUFFERS])[: job[2]])
-            total += job[2]
+            written[owner[i]] += job[2]
             self.progress(job[2])
-        return total
+        return written
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -228,40 +235,80 @@ def write_shard(
     *,
     check_finite: bool = True,
     progress: Callable[[int], None] = lambda n: None,
+    sync: bool = True,
 ) -> None:
-    """Write one safetensors file, streaming each tensor's bytes (see module docstring)."""
+    """Write one safetensors file, streaming each tensor's bytes (see module docstring).
+
+    With ``sync=False`` the caller must call :func:`finish_shard` before relying on the file: convert
+    does it in a second thread, so the fsync of one shard overlaps the writing of the next.
+    """
     header = _header(tensors)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with _CheckedCopier(fd, stats, progress) as copier:
             _write_all(fd, memoryview(header))
-            for p in tensors:
-                ranges = p.source.byte_ranges() if p.out_dtype == p.source.dtype else None
-                if ranges is not None and not check_finite:
-                    for src, offset, size in ranges:
-                        _copy_range(src, offset, size, fd, progress)
-                        stats.kernel_copied_bytes += size
-                    written = sum(size for _, _, size in ranges)
-                elif ranges is not None:
-                    written = copier.copy(ranges, p.out_dtype, p.target)
+            for how, group in itertools.groupby(tensors, key=lambda p: _how_to_write(p, check_finite)):
+                group = list(group)
+                if how == "checked":
+                    written = copier.copy([(p.source.byte_ranges(), p.out_dtype, p.target) for p in group])
                 else:
-                    written = 0
-                    for block in _chunks(p, stats, check_finite):
-                        data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-                        _write_all(fd, memoryview(data))
-                        written += data.nbytes
-                        progress(data.nbytes)
-                if written != p.nbytes:
-                    raise ConversionError(
-                        f"{p.target}: wrote {written} bytes, expected {p.nbytes}",
-                        hint="the source checkpoint is inconsistent; re-download it",
-                    )
-                stats.tensors += 1
-                stats.bytes_written += written
-        os.fsync(fd)
+                    written = [_write_one(p, how, fd, stats, check_finite, progress) for p in group]
+                for p, n in zip(group, written, strict=True):
+                    if n != p.nbytes:
+                        raise ConversionError(
+                            f"{p.target}: wrote {n} bytes, expected {p.nbytes}",
+                            hint="the source checkpoint is inconsistent; re-download it",
+                        )
+                    stats.tensors += 1
+                    stats.bytes_written += n
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if sync:
+        _check_written(path, tensors)
+
+
+def finish_shard(path: Path, tensors: list[PlannedTensor]) -> None:
+    """fsync a shard written with ``sync=False`` and check its header against the plan."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # Linux flushes the file's dirty pages through any descriptor of it
     finally:
         os.close(fd)
     _check_written(path, tensors)
+
+
+def _how_to_write(p: PlannedTensor, check_finite: bool) -> str:
+    """``kernel`` (same dtype, copied by the kernel), ``checked`` (same dtype, screened for NaN/Inf on the
+    way) or ``cast`` (dtype change or interleaving: row blocks through torch)."""
+    if p.out_dtype != p.source.dtype or p.source.byte_ranges() is None:
+        return "cast"
+    return "checked" if check_finite else "kernel"
+
+
+def _write_one(
+    p: PlannedTensor,
+    how: str,
+    fd: int,
+    stats: WriteStats,
+    check_finite: bool,
+    progress: Callable[[int], None],
+) -> int:
+    """Write one tensor by the ``kernel`` or ``cast`` path; return the bytes written."""
+    if how == "kernel":
+        ranges = p.source.byte_ranges()
+        for src, offset, size in ranges:
+            _copy_range(src, offset, size, fd, progress)
+            stats.kernel_copied_bytes += size
+        return sum(size for _, _, size in ranges)
+    written = 0
+    for block in _chunks(p, stats, check_finite):
+        data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+        _write_all(fd, memoryview(data))
+        written += data.nbytes
+        progress(data.nbytes)
+    return written
 
 
 def _check_written(path: Path, tensors: list[PlannedTensor]) -> None:

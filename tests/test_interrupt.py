@@ -80,16 +80,17 @@ def test_signal_during_convert(mid_release, tmp_path, sig):
 
 
 def _interrupt_after(n_calls: int, monkeypatch) -> None:
-    real = writer._CheckedCopier.copy
+    """Ctrl-C during the ``n_calls``-th write of shard bytes (headers and copied chunks)."""
+    real = writer._write_all
     calls = []
 
-    def copy(self, *args, **kwargs):
+    def write_all(*args, **kwargs):
         calls.append(1)
         if len(calls) == n_calls:
             raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(writer._CheckedCopier, "copy", copy)
+    monkeypatch.setattr(writer, "_write_all", write_all)
 
 
 def test_keyboard_interrupt_keeps_old_output(releases, tmp_path, monkeypatch):

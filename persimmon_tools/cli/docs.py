@@ -40,7 +40,8 @@ def cli_reference_markdown() -> str:
         "`tests/test_docs.py` fails when it is out of date.",
         "",
         "Exit codes: 0 success, 1 failure (`Error:` / `Hint:` on stderr), 2 usage error, "
-        "3 verification failed, 130 interrupted (Ctrl-C / SIGTERM; temporary output removed).",
+        "3 verification failed, 130 interrupted (Ctrl-C / SIGTERM; temporary output removed), "
+        "141 stdout closed by its reader (`| head`; no message).",
         "",
         "## persimmon-tools",
         "",
