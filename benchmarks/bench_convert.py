@@ -211,13 +211,15 @@ def main() -> None:
         )
     cps, convs = [], []
     for r in range(a.rounds):
-        order = [run_cp, run_convert] if r % 2 == 0 else [run_convert, run_cp]
+        # Without room for both, cp goes first so that convert's output survives for the bit-identity check.
+        order = [run_cp, run_convert] if r % 2 == 0 or not keep_both else [run_convert, run_cp]
         clean_slate()
         for step in order:
             if not keep_both and step is not order[0]:
                 clean_slate()
             res = step()
-            (cps if step is run_cp else convs).append({**res, "first_in_round": step is order[0]})
+            after_deletions = step is order[0] or not keep_both
+            (cps if step is run_cp else convs).append({**res, "first_in_round": after_deletions})
         if convs[-1]["exit_code"] != 0:
             print(convs[-1]["stderr"], file=sys.stderr)
             break

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
 from persimmon_tools.spm import eod_piece, load_sp
-from persimmon_tools.tokenizer_build import build_fast_tokenizer
-from persimmon_tools.tokenizer_check import TIE_EXPLANATION, ParityReport, check_parity
+from persimmon_tools.tokenizer_build import build_fast_tokenizer, build_from_info
+from persimmon_tools.tokenizer_check import TIE_EXPLANATION, ParityReport, check_parity, parity_report
 from persimmon_tools.tokenizer_corpus import builtin_sample
+from persimmon_tools.tokenizer_spm import read_spm
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -53,9 +54,12 @@ def special_tokens(sp_model: Path) -> dict[str, tuple[str, int] | None]:
     ``eos_id()``, and uses it as BOS too; we do the same (:func:`persimmon_tools.spm.eod_piece`, with a logged
     warning) so that other SentencePiece models still convert, consistently with ``config.json``.
     """
-    sp = load_sp(Path(sp_model))
+    return _special_tokens(load_sp(Path(sp_model)), str(sp_model))
+
+
+def _special_tokens(sp, origin: str) -> dict[str, tuple[str, int] | None]:
     unk = (sp.id_to_piece(sp.unk_id()), sp.unk_id())
-    eod = eod_piece(sp, str(sp_model))  # the same piece config.json's bos/eos ids name
+    eod = eod_piece(sp, origin)  # the same piece config.json's bos/eos ids name
     return {"bos": eod, "eos": eod, "unk": unk}
 
 
@@ -113,9 +117,12 @@ def write_tokenizer(
         The written paths.
     """
     sp_model, out_dir = Path(sp_model), Path(out_dir)
-    tok = build_fast_tokenizer(sp_model, strict=check)  # built once: the check encodes with this very object
+    # The model and its proto are read once (0.27 s and 0.17 s for 262,144 pieces), the tokenizer built once:
+    # the check encodes with the very object that is written.
+    sp, info = load_sp(sp_model), read_spm(sp_model)
+    tok = build_from_info(info, strict=check)
     if check:
-        report = check_parity(sp_model, fast=tok)
+        report = parity_report(sp, info, tok)
         if report.only_ties and allow_ties:
             log.warning(
                 "tokenizer parity: %d of %d texts differ from SentencePiece, all by float32 ties (allowed)",
@@ -126,7 +133,7 @@ def write_tokenizer(
             raise _parity_error(report)
         else:
             log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
-    specials = special_tokens(sp_model)
+    specials = _special_tokens(sp, str(sp_model))
     tok.post_processor = _post_processor(specials["bos"], add_bos_token)
     names = {k: (v[0] if v else None) for k, v in specials.items()}
     config: dict[str, object] = {

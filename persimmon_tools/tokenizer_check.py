@@ -143,31 +143,33 @@ def compare(
     return ParityReport(origin, items, enc_bad, dec_bad, examples, ties)
 
 
-def check_parity(
-    sp_model: Path, texts: Iterable[str] | None = None, *, strict: bool = True, fast=None
-) -> ParityReport:
+def parity_report(sp, info, fast, texts: Iterable[str] | None = None) -> ParityReport:
+    """:func:`compare` a loaded ``SentencePieceProcessor`` ``sp``, its proto ``info`` (:class:`SpmInfo`) and the
+    fast tokenizer built from it (no post-processor tokens) on ``texts`` (default: :func:`builtin_sample`),
+    with Unigram encode mismatches classified as float32 ties."""
+    from persimmon_tools.tokenizer_corpus import builtin_sample
+    from persimmon_tools.tokenizer_spm import UNIGRAM
+    from persimmon_tools.tokenizer_unigram import unigram_vocab
+
+    scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
+    return compare(
+        sp, fast, builtin_sample() if texts is None else texts, str(info.path), unigram_scores=scores
+    )
+
+
+def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: bool = True) -> ParityReport:
     """Encode ``texts`` (default: :func:`builtin_sample`) with SentencePiece and with the fast tokenizer.
 
     Args:
         sp_model: SentencePiece ``.model`` file.
         texts: the corpus, one item per text; ``None`` uses the built-in multi-script sample.
-        strict: passed to :func:`build_fast_tokenizer` (``False`` checks an approximate conversion).
-        fast: the ``tokenizers.Tokenizer`` built from ``sp_model`` when the caller already has it (its
-            post-processor must not add tokens); ``None`` builds it here.
+        strict: passed to :func:`build_from_info` (``False`` checks an approximate conversion).
 
     Returns:
         A :class:`ParityReport`; ``report.ok`` is True only with zero encode and zero decode mismatches.
     """
     from persimmon_tools.tokenizer_build import build_from_info
-    from persimmon_tools.tokenizer_corpus import builtin_sample
-    from persimmon_tools.tokenizer_spm import UNIGRAM, read_spm
-    from persimmon_tools.tokenizer_unigram import unigram_vocab
+    from persimmon_tools.tokenizer_spm import read_spm
 
-    sp = load_sp(Path(sp_model))
     info = read_spm(Path(sp_model))
-    if fast is None:
-        fast = build_from_info(info, strict=strict)
-    scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
-    return compare(
-        sp, fast, builtin_sample() if texts is None else texts, str(sp_model), unigram_scores=scores
-    )
+    return parity_report(load_sp(Path(sp_model)), info, build_from_info(info, strict=strict), texts)

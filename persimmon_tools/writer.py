@@ -240,7 +240,7 @@ def write_shard(
     """Write one safetensors file, streaming each tensor's bytes (see module docstring).
 
     With ``sync=False`` the caller must call :func:`finish_shard` before relying on the file: convert
-    does it in a second thread, so the fsync of one shard overlaps the writing of the next.
+    does it in another thread, so the fsync of one shard overlaps the writing of the next.
     """
     header = _header(tensors)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -261,12 +261,10 @@ def write_shard(
                         )
                     stats.tensors += 1
                     stats.bytes_written += n
-        if sync:
-            os.fsync(fd)
     finally:
         os.close(fd)
     if sync:
-        _check_written(path, tensors)
+        finish_shard(path, tensors)
 
 
 def finish_shard(path: Path, tensors: list[PlannedTensor]) -> None:

@@ -171,17 +171,17 @@ def test_write_gate_accepts_ties_only_with_allow_ties(tmp_path, monkeypatch):
     from persimmon_tools.tokenizer_check import ParityReport
 
     def fake_report(encode: int, ties: int):
-        return lambda sp_model, texts=None, **kw: ParityReport(
-            str(sp_model), 40, encode, 0, ["example"], ties
+        return lambda sp, info, fast, texts=None: ParityReport(
+            str(info.path), 40, encode, 0, ["example"], ties
         )
 
-    monkeypatch.setattr(tokenizer_module, "check_parity", fake_report(1, 1))
+    monkeypatch.setattr(tokenizer_module, "parity_report", fake_report(1, 1))
     refused = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "a")])
     assert refused.exit_code == 1 and "--allow-ties" in refused.output
     assert not (tmp_path / "a" / "tokenizer.json").exists()
     written = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "b"), "--allow-ties"])
     assert written.exit_code == 0, written.output
     assert (tmp_path / "b" / "tokenizer.json").is_file()
-    monkeypatch.setattr(tokenizer_module, "check_parity", fake_report(2, 1))  # one real difference
+    monkeypatch.setattr(tokenizer_module, "parity_report", fake_report(2, 1))  # one real difference
     mixed = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "c"), "--allow-ties"])
     assert mixed.exit_code == 1 and "--force writes it anyway" in mixed.output

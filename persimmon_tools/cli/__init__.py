@@ -100,9 +100,8 @@ class _Group(click.Group):
             ctx.exit(130)
         except OSError as err:
             if isinstance(err, BrokenPipeError) and _stdout_reader_gone():
-                os.dup2(
-                    os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
-                )  # so the exit flush cannot fail
+                # Point stdout at /dev/null so that flushing it at exit cannot fail as well.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 ctx.exit(EXIT_STDOUT_CLOSED)
             if ctx.meta.get(_DEBUG_KEY):
                 raise
