@@ -22,6 +22,7 @@ from persimmon_tools.checkpoint import Checkpoint, load_release_checkpoint
 from persimmon_tools.config import ModelDims, derive_dims, generation_config, hf_config
 from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.fingerprint import CONVERSION_FILE
+from persimmon_tools.output_dir import atomic_output_dir, check_output_dir
 from persimmon_tools.plan import PlannedTensor, plan_conversion
 from persimmon_tools.release import Release, open_release
 from persimmon_tools.spm import ENDOFTEXT, eod_piece, load_sp_bytes
@@ -29,8 +30,6 @@ from persimmon_tools.writer import (
     CHUNK_BYTES,
     ShardPlan,
     WriteStats,
-    atomic_output_dir,
-    check_output_dir,
     finish_shard,
     plan_shards,
     write_index,

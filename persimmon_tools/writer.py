@@ -1,4 +1,4 @@
-"""Streaming safetensors writer and the all-or-nothing output folder.
+"""Streaming safetensors writer (the all-or-nothing output folder is :mod:`persimmon_tools.output_dir`).
 
 ``safetensors.torch.save_file`` needs a whole shard in memory (5 GB by default); we write the same format
 (8-byte little-endian header length, JSON header with ``data_offsets``, ``{"format": "pt"}`` metadata, raw
@@ -11,16 +11,12 @@ names and the index match what ``save_pretrained`` would write. Every written sh
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,71 +330,3 @@ def write_index(folder: Path, plan: ShardPlan) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse a non-empty OUT_DIR without ``force`` (before any work is done)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"{out_dir} exists and is not a folder", hint="choose another OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ConversionError(
-            f"{out_dir} is not empty",
-            hint="choose an empty/new folder, or pass --force to "
-            "replace it (the old content is kept until the new one is complete)",
-        )
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _disk_full(out_dir: Path) -> ConversionError:
-    return ConversionError(
-        f"no space left on the device while writing {out_dir} (nothing was kept)",
-        hint=f"free space on {out_dir.parent} (an 8B bf16 model needs about 19 GB) or choose another OUT_DIR",
-    )
-
-
-@contextmanager
-def atomic_output_dir(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir`` by rename,
-    on any error (or Ctrl-C) it is deleted and ``out_dir`` is left exactly as it was."""
-    out_dir = Path(out_dir).absolute()
-    check_output_dir(out_dir, force)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as err:
-        if err.errno in _DISK_FULL:
-            raise _disk_full(out_dir) from err
-        raise
-    try:
-        yield tmp
-        old = None
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.rename(out_dir, old)
-            else:
-                out_dir.rmdir()
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        _remove(tmp)
-        if err.errno in _DISK_FULL:
-            raise _disk_full(out_dir) from err
-        raise
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(tmp: Path) -> None:
-    """Delete the temporary folder even if Ctrl-C is pressed again (or SIGTERM repeated) meanwhile: the
-    first interrupt is already being handled, and stopping half-way would leave a partial folder."""
-    while True:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        except KeyboardInterrupt:
-            continue

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from reliability_cases import expect, expect_cli
 
 import persimmon_tools.convert as convert_module
+import persimmon_tools.output_dir as output_dir
 import persimmon_tools.writer as writer
 from persimmon_tools.cli import main
 from persimmon_tools.convert import ConvertOptions, convert
@@ -112,7 +113,7 @@ def test_keyboard_interrupt_keeps_old_output(releases, tmp_path, monkeypatch):
 
 def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases, tmp_path, monkeypatch):
     """Case ctrl-c-twice: the user presses Ctrl-C again while the temporary folder is being deleted."""
-    real_rmtree, calls = writer.shutil.rmtree, []
+    real_rmtree, calls = output_dir.shutil.rmtree, []
 
     def rmtree(path, *args, **kwargs):
         calls.append(path)
@@ -121,7 +122,7 @@ def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases,
             raise KeyboardInterrupt
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(writer.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(output_dir.shutil, "rmtree", rmtree)
     _interrupt_after(20, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(releases["tar"], tmp_path / "out", ConvertOptions())
@@ -170,7 +171,7 @@ def test_injected_enospc(releases, tmp_path, monkeypatch, where):
     out = tmp_path / "out"
     options = ConvertOptions(dtype="fp32" if "fp32" in where else "auto")
     if where == "temp folder":
-        monkeypatch.setattr(writer.tempfile, "mkdtemp", _enospc)
+        monkeypatch.setattr(output_dir.tempfile, "mkdtemp", _enospc)
     elif where == "shard copy":
         real_write = os.write
         monkeypatch.setattr(
