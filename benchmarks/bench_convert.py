@@ -101,7 +101,7 @@ def bit_identical(tar: Path, out: Path) -> dict:
 import json, sys, torch
 from pathlib import Path
 from safetensors import safe_open
-from persimmon_tools.convert import prepare
+from persimmon_tools.conversion.convert import prepare
 plan = prepare(Path(sys.argv[1]))
 out = Path(sys.argv[2])
 index = out / "model.safetensors.index.json"

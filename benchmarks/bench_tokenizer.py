@@ -60,7 +60,7 @@ import json, resource, sys, time
 kind, model = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
 if kind == "persimmon-tools":
-    from persimmon_tools.tokenizer import build_fast_tokenizer
+    from persimmon_tools.tokenizer.write import build_fast_tokenizer
     tok = build_fast_tokenizer(model)
 else:
     import sentencepiece as spm
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     import sentencepiece as spm
 
-    from persimmon_tools.tokenizer import build_fast_tokenizer, check_parity
+    from persimmon_tools.tokenizer.write import build_fast_tokenizer, check_parity
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_big_model(REAL, Path(tmp) / "big.model", nmt_nfkc=args.nmt_nfkc)
@@ -148,9 +148,9 @@ def main() -> None:
 def _approximate(model: Path):
     """What ``--force`` writes when the exact charsmap is refused: tokenizers' own grapheme-wise Precompiled
     normalizer (None: the model has no charsmap)."""
-    import persimmon_tools.tokenizer_build as build
+    import persimmon_tools.tokenizer.build as build
     from persimmon_tools.errors import TokenizerError
-    from persimmon_tools.tokenizer_spm import read_spm
+    from persimmon_tools.tokenizer.proto import read_spm
 
     if not read_spm(model).charsmap:
         return None

@@ -12,7 +12,7 @@ import sys
 
 import sentencepiece as spm
 
-from persimmon_tools.tokenizer import build_fast_tokenizer
+from persimmon_tools.tokenizer.write import build_fast_tokenizer
 
 model = sys.argv[1]
 sp = spm.SentencePieceProcessor(model_file=model)

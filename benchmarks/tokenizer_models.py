@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.tokenizer import check_parity
-from persimmon_tools.tokenizer_spm import BPE, read_spm
+from persimmon_tools.tokenizer.proto import BPE, read_spm
+from persimmon_tools.tokenizer.write import check_parity
 
 RUN_UNITS = list(".!-=_~*#0123456789xaeAE") + [
     "\u2026",

@@ -17,20 +17,20 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "convert": "persimmon_tools.convert",
-    "prepare": "persimmon_tools.convert",
-    "ConvertOptions": "persimmon_tools.convert",
-    "verify": "persimmon_tools.verify",
-    "VerifyOptions": "persimmon_tools.verify",
-    "push_folder": "persimmon_tools.hub",
-    "build_model_card": "persimmon_tools.model_card",
-    "write_tokenizer": "persimmon_tools.tokenizer",
-    "check_parity": "persimmon_tools.tokenizer",
-    "inspect_source": "persimmon_tools.inspect",
-    "unpack": "persimmon_tools.unpack",
-    "open_release": "persimmon_tools.release",
-    "load_release_checkpoint": "persimmon_tools.checkpoint",
-    "make_release": "persimmon_tools.synth",
+    "convert": "persimmon_tools.conversion.convert",
+    "prepare": "persimmon_tools.conversion.convert",
+    "ConvertOptions": "persimmon_tools.conversion.convert",
+    "verify": "persimmon_tools.verification.verify",
+    "VerifyOptions": "persimmon_tools.verification.verify",
+    "push_folder": "persimmon_tools.hub.push",
+    "build_model_card": "persimmon_tools.hub.model_card",
+    "write_tokenizer": "persimmon_tools.tokenizer.write",
+    "check_parity": "persimmon_tools.tokenizer.write",
+    "inspect_source": "persimmon_tools.conversion.inspect",
+    "unpack": "persimmon_tools.megatron.unpack",
+    "open_release": "persimmon_tools.megatron.release",
+    "load_release_checkpoint": "persimmon_tools.megatron.checkpoint",
+    "make_release": "persimmon_tools.synth.build",
 }
 
 __all__ = ["__version__", *_LAZY]

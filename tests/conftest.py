@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from persimmon_tools.synth import build_release, make_release, write_release_folder
+from persimmon_tools.synth.build import build_release, make_release, write_release_folder
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_TAR = REPO / "fixtures" / "tiny_release.tar"
@@ -29,7 +29,7 @@ def releases(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def converted_tiny(releases, tmp_path_factory) -> Path:
     """The tiny fixture converted once with default options (no verify)."""
-    from persimmon_tools.convert import ConvertOptions, convert
+    from persimmon_tools.conversion.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("converted") / "tiny-hf"
     convert(releases["tar"], out, ConvertOptions())
@@ -43,7 +43,7 @@ def approximate_charsmap(monkeypatch):
     Call it after building whatever should stay exact."""
     from tokenizers import normalizers
 
-    import persimmon_tools.tokenizer_build as build
+    import persimmon_tools.tokenizer.build as build
 
     def precompiled_only(blob, users, dummy="", suffix=""):
         return (normalizers.Precompiled(blob), *([normalizers.Prepend(dummy)] if dummy else []))

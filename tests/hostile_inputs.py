@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from persimmon_tools.ptwriter import write_pt
+from persimmon_tools.megatron.ptwriter import write_pt
 
 P = pickle  # opcode constants: P.MARK, P.BUILD, ...
 

@@ -107,7 +107,7 @@ def convert_cmd(
       persimmon-tools convert ./my_finetune/iter_0002000 ./ft-hf --dtype bf16 --max-shard-size 2GB
       persimmon-tools convert fixtures/tiny_release.tar /tmp/tiny-hf --dry-run
     """
-    from persimmon_tools.convert import ConvertOptions, convert, prepare
+    from persimmon_tools.conversion.convert import ConvertOptions, convert, prepare
 
     options = ConvertOptions(
         dtype=dtype,
@@ -165,7 +165,7 @@ def convert_cmd(
 
 def _auto_verify(result, source: Path) -> str:
     try:
-        from persimmon_tools.verify import VerifyOptions, should_auto_verify, verify
+        from persimmon_tools.verification.verify import VerifyOptions, should_auto_verify, verify
     except ImportError:
         return "skipped (verify not available)"
     if not should_auto_verify(result.plan.dims, "cpu"):
@@ -223,7 +223,7 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
       persimmon-tools inspect 8b_base_model_release.tar --no-tensors
       persimmon-tools inspect ./persimmon-8b-chat-hf --json
     """
-    from persimmon_tools.inspect import inspect_source
+    from persimmon_tools.conversion.inspect import inspect_source
 
     info = inspect_source(source, iteration=iteration)
     if not tensors:
@@ -261,7 +261,7 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool) -> None:
     Example:
       persimmon-tools unpack 8b_chat_model_release.tar ./releases/
     """
-    from persimmon_tools.unpack import unpack
+    from persimmon_tools.megatron.unpack import unpack
 
     with byte_progress(release_tar.stat().st_size, "unpack") as advance:
         result = unpack(release_tar, dest, progress=advance, check_md5=not no_md5)
@@ -312,7 +312,7 @@ def make_release_cmd(
     import torch
 
     from persimmon_tools.errors import UsageError
-    from persimmon_tools.synth import make_release
+    from persimmon_tools.synth.build import make_release
 
     if out_tar.exists() and not force:
         raise UsageError(f"{out_tar} exists", hint="pass --force to overwrite it, or choose another path")

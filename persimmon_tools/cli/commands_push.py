@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
-from persimmon_tools.hub_plan import CARD_MODES
+from persimmon_tools.hub.plan import CARD_MODES
 
 if TYPE_CHECKING:
-    from persimmon_tools.hub import PushResult
+    from persimmon_tools.hub.push import PushResult
 
 
 @click.command("push")
@@ -84,7 +84,7 @@ def push_cmd(
     if logging.getLogger().level > logging.DEBUG:  # one INFO line per HTTP request is noise unless -v
         for name in ("httpx", "httpx2", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from persimmon_tools.hub import push_folder  # here: huggingface_hub's client costs 0.12 s to import
+    from persimmon_tools.hub.push import push_folder  # here: huggingface_hub's client costs 0.12 s to import
 
     result = push_folder(
         out_dir,
@@ -110,7 +110,7 @@ def push_cmd(
 
 
 def _render_plan(result: PushResult) -> None:
-    from persimmon_tools.model_card import format_size
+    from persimmon_tools.hub.model_card import format_size
 
     plan = result.plan
     click.echo("Dry run: nothing was uploaded.")

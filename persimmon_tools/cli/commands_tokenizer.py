@@ -85,8 +85,8 @@ def tokenizer_cmd(
       persimmon-tools tokenizer --check --force toy.model corpus.txt   # the approximation --force writes
       persimmon-tools tokenizer --check --allow-ties t5.model runs.txt  # float32 ties only: exit 0
     """
-    from persimmon_tools.tokenizer import check_parity, write_tokenizer
-    from persimmon_tools.tokenizer_check import TIE_EXPLANATION
+    from persimmon_tools.tokenizer.check import TIE_EXPLANATION
+    from persimmon_tools.tokenizer.write import check_parity, write_tokenizer
 
     if check:
         if chat or not add_bos:

@@ -115,9 +115,9 @@ def verify_cmd(
       persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json report.json
       persimmon-tools verify ./out -r release.tar --prompt "human: Hi\\n\\nadept:" --ids 71013,1,2
     """
-    from persimmon_tools.prompts import parse_ids, read_prompts_file
-    from persimmon_tools.verify import VerifyOptions, check_passed, verify
-    from persimmon_tools.verify_report import render_table, write_report
+    from persimmon_tools.verification.prompts import parse_ids, read_prompts_file
+    from persimmon_tools.verification.report import render_table, write_report
+    from persimmon_tools.verification.verify import VerifyOptions, check_passed, verify
 
     texts = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
     options = VerifyOptions(

@@ -1,6 +1,6 @@
 """Generate ``docs/cli.md`` from the commands' own ``--help``: ``python -m persimmon_tools.cli.docs > docs/cli.md``.
 
-``tests/test_docs.py`` regenerates it and fails when the committed file is out of date.
+``tests/cli/test_docs.py`` regenerates it and fails when the committed file is out of date.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def cli_reference_markdown() -> str:
         "# CLI reference",
         "",
         "Generated from `--help` by `python -m persimmon_tools.cli.docs > docs/cli.md`; "
-        "`tests/test_docs.py` fails when it is out of date.",
+        "`tests/cli/test_docs.py` fails when it is out of date.",
         "",
         "Exit codes: 0 success, 1 failure (`Error:` / `Hint:` on stderr), 2 usage error, "
         "3 verification failed, 130 interrupted (Ctrl-C / SIGTERM; temporary output removed), "

@@ -1,0 +1,355 @@
+"""Publish a converted folder to the Hugging Face Hub: ``hf upload`` plus a model card, a dry run and a
+refusal to publish what was not verified.
+
+Only the public ``huggingface_hub.HfApi`` flow is used: ``create_repo(exist_ok=True)``,
+``revision_exists`` / ``create_branch``, ``get_paths_info`` (what the target revision already holds) and one
+``create_commit`` with the new or changed files. Files the remote already has at the same path with the same
+content (LFS sha256, or git blob id for regular files) are left out; if nothing is left, no commit is made.
+LFS objects uploaded by an interrupted run are not sent again either: the LFS batch endpoint answers
+"already present" for them and ``huggingface_hub`` skips them.
+
+Each Hub call is retried with bounded exponential backoff on 5xx, 408, 429, timeouts and connection errors
+(``huggingface_hub`` itself also retries preupload and LFS transfers); anything else fails at once as a
+:class:`~persimmon_tools.errors.HubError` with a hint (``hub_errors._as_hub_error`` holds the table).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.errors import (
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from persimmon_tools import __version__
+from persimmon_tools.conversion.fingerprint import (
+    CONVERSION_FILE,
+    MODEL_CARD_FILE,
+    VERIFICATION_FILE,
+    fingerprint_folder,
+    fingerprint_mismatches,
+)
+from persimmon_tools.errors import HubError, Interrupted, UsageError
+from persimmon_tools.hub.errors import Retry, signals_raise_interrupt
+from persimmon_tools.hub.model_card import build_model_card, detect_variant, folder_digest, read_record
+from persimmon_tools.hub.plan import (
+    CARD_MODES,
+    LocalFile,
+    PlannedFile,
+    PushPlan,
+    compare_with_remote,
+    local_files,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PATHS_PER_REQUEST = 50
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Outcome of :func:`push_folder`. ``commit_url`` is ``None`` for a dry run and when nothing changed."""
+
+    repo_url: str
+    commit_url: str | None
+    pr_url: str | None
+    uploaded: tuple[str, ...]
+    skipped: tuple[str, ...]
+    card: str
+    plan: PushPlan
+    dry_run: bool
+
+
+def check_verification(folder: Path) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
+    """Why ``folder`` is not verified (empty list: it is), and the recorded fingerprint when it is.
+
+    Verified means: ``verification.json`` exists, its verdict is ``pass``, it records files, and the folder
+    still holds exactly those files with the recorded sizes and sha256.
+    """
+    report = read_record(folder, VERIFICATION_FILE)
+    if report is None:
+        return [f"{VERIFICATION_FILE} is missing or unreadable"], None
+    if report.get("verdict") != "pass":
+        return [f"{VERIFICATION_FILE} has verdict {report.get('verdict')!r}, not 'pass'"], None
+    recorded = report.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return [f"{VERIFICATION_FILE} records no file fingerprints"], None
+    problems = fingerprint_mismatches(folder, recorded)
+    return problems, (None if problems else recorded)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    dry_run: bool = False,
+    allow_unverified: bool = False,
+    license: str | None = None,  # noqa: A002 - the Hub's metadata key and the CLI flag are "license"
+    card: str = "keep",
+    max_retries: int = 5,
+    retry_base_delay: float = 1.0,
+) -> PushResult:
+    """Publish a converted folder to a Hub model repo in one commit.
+
+    Args:
+        folder: Output of ``persimmon-tools convert`` (and ``verify``).
+        repo_id: ``namespace/name`` of the model repo; created if missing (``private`` applies then).
+        private: ``True``/``False`` for a private/public repo when it is created; ``None``: the Hub's default.
+        revision: Target branch (created from ``main`` when missing) or an existing ``refs/pr/N``.
+        create_pr: Open a pull request against ``revision`` (default ``main``) instead of committing to it.
+        commit_message: Commit title; the default names the model and the tool.
+        token: Hub token; default ``HF_TOKEN``, then the token stored by ``hf auth login``.
+        endpoint: Hub URL; default ``HF_ENDPOINT``, then https://huggingface.co.
+        dry_run: Only read the remote and return the plan; upload nothing.
+        allow_unverified: Publish although verification is missing, failed or stale; the card says so.
+        license: Licence id for the generated card (default by variant: base apache-2.0, chat cc-by-nc-4.0).
+        card: ``"keep"`` a README.md already in the folder, or ``"replace"`` it by the generated card (the
+            folder itself is never modified).
+        max_retries: Retries of each Hub step on transient errors (5xx, 408, 429, timeouts, connections).
+        retry_base_delay: First backoff delay in seconds; doubles on each retry, capped at 30 s.
+
+    Returns:
+        A :class:`PushResult`: the plan, commit and PR URLs, uploaded and skipped files, the card text.
+
+    Raises:
+        HubError: refused (not verified, or files changed since) or the Hub failed; the hint says what to do.
+        UsageError: bad repo id, card mode, folder or unknown licence.
+        Interrupted: SIGINT/SIGTERM; re-running finishes the push without re-sending what the Hub has.
+
+    Example:
+        >>> push_folder(Path("persimmon-8b-chat-hf"), "me/persimmon-8b-chat", dry_run=True)  # doctest: +SKIP
+    """
+    with signals_raise_interrupt():
+        try:
+            return _push(
+                Path(folder),
+                repo_id,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message,
+                token=token,
+                endpoint=endpoint,
+                dry_run=dry_run,
+                allow_unverified=allow_unverified,
+                license=license,
+                card=card,
+                call=Retry(max_retries, retry_base_delay),
+            )
+        except KeyboardInterrupt as err:
+            raise Interrupted(
+                "push interrupted before it finished",
+                hint="re-run the same command to finish it: files the Hub already has are not sent again",
+            ) from err
+
+
+def _push(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    token: str | None,
+    endpoint: str | None,
+    dry_run: bool,
+    allow_unverified: bool,
+    license: str | None,
+    card: str,
+    call: Retry,
+) -> PushResult:
+    _check_args(folder, repo_id, card, call.max_retries)
+    problems, recorded = check_verification(folder)
+    if problems and not allow_unverified:
+        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise HubError(
+            f"refusing to publish {folder}: it is not verified ({shown})",
+            hint="run `persimmon-tools verify` on the folder (again, if files changed), or pass "
+            "--allow-unverified to publish anyway; the model card will then say it is unverified",
+        )
+    verified = not problems
+    files = recorded if recorded is not None else fingerprint_folder(folder)
+    card_text, card_source = _card(folder, repo_id, license, card, verified, problems, files)
+    local = local_files(folder, files, card_text)
+    target = revision or constants.DEFAULT_REVISION
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    api = HfApi(endpoint=endpoint, token=token, library_name="persimmon-tools", library_version=__version__)
+    plan = PushPlan(
+        repo_id=repo_id,
+        repo_url=f"{endpoint}/{repo_id}",
+        revision=target,
+        create_pr=create_pr,
+        private=private,
+        repo_exists=False,
+        revision_exists=False,
+        verified=verified,
+        card_source=card_source,
+        card=card_text,
+        commit_message=commit_message or _default_message(folder, verified),
+        files=(),
+    )
+
+    def remote_plan(rev: str) -> tuple[PlannedFile, ...]:
+        found: dict[str, Any] = {}
+        for i in range(0, len(local), _PATHS_PER_REQUEST):
+            paths = [f.path for f in local[i : i + _PATHS_PER_REQUEST]]
+            entries = call("list the files on the Hub", lambda p=paths: _paths_info(api, repo_id, p, rev))
+            found.update({e.path: e for e in entries if hasattr(e, "blob_id")})  # files, not folders
+        return compare_with_remote(local, found)
+
+    if dry_run:
+        exists = call("look up the repository", lambda: api.repo_exists(repo_id))
+        rev_exists = exists and call("look up the revision", lambda: api.revision_exists(repo_id, target))
+        planned = remote_plan(target if rev_exists else "main") if exists else compare_with_remote(local, {})
+        plan = replace(plan, repo_exists=exists, revision_exists=rev_exists, files=planned)
+        return PushResult(
+            plan.repo_url, None, None, (), tuple(f.path for f in plan.skipped), card_text, plan, True
+        )
+
+    repo_url = str(
+        call("create the repository", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    )
+    if private is not None:
+        is_private = call("look up the repository", lambda: api.repo_info(repo_id).private)
+        if is_private is not None and is_private != private:
+            logger.warning(
+                "%s exists and is %s; --private/--public only apply when the repo is created",
+                repo_id,
+                "private" if is_private else "public",
+            )
+    is_main = target == constants.DEFAULT_REVISION  # exists, or is made by the first commit of an empty repo
+    if not is_main and not call("look up the revision", lambda: api.revision_exists(repo_id, target)):
+        if target.startswith("refs/"):
+            raise HubError(
+                f"revision {target!r} not found in {repo_id}",
+                hint="--revision names a branch (created from main when missing) or an existing refs/pr/N",
+            )
+        logger.info("Creating branch %s from main", target)
+        call("create the branch", lambda: api.create_branch(repo_id, branch=target, exist_ok=True))
+    tried_commit = False
+
+    def attempt() -> tuple[Any, tuple[PlannedFile, ...]]:
+        nonlocal tried_commit
+        planned = remote_plan(target)  # again on every attempt: an earlier one may have committed
+        todo = [f for f, p in zip(local, planned, strict=True) if not p.remote_identical]
+        if not todo:
+            return None, planned
+        logger.info(
+            "Committing %d file(s) to %s@%s (%d unchanged)",
+            len(todo),
+            repo_id,
+            target,
+            len(local) - len(todo),
+        )
+        tried_commit = True
+        info = api.create_commit(
+            repo_id,
+            [_operation(f) for f in todo],
+            commit_message=plan.commit_message,
+            commit_description=_description(folder, verified, files),
+            revision=target,
+            create_pr=create_pr,
+        )
+        return info, planned
+
+    info, planned = call("upload the files and commit", attempt)
+    plan = replace(plan, repo_url=repo_url, repo_exists=True, revision_exists=True, files=planned)
+    skipped = tuple(f.path for f in plan.skipped)
+    if info is not None:
+        uploaded = tuple(f.path for f in plan.to_upload)
+        return PushResult(repo_url, info.commit_url, info.pr_url, uploaded, skipped, card_text, plan, False)
+    commit_url = None
+    if tried_commit and not create_pr:  # an earlier attempt committed, but its answer was lost on the way
+        sha = call("look up the revision", lambda: api.repo_info(repo_id, revision=target).sha)
+        commit_url = f"{endpoint}/{repo_id}/commit/{sha}"
+    logger.info("Nothing to push: %s@%s already has identical files", repo_id, target)
+    return PushResult(repo_url, commit_url, None, (), skipped, card_text, plan, False)
+
+
+def _check_args(folder: Path, repo_id: str, card: str, max_retries: int) -> None:
+    if not folder.is_dir():
+        raise UsageError(
+            f"{folder} is not a folder", hint="pass the output folder of `persimmon-tools convert`"
+        )
+    if card not in CARD_MODES:
+        raise UsageError(f"card must be one of {', '.join(CARD_MODES)}, not {card!r}")
+    if max_retries < 0:
+        raise UsageError(f"max_retries must be >= 0, not {max_retries}")
+    kind = repo_id.split("/")[0]
+    if kind in ("datasets", "spaces") and repo_id.count("/") == 2:
+        raise UsageError(
+            f"{repo_id!r} names a {kind[:-1]} repo; push publishes model repos",
+            hint=f"use the model repo id {repo_id.split('/', 1)[1]!r}",
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"invalid repo id {repo_id!r}: {err}", hint="write it as namespace/name") from err
+    if "/" not in repo_id:
+        raise UsageError(f"repo id {repo_id!r} has no namespace", hint=f"write it as your-username/{repo_id}")
+
+
+def _card(
+    folder: Path,
+    repo_id: str,
+    license: str | None,
+    mode: str,
+    verified: bool,
+    problems: list[str],
+    files: dict[str, dict[str, Any]],
+) -> tuple[str, str]:
+    existing = folder / MODEL_CARD_FILE
+    if mode == "keep" and existing.is_file():
+        if not verified:
+            logger.warning("Keeping your %s although the upload is unverified; say so in it", MODEL_CARD_FILE)
+        return existing.read_text(encoding="utf-8"), "kept"
+    reason = "; ".join(problems[:3]) or None
+    card = build_model_card(
+        folder, repo_id, license=license, verified=verified, unverified_reason=reason, files=files
+    )
+    return str(card), "generated"
+
+
+def _default_message(folder: Path, verified: bool) -> str:
+    variant = detect_variant(read_record(folder, CONVERSION_FILE), read_record(folder, VERIFICATION_FILE))
+    name = {"base": "Persimmon-8B base", "chat": "Persimmon-8B chat"}.get(variant, "Persimmon-8B")
+    return f"Upload {name} converted by persimmon-tools {__version__}" + ("" if verified else " (unverified)")
+
+
+def _description(folder: Path, verified: bool, files: dict[str, dict[str, Any]]) -> str:
+    src = (read_record(folder, CONVERSION_FILE) or {}).get("source") or {}
+    return (
+        f"Source: {src.get('name', 'unknown')} (iteration {src.get('iteration')}, TP {src.get('tp')}, "
+        f"PP {src.get('pp')})\nVerification: {'pass' if verified else 'NOT VERIFIED'}\n"
+        f"Folder fingerprint: sha256:{folder_digest(files)}"
+    )
+
+
+def _paths_info(api: HfApi, repo_id: str, paths: list[str], revision: str) -> list[Any]:
+    try:
+        return api.get_paths_info(repo_id, paths, revision=revision)
+    except RevisionNotFoundError:
+        if revision == constants.DEFAULT_REVISION:  # a repo without any commit yet: nothing is there
+            return []
+        raise
+
+
+def _operation(f: LocalFile) -> CommitOperationAdd:
+    op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.source)
+    if not isinstance(f.source, bytes):
+        op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed when checking the folder; do not hash twice
+    return op

@@ -1,0 +1,143 @@
+"""Read a PyTorch zip checkpoint (``torch.save`` format since 1.6) lazily and without executing it.
+
+Layout: ``<prefix>/data.pkl`` (the pickled object; storages appear as persistent ids
+``("storage", <Type>Storage, key, location, numel)``) and ``<prefix>/data/<key>`` records stored
+uncompressed. We parse the zip directory, check every record lies inside the file and that records do
+not overlap, unpickle ``data.pkl`` with :mod:`persimmon_tools.megatron.unpickle`, and hand out
+:class:`~persimmon_tools.megatron.lazy.LazyTensor` objects that point at the records' bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from persimmon_tools.errors import CheckpointError
+from persimmon_tools.megatron.bytesource import ByteSource
+from persimmon_tools.megatron.lazy import StorageRef
+from persimmon_tools.megatron.unpickle import restricted_loads
+
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch's legacy magic number
+#: Largest data.pkl we unpickle. Real ones are ~150 kB for 8B (tensors live in records, not in the pickle);
+#: every pickle byte can create a Python object (EMPTY_LIST + APPEND), so this bounds memory to a few GB.
+_MAX_PICKLE = 64 << 20
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """The unpickled top-level object of one ``.pt`` file; tensors in it are LazyTensors."""
+
+    source: ByteSource
+    obj: Any
+    globals_seen: dict[str, str]
+    records: int
+
+
+def _record_offsets(zf: zipfile.ZipFile, src: ByteSource, fh) -> dict[str, tuple[int, int]]:
+    """``{record name: (absolute data offset, size)}`` for every zip entry, validated."""
+    spans = {}
+    for info in zf.infolist():
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise CheckpointError(
+                f"{src.name}: record {info.filename} is compressed; torch never does that",
+                hint="the file is not an unmodified torch.save checkpoint",
+            )
+        if not 0 <= info.header_offset <= src.size - 30:
+            raise CheckpointError(
+                f"{src.name}: zip record {info.filename} points outside the file (local header at byte "
+                f"{info.header_offset}, file is {src.size} bytes)",
+                hint="the file is truncated or corrupt; download it again",
+            )
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointError(
+                f"{src.name}: zip record {info.filename} has no valid local header",
+                hint="the file is truncated or corrupt; download it again",
+            )
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.file_size > src.size:
+            raise CheckpointError(
+                f"{src.name}: record {info.filename} ends at byte {start + info.file_size}, past the end of the "
+                f"file ({src.size} bytes)",
+                hint="the file is truncated; download it again",
+            )
+        spans[info.filename] = (start, info.file_size)
+    ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
+    for (name_a, (a, na)), (name_b, (b, _)) in zip(ordered, ordered[1:], strict=False):
+        if a + na > b:
+            raise CheckpointError(
+                f"{src.name}: zip records {name_a} and {name_b} overlap",
+                hint="the file is corrupt or was tampered with",
+            )
+    return {name: (src.offset + a, n) for name, (a, n) in spans.items()}
+
+
+def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
+    """Unpickle ``src`` (a ``.pt`` file or tar member) with lazy tensors; no tensor bytes are read."""
+    if src.size == 0:
+        raise CheckpointError(
+            f"{src.name} is empty (0 bytes)", hint="the download is incomplete; download again"
+        )
+    with src.open() as fh:
+        magic = fh.read(16)
+        if magic.startswith(_LEGACY_MAGIC[:2]) and magic[2:12] == _LEGACY_MAGIC[2:12]:
+            raise CheckpointError(
+                f"{src.name} uses torch's legacy (pre-1.6, non-zip) serialization, which cannot be read lazily",
+                hint="re-save it with a current torch (torch.save(torch.load(f), f2)) on a trusted machine",
+            )
+        if not magic.startswith(b"PK"):
+            raise CheckpointError(
+                f"{src.name} is not a PyTorch checkpoint (no zip signature)",
+                hint="pass a model_optim_rng.pt written by torch.save",
+            )
+        fh.seek(0)
+        try:
+            zf = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error) as err:
+            # NotImplementedError: zipfile refuses a corrupt "version needed" field ("zip file version 14.7")
+            raise CheckpointError(
+                f"{src.name} is not a readable zip checkpoint ({err})",
+                hint="the file is truncated or corrupt; download it again",
+            ) from err
+        with zf:
+            pkl_names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if len(pkl_names) != 1:
+                raise CheckpointError(
+                    f"{src.name}: expected one <prefix>/data.pkl, found {pkl_names or 'none'}",
+                    hint="the file is not a torch.save checkpoint",
+                )
+            prefix = pkl_names[0][: -len("data.pkl")]
+            spans = _record_offsets(zf, src, fh)
+            pkl_offset, pkl_size = spans[pkl_names[0]]
+            if pkl_size > _MAX_PICKLE:
+                raise CheckpointError(
+                    f"{src.name}: data.pkl is {pkl_size} bytes; refusing to unpickle it",
+                    hint="a model checkpoint's pickle is a few MB at most",
+                )
+            fh.seek(pkl_offset - src.offset)
+            data = fh.read(pkl_size)
+
+    def resolve(key: str, dtype: torch.dtype | None, numel: int) -> StorageRef:
+        name = f"{prefix}data/{key}"
+        if name not in spans:
+            raise CheckpointError(
+                f"{src.name}: the pickle references storage {key!r}, which has no record {name}",
+                hint="the file is truncated or corrupt",
+            )
+        offset, size = spans[name]
+        dtype = dtype or torch.uint8
+        if numel * dtype.itemsize > size:
+            raise CheckpointError(
+                f"{src.name}: storage {key} claims {numel} x {dtype} but its record holds {size} bytes",
+                hint="the file is corrupt or was tampered with",
+            )
+        return StorageRef(src.path, offset, size, dtype, key, f"{src.name}:{name}")
+
+    obj, seen = restricted_loads(data, src.name, resolve)
+    return LoadedCheckpoint(source=src, obj=obj, globals_seen=seen, records=len(spans))

@@ -1,0 +1,282 @@
+"""A restricted unpickler for Megatron checkpoints: an explicit allowlist, inert stand-ins, nothing executed.
+
+``model_optim_rng.pt`` pickles reference ``argparse.Namespace``, ADEPT's
+``tool_use.megatron.megatron_utils.ModelBackend`` enum, possibly ``megatron.*`` classes, numpy RNG state and
+torch dtypes (spec §B.4). Loading them with ``torch.load(weights_only=False)`` would import and run ADEPT's
+code (or anything else a hostile file names). Here every global goes through :meth:`RestrictedUnpickler.find_class`:
+
+- tensor rebuilds are replaced by functions that build :class:`~persimmon_tools.megatron.lazy.LazyTensor` records
+  (no bytes are read while unpickling);
+- ``tool_use.*``, ``megatron.*``, ``apex.*`` and numpy objects become :class:`Opaque` stand-ins that only
+  record their name and arguments;
+- a handful of plain containers and dtypes are allowed as themselves;
+- anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ``torch`` internals other than
+  tensor rebuilds, ...) raises :class:`UnsafeCheckpointError` naming the global, before it is called;
+- ``BUILD`` (``__setstate__`` / ``__dict__`` update) is only allowed on stand-ins, ``argparse.Namespace`` and
+  ``OrderedDict``: a pickle must not rewrite the fields of a validated tensor view or storage reference
+  (e.g. point a tensor at ``/etc/passwd``).
+
+The pure-Python unpickler is used, not the C one: the C unpickler sizes its memo table by the largest
+``LONG_BINPUT`` index, so a 4-byte index in a corrupt file makes it allocate and zero tens of GB. A
+checkpoint's ``data.pkl`` is small (about 150 kB for 8B), so the speed difference does not matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+import struct
+from typing import Any
+
+import torch
+
+from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
+from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
+
+#: Module prefixes whose classes become inert stand-ins (ADEPT / Megatron / numpy objects in args, rng state).
+OPAQUE_PREFIXES = ("tool_use.", "megatron.", "apex.", "numpy.", "transformer_engine.")
+OPAQUE_MODULES = ("tool_use", "megatron", "apex", "numpy")
+
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "complex64",
+        "complex128",
+        "double",
+        "float",
+        "half",
+        "long",
+        "int",
+        "short",
+    )
+}
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
+}
+
+
+class Opaque:
+    """Inert stand-in for a class we must not import: remembers its qualified name, args and state."""
+
+    qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        """The enum value for Enum stand-ins (``ModelBackend("megatron")``), else the first argument."""
+        return self.args[0] if self.args else None
+
+    def __repr__(self) -> str:
+        inner = (
+            ", ".join(repr(a) for a in self.args) if self.args else ("..." if self.state is not None else "")
+        )
+        return f"{self.qualname}({inner})"
+
+
+class _StorageType:
+    """Stand-in for ``torch.BFloat16Storage`` etc. in persistent ids: carries the dtype only."""
+
+    def __init__(self, name: str, dtype: torch.dtype | None) -> None:
+        self.name = name
+        self.dtype = dtype
+
+
+def _opaque_class(module: str, name: str) -> type[Opaque]:
+    return type(
+        name, (Opaque,), {"qualname": f"{module}.{name}", "__module__": "persimmon_tools.megatron.unpickle"}
+    )
+
+
+def _rebuild_tensor_v2(
+    storage: StorageRef,
+    storage_offset: int,
+    size: tuple,
+    stride: tuple,
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> LazyTensor:
+    return LazyTensor.from_storage(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_tensor_v3(
+    storage: StorageRef,
+    storage_offset: int,
+    size: tuple,
+    stride: tuple,
+    requires_grad: bool,
+    backward_hooks: Any,
+    dtype: torch.dtype,
+    metadata: Any = None,
+) -> LazyTensor:
+    return LazyTensor.from_storage(storage.with_dtype(dtype), storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(
+    data: LazyTensor, requires_grad: bool = False, backward_hooks: Any = None, state: Any = None
+) -> LazyTensor:
+    if not isinstance(data, LazyTensor):
+        raise UnsafeCheckpointError(f"_rebuild_parameter got {type(data).__name__}, not a tensor")
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
+    if func not in (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
+        raise UnsafeCheckpointError("_rebuild_from_type_v2 wraps a function that is not a tensor rebuild")
+    return func(*args)
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copyreg._reconstructor`` restricted to classes the allowlist already produced."""
+    if isinstance(cls, type) and issubclass(cls, Opaque):
+        return cls(state)
+    if cls in (argparse.Namespace, collections.OrderedDict):
+        return cls()
+    raise UnsafeCheckpointError(f"copyreg._reconstructor of {cls!r} is not allowed")
+
+
+def _codecs_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8"):
+        raise UnsafeCheckpointError("_codecs.encode with unexpected arguments")
+    return obj.encode(encoding, errors)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("torch", "Size"): tuple,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
+    ("torch", "Tensor"): _StorageType("Tensor", None),  # only a marker for _rebuild_from_type_v2
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("copy_reg", "_reconstructor"): _reconstructor,
+    ("_codecs", "encode"): _codecs_encode,
+    ("torch", "device"): str,
+}
+
+
+#: Objects a pickle may ``BUILD`` (set state on); everything else it built must stay as constructed.
+_BUILDABLE = (Opaque, argparse.Namespace, collections.OrderedDict)
+
+
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure Python: see module doc
+    """Unpickles a checkpoint's ``data.pkl`` with the allowlist above; storages become lazy references."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, data: bytes, origin: str, storage_resolver: Any) -> None:
+        super().__init__(io.BytesIO(data))
+        self.origin = origin
+        self.globals_seen: dict[str, str] = {}  # "module.name" -> how it was treated
+        self._resolve = storage_resolver
+
+    def find_class(self, module: str, name: str) -> Any:
+        qual = f"{module}.{name}"
+        if (module, name) in _ALLOWED:
+            self.globals_seen.setdefault(qual, "allowed")
+            return _ALLOWED[(module, name)]
+        if module == "torch" and name in _DTYPES:
+            self.globals_seen.setdefault(qual, "dtype")
+            return _DTYPES[name]
+        if module in ("torch", "torch.storage") and (
+            name in _STORAGE_DTYPES or name in ("UntypedStorage", "TypedStorage")
+        ):
+            self.globals_seen.setdefault(qual, "storage type")
+            return _StorageType(name, _STORAGE_DTYPES.get(name))
+        if module.startswith(OPAQUE_PREFIXES) or module in OPAQUE_MODULES:
+            self.globals_seen.setdefault(qual, "inert stand-in")
+            return _opaque_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.origin} references the global {qual}, which is not on the allowlist; nothing was executed",
+            hint="a Persimmon/Megatron checkpoint only needs tensors, argparse.Namespace and ADEPT enums; "
+            "if this file is trusted and legitimately needs it, report it as an issue",
+        )
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"{self.origin}: unexpected persistent id {str(pid)[:80]}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise UnsafeCheckpointError(
+                f"{self.origin}: persistent id names {storage_type!r}, not a storage type"
+            )
+        return self._resolve(str(key), storage_type.dtype, int(numel))
+
+    def load_build(self) -> None:
+        inst = self.stack[-2] if len(self.stack) >= 2 else None
+        if not isinstance(inst, _BUILDABLE):
+            raise UnsafeCheckpointError(
+                f"{self.origin}: the pickle sets the state of a {type(inst).__name__}, which is not allowed; "
+                "nothing was executed",
+                hint="a genuine checkpoint only sets the state of argparse.Namespace and ADEPT objects; "
+                "the file is corrupt or was tampered with",
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[Any, dict[str, str]]:
+    """Unpickle ``data``; returns the object and the globals it referenced (name -> treatment)."""
+    unpickler = RestrictedUnpickler(data, origin, storage_resolver)
+    try:
+        obj = unpickler.load()
+    except UnsafeCheckpointError:
+        raise
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+        OverflowError,
+        RecursionError,
+        UnicodeDecodeError,
+        struct.error,
+    ) as err:
+        raise CheckpointError(
+            f"{origin}: the pickle is corrupt or malformed ({type(err).__name__}: {str(err)[:120]})",
+            hint="the file is damaged or not a PyTorch checkpoint; download it again",
+        ) from err
+    return obj, unpickler.globals_seen

@@ -1,0 +1,311 @@
+"""Random-weight releases in ADEPT's exact layout (spec §A-§B), for tests, CI, demos and benchmarks.
+
+Layout written (``NAME`` = the tar's stem)::
+
+    NAME/adept_vocab.model  NAME/adept_vocab.vocab  NAME/latest_checkpointed_iteration.txt
+    NAME/iter_{it:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+
+Each ``model_optim_rng.pt`` holds ``{"args": Namespace(...ModelBackend.MEGATRON, params_dtype...),
+"checkpoint_version": 3.0, "iteration": it, "model": {"language_model": {"embedding": ..., "encoder":
+OrderedDict(flat keys)}, "word_embeddings_for_head": ...}, "rng_state": [...]}``; pipeline stages hold
+their own layers numbered from 0, the first stage the embedding, the last the final norm and the head.
+
+Values are a deterministic function of (seed, tensor name, element index) (:mod:`persimmon_tools.synth.values`):
+a fixed pool of normal samples read from a per-tensor offset. Any block of any tensor can be produced on its own, so an 8B release is
+written in bounded memory and TP/PP releases from the same seed hold exactly the same logical tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from persimmon_tools.errors import UsageError
+from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, write_pt
+from persimmon_tools.synth.values import PRESETS, Preset, Values, logical_keys, shard_spec
+from persimmon_tools.tokenizer.spm import eod_piece, load_sp_bytes
+
+log = logging.getLogger(__name__)
+
+
+def bundled_vocab() -> bytes:
+    """The small Unigram byte-fallback SentencePiece model shipped with the package (has ``|ENDOFTEXT|``)."""
+    return resources.files("persimmon_tools").joinpath("data/tiny_vocab.model").read_bytes()
+
+
+class ModelBackend(Enum):
+    """Stand-in for ADEPT's ``tool_use.megatron.megatron_utils.ModelBackend`` (pickled under that name)."""
+
+    MEGATRON = "megatron"
+
+
+def _with_adept_module(func: Callable[[], None]) -> None:
+    """Run ``func`` with ``tool_use.megatron.megatron_utils.ModelBackend`` importable, so pickles name it."""
+    names = ["tool_use", "tool_use.megatron", "tool_use.megatron.megatron_utils"]
+    saved = {n: sys.modules.get(n) for n in names}
+    mod = types.ModuleType(names[-1])
+    mod.ModelBackend = ModelBackend
+    original = (ModelBackend.__module__, ModelBackend.__qualname__)
+    ModelBackend.__module__ = names[-1]
+    try:
+        for n in names[:-1]:
+            sys.modules[n] = types.ModuleType(n)
+        sys.modules[names[-1]] = mod
+        func()
+    finally:
+        ModelBackend.__module__ = original[0]
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _args(p: Preset, vocab: int, tp: int, pp: int, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        num_layers=p.layers,
+        hidden_size=p.hidden,
+        ffn_hidden_size=p.ffn,
+        num_attention_heads=p.heads,
+        kv_channels=p.hidden // p.heads,
+        seq_length=p.seq_length,
+        max_position_embeddings=p.seq_length,
+        pos_emb="rotary",
+        rotary_pct=p.rotary_pct,
+        rotary_emb_base=p.rope_base,
+        layernorm_epsilon=p.eps,
+        untie_embeddings=True,
+        sq_relu=True,
+        bias_gelu_fusion=False,
+        bias_dropout_fusion=True,
+        qk_layernorm="weights_per_layer",
+        apply_query_key_layer_scaling=True,
+        apply_residual_connection_post_layernorm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        tokenizer_type="SentencePiece",
+        sp_model_file="adept_vocab.model",
+        padded_vocab_size=vocab,
+        make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        consumed_train_samples=iteration * 8,
+        consumed_valid_samples=0,
+        iteration=iteration,
+        model_backend=ModelBackend.MEGATRON,
+    )
+
+
+def _stage_layers(layers: int, pp: int) -> list[range]:
+    if layers % pp:
+        raise UsageError(
+            f"--pp {pp} does not divide the preset's {layers} layers",
+            hint="Megatron splits layers evenly between pipeline stages",
+        )
+    per = layers // pp
+    return [range(s * per, (s + 1) * per) for s in range(pp)]
+
+
+def _shard_object(
+    values: Values,
+    keys: dict,
+    p: Preset,
+    tp: int,
+    pp: int,
+    tp_rank: int,
+    pp_rank: int,
+    dtype: torch.dtype,
+    vocab: int,
+    iteration: int,
+) -> dict:
+    layers = _stage_layers(p.layers, pp)[pp_rank]
+    encoder: OrderedDict[str, TensorSpec] = OrderedDict()
+    model: dict = {"language_model": {}}
+    for key, (shape, kind) in keys.items():
+
+        def spec(key=key, shape=shape, kind=kind) -> TensorSpec:
+            return shard_spec(values, key, shape, kind, tp, tp_rank, dtype, p)
+
+        if key.startswith("language_model.encoder.layers."):
+            i = int(key.split(".")[3])
+            if i in layers:
+                local = key.replace(f".layers.{i}.", f".layers.{i - layers.start}.", 1)
+                encoder[local.removeprefix("language_model.encoder.")] = spec()
+        elif key.startswith("language_model.encoder.") and pp_rank == pp - 1:
+            encoder[key.removeprefix("language_model.encoder.")] = spec()
+        elif key.startswith("language_model.embedding.") and pp_rank == 0:
+            model["language_model"]["embedding"] = {"word_embeddings": {"weight": spec()}}
+        elif key == "word_embeddings_for_head.weight" and pp_rank == pp - 1:
+            model["word_embeddings_for_head"] = {"weight": spec()}
+    model["language_model"]["encoder"] = encoder
+    gen = torch.Generator().manual_seed(values.seed + 7 * tp_rank + 1000 * pp_rank)
+    rng_state = [
+        {
+            "random_rng_state": random.Random(values.seed).getstate(),
+            "np_rng_state": np.random.RandomState(values.seed).get_state(),
+            "torch_rng_state": TensorSpec.of(gen.get_state()),
+            "cuda_rng_state": TensorSpec.of(gen.get_state()),
+            "rng_tracker_states": {},
+        }
+    ]
+    return {
+        "args": _args(p, vocab, tp, pp, dtype, iteration),
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+        "model": model,
+        "rng_state": rng_state,
+    }
+
+
+@dataclass(frozen=True)
+class SyntheticRelease:
+    """The pieces of a synthetic release before they are written: one checkpoint object per rank."""
+
+    objects: dict[tuple[int, int], dict]  # (tp_rank, pp_rank) -> ckpt dict with TensorSpec leaves
+    vocab_bytes: bytes
+    iteration: int
+    tp: int
+    pp: int
+    preset: Preset
+    vocab_rows: int
+
+    def rank_dir(self, tp_rank: int, pp_rank: int) -> str:
+        return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+
+
+def build_release(
+    *,
+    preset: str = "tiny",
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_model: bytes | None = None,
+    **overrides,
+) -> SyntheticRelease:
+    """Checkpoint objects of a random-weight release (nothing is generated until written)."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
+    p = replace(PRESETS[preset], **overrides)
+    vocab_bytes = vocab_model if vocab_model is not None else bundled_vocab()
+    sp = load_sp_bytes(vocab_bytes, "vocabulary model")
+    eod_piece(sp, "vocabulary model")  # |ENDOFTEXT|, else the EOS piece (ADEPT's fallback); logs which
+    multiple = 128 * 8  # make_vocab_size_divisible_by x TP, for any TP up to 8: same vocab for every layout
+    vocab = p.vocab or -(-sp.get_piece_size() // multiple) * multiple
+    if vocab < sp.get_piece_size() or vocab % tp or p.heads % tp or p.ffn % tp:
+        raise UsageError(
+            f"TP={tp} does not divide heads {p.heads} / ffn {p.ffn} / vocab {vocab}, or the vocab "
+            f"({vocab}) is smaller than the tokenizer ({sp.get_piece_size()})"
+        )
+    _stage_layers(p.layers, pp)
+    values = Values(seed)
+    keys = logical_keys(p, vocab)
+    objects = {
+        (t, s): _shard_object(values, keys, p, tp, pp, t, s, dtype, vocab, p.iteration)
+        for s in range(pp)
+        for t in range(tp)
+    }
+    return SyntheticRelease(objects, vocab_bytes, p.iteration, tp, pp, p, vocab)
+
+
+def logical_tensors(
+    *,
+    preset: str = "tiny",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_rows: int | None = None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
+    """The full (unsharded) Megatron tensors a release made with the same seed holds, by flat key."""
+    rel = build_release(preset=preset, dtype=dtype, seed=seed, **overrides) if vocab_rows is None else None
+    p = replace(PRESETS[preset], **overrides)
+    vocab = vocab_rows or rel.vocab_rows
+    values = Values(seed)
+    out = {}
+    for key, (shape, kind) in logical_keys(p, vocab).items():
+        spec = shard_spec(values, key, shape, kind, 1, 0, dtype, p)
+        out[key] = torch.cat(list(spec.blocks())).reshape(spec.shape)
+    return out
+
+
+def _vocab_text(vocab_bytes: bytes) -> bytes:
+    sp = load_sp_bytes(vocab_bytes, "vocabulary model")
+    return (
+        "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n"
+    ).encode()
+
+
+def write_release_folder(
+    rel: SyntheticRelease, folder: Path, *, progress: Callable[[int], None] = lambda n: None
+) -> Path:
+    """Write ``rel`` as an extracted release folder (same layout as inside the tar)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adept_vocab.model").write_bytes(rel.vocab_bytes)
+    (folder / "adept_vocab.vocab").write_bytes(_vocab_text(rel.vocab_bytes))
+    (folder / "latest_checkpointed_iteration.txt").write_text(str(rel.iteration))
+    for (t, s), obj in rel.objects.items():
+        shard = folder / f"iter_{rel.iteration:07d}" / rel.rank_dir(t, s) / "model_optim_rng.pt"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        with open(shard, "wb") as fh:
+            _with_adept_module(lambda fh=fh, obj=obj: write_pt(fh, obj, on_bytes=progress))
+    return folder
+
+
+def make_release(
+    out: Path,
+    *,
+    preset: str = "tiny",
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    vocab_model: bytes | None = None,
+    name: str | None = None,
+    progress: Callable[[int], None] = lambda n: None,
+    **overrides,
+) -> Path:
+    """Write a random-weight release tar at ``out`` (see module docstring); returns ``out``."""
+    rel = build_release(
+        preset=preset, tp=tp, pp=pp, dtype=dtype, seed=seed, vocab_model=vocab_model, **overrides
+    )
+    name = name or Path(out).name.removesuffix(".tar")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    writer = TarWriter(tmp)
+    try:
+        writer.add_dir(name)
+        writer.add_bytes(f"{name}/adept_vocab.model", rel.vocab_bytes)
+        writer.add_bytes(f"{name}/adept_vocab.vocab", _vocab_text(rel.vocab_bytes))
+        writer.add_bytes(f"{name}/latest_checkpointed_iteration.txt", f"{rel.iteration}".encode())
+        for (t, s), obj in sorted(rel.objects.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            member = f"{name}/iter_{rel.iteration:07d}/{rel.rank_dir(t, s)}/model_optim_rng.pt"
+            _with_adept_module(
+                lambda m=member, o=obj: writer.add_stream(
+                    m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)
+                )
+            )
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (preset %s, TP=%d, PP=%d, %s, seed %d)", out, preset, tp, pp, dtype, seed)
+    return out

@@ -1,0 +1,175 @@
+"""Parity check: encode and decode with SentencePiece and with the fast tokenizer, report every difference."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persimmon_tools.tokenizer.spm import load_sp
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Result of :func:`check_parity`.
+
+    Attributes:
+        items: texts compared.
+        encode_mismatches: texts whose fast ids differ from ``sentencepiece.encode``.
+        decode_mismatches: texts whose SentencePiece ids decode differently (fast ``decode`` vs ``decode_ids``).
+        tie_mismatches: encode mismatches (counted in ``encode_mismatches`` too) where both segmentations have
+            the same Unigram score up to float32 rounding: SentencePiece accumulates path scores in float32 and
+            tokenizers in float64, so such near-ties can be broken differently (see docs/tokenizer.md).
+        examples: the first differences, piece by piece, as readable lines.
+    """
+
+    sp_model: str
+    items: int
+    encode_mismatches: int
+    decode_mismatches: int
+    examples: list[str] = field(default_factory=list)
+    tie_mismatches: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.encode_mismatches == 0 and self.decode_mismatches == 0
+
+    @property
+    def only_ties(self) -> bool:
+        """Mismatches, all of them float32 ties (what ``--allow-ties`` accepts)."""
+        return not self.ok and self.decode_mismatches == 0 and self.encode_mismatches == self.tie_mismatches
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sp_model": self.sp_model,
+            "items": self.items,
+            "encode_mismatches": self.encode_mismatches,
+            "decode_mismatches": self.decode_mismatches,
+            "tie_mismatches": self.tie_mismatches,
+            "ok": self.ok,
+            "examples": list(self.examples),
+        }
+
+
+#: What a float32 tie is, for messages (docs/tokenizer.md explains it in full).
+TIE_EXPLANATION = (
+    "two segmentations with the same exact score, which SentencePiece orders by the float32 rounding of the "
+    "text before them and tokenizers (float64) cannot"
+)
+
+
+def _describe_encode(text: str, expected: list[int], got: list[int], piece) -> str:
+    first = next(
+        (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+        min(len(expected), len(got)),
+    )
+    lo = max(0, first - 2)
+
+    def show(ids: list[int]) -> str:
+        window = ids[lo : first + 4]
+        body = " ".join(f"{piece(i)!r}({i})" for i in window)
+        return ("… " if lo else "") + body + (" …" if first + 4 < len(ids) else "")
+
+    return (
+        f"encode {text[:80]!r}: first difference at piece {first} "
+        f"(sentencepiece {len(expected)} pieces, fast {len(got)})\n"
+        f"    sentencepiece: {show(expected)}\n    fast:          {show(got)}"
+    )
+
+
+def _tie_scorer(sp, scores: list[float]):
+    """``ids -> exact path score`` with SentencePiece's effective Unigram ``scores`` (user-defined bonus
+    included); ``None`` when the ids hold a control piece."""
+
+    def score(ids: list[int]) -> float | None:
+        # Unknown characters cost the same in both paths (same text): leave their byte/<unk> pieces out.
+        if any(sp.is_control(i) for i in ids):
+            return None
+        return math.fsum(scores[i] for i in ids if not (sp.is_unknown(i) or sp.is_byte(i)))
+
+    return score
+
+
+def _within_float32_rounding(a: float, b: float, steps: int) -> bool:
+    """Whether two exact path scores differ by less than SentencePiece's float32 accumulation can resolve.
+
+    ``EncodeOptimized`` rounds every partial path score to float32, so paths closer than about one float32
+    ulp of the running total per step are ordered by rounding noise rather than by their true scores.
+    """
+    import numpy as np
+
+    return abs(a - b) <= steps * float(np.spacing(np.float32(max(abs(a), abs(b)))))
+
+
+def compare(
+    sp, fast, texts: Iterable[str], origin: str, *, unigram_scores: list[float] | None = None
+) -> ParityReport:
+    """Compare a loaded ``SentencePieceProcessor`` and a ``tokenizers.Tokenizer`` on ``texts``.
+
+    ``unigram_scores`` (a Unigram model's effective piece scores) lets encode mismatches be classified as
+    float32 ties (:attr:`ParityReport.tie_mismatches`)."""
+    items = enc_bad = dec_bad = ties = 0
+    scorer = _tie_scorer(sp, unigram_scores) if unigram_scores is not None else None
+    examples: list[str] = []
+    for text in texts:
+        items += 1
+        expected = sp.encode_as_ids(text)
+        got = fast.encode(text, add_special_tokens=False).ids
+        if expected != got:
+            enc_bad += 1
+            if scorer and sp.decode_ids(got) == sp.decode_ids(expected):
+                a, b = scorer(expected), scorer(got)
+                ties += (
+                    a is not None
+                    and b is not None
+                    and _within_float32_rounding(a, b, len(expected) + len(got))
+                )
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(_describe_encode(text, expected, got, sp.id_to_piece))
+        want, have = sp.decode_ids(expected), fast.decode(expected, skip_special_tokens=False)
+        if want != have:
+            dec_bad += 1
+            if len(examples) < MAX_EXAMPLES:
+                examples.append(
+                    f"decode {text[:80]!r}:\n    sentencepiece: {want[:120]!r}\n    fast:          {have[:120]!r}"
+                )
+    log.debug("parity on %d items: %d encode, %d decode mismatches", items, enc_bad, dec_bad)
+    return ParityReport(origin, items, enc_bad, dec_bad, examples, ties)
+
+
+def parity_report(sp, info, fast, texts: Iterable[str] | None = None) -> ParityReport:
+    """:func:`compare` a loaded ``SentencePieceProcessor`` ``sp``, its proto ``info`` (:class:`SpmInfo`) and the
+    fast tokenizer built from it (no post-processor tokens) on ``texts`` (default: :func:`builtin_sample`),
+    with Unigram encode mismatches classified as float32 ties."""
+    from persimmon_tools.tokenizer.corpus import builtin_sample
+    from persimmon_tools.tokenizer.proto import UNIGRAM
+    from persimmon_tools.tokenizer.unigram import unigram_vocab
+
+    scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
+    return compare(
+        sp, fast, builtin_sample() if texts is None else texts, str(info.path), unigram_scores=scores
+    )
+
+
+def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: bool = True) -> ParityReport:
+    """Encode ``texts`` (default: :func:`builtin_sample`) with SentencePiece and with the fast tokenizer.
+
+    Args:
+        sp_model: SentencePiece ``.model`` file.
+        texts: the corpus, one item per text; ``None`` uses the built-in multi-script sample.
+        strict: passed to :func:`build_from_info` (``False`` checks an approximate conversion).
+
+    Returns:
+        A :class:`ParityReport`; ``report.ok`` is True only with zero encode and zero decode mismatches.
+    """
+    from persimmon_tools.tokenizer.build import build_from_info
+    from persimmon_tools.tokenizer.proto import read_spm
+
+    info = read_spm(Path(sp_model))
+    return parity_report(load_sp(Path(sp_model)), info, build_from_info(info, strict=strict), texts)

@@ -1,0 +1,12 @@
+"""Verification wing: prove that a converted folder computes what the Megatron checkpoint computes.
+
+The reference forward pass written from the spec (``reference``), the prompts, ADEPT's published logits, the
+metrics and tolerances, the two converted-side loaders (``hf_side`` without transformers,
+``transformers_side`` with it), findings, diagnosis, the lockstep run and the report.
+
+The public function is ``persimmon_tools.verify``; the package is named ``verification`` so that it does not
+shadow it.
+
+May import: ``conversion`` (the folder's records), ``megatron``, ``tokenizer``, ``mapping``, ``ops``,
+``errors``. Never ``hub``, ``synth`` or ``cli``.
+"""

@@ -1,0 +1,238 @@
+"""The converted side, read without transformers: ``config.json`` + safetensors by HF names (spec §D/§E).
+
+:class:`HFWeights` reads a converted folder one layer at a time (``pread`` on the safetensors files, no
+mmap, so an 8B folder never sits in memory) and exposes it as a
+:class:`~persimmon_tools.verification.run.WeightSource`.
+Its hyper-parameters come from the folder's ``config.json`` only, interpreted the way transformers ≥ 5
+interprets a Persimmon config (``rope_parameters`` or top-level ``rope_theta``/``partial_rotary_factor``,
+defaults 10000 / 0.5), so a wrong config.json computes wrongly here too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from persimmon_tools.errors import VerificationError
+from persimmon_tools.megatron.lazy import pread_exact
+from persimmon_tools.verification.reference import ACTIVATIONS, LAYER_FIELDS, Hyper, LayerWeights
+
+HF_LAYER = "model.layers.{i}."
+HF_FIELDS = {
+    "input_ln_w": "input_layernorm.weight",
+    "input_ln_b": "input_layernorm.bias",
+    "qkv_w": "self_attn.query_key_value.weight",
+    "qkv_b": "self_attn.query_key_value.bias",
+    "q_ln_w": "self_attn.q_layernorm.weight",
+    "q_ln_b": "self_attn.q_layernorm.bias",
+    "k_ln_w": "self_attn.k_layernorm.weight",
+    "k_ln_b": "self_attn.k_layernorm.bias",
+    "dense_w": "self_attn.dense.weight",
+    "dense_b": "self_attn.dense.bias",
+    "post_ln_w": "post_attention_layernorm.weight",
+    "post_ln_b": "post_attention_layernorm.bias",
+    "fc1_w": "mlp.dense_h_to_4h.weight",
+    "fc1_b": "mlp.dense_h_to_4h.bias",
+    "fc2_w": "mlp.dense_4h_to_h.weight",
+    "fc2_b": "mlp.dense_4h_to_h.bias",
+}
+HF_GLOBALS = {
+    "embed": "model.embed_tokens.weight",
+    "final_ln_w": "model.final_layernorm.weight",
+    "final_ln_b": "model.final_layernorm.bias",
+    "head": "lm_head.weight",
+}
+TRANSFORMERS_DEFAULT_THETA = 10000.0  # transformers >= 5 when config.json names no rope_theta
+TRANSFORMERS_DEFAULT_PARTIAL = 0.5  # PersimmonConfig's default partial_rotary_factor
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_HEAD_BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    offset: int  # absolute byte offset of the data
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def row_nbytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
+class SafetensorsFolder:
+    """Tensor index of ``model.safetensors`` or ``model.safetensors.index.json`` shards; reads on demand."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise VerificationError(
+                f"{self.folder} holds no model.safetensors(.index.json)",
+                hint="pass the folder `persimmon-tools convert` wrote",
+            )
+        self.entries: dict[str, _Entry] = {}
+        for name in files:
+            self.entries.update(_read_header(self.folder / name))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def entry(self, name: str) -> _Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise VerificationError(
+                f"the converted folder has no tensor {name}",
+                hint="the conversion is incomplete; convert again",
+            ) from None
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        e = self.entry(name)
+        if not e.shape:
+            start, stop = 0, 1
+        buf = pread_exact(e.path, e.offset + start * e.row_nbytes, (stop - start) * e.row_nbytes, str(e.path))
+        if not buf:
+            return torch.empty((0, *e.shape[1:]), dtype=e.dtype)
+        return (
+            torch.frombuffer(buf, dtype=e.dtype).view(-1, *e.shape[1:])
+            if e.shape
+            else torch.frombuffer(buf, dtype=e.dtype).reshape(())
+        )
+
+    def read(self, name: str) -> torch.Tensor:
+        e = self.entry(name)
+        return self.read_rows(name, 0, e.shape[0] if e.shape else 1)
+
+    def iter_rows(self, name: str, max_bytes: int = _HEAD_BLOCK_BYTES) -> Iterator[torch.Tensor]:
+        e = self.entry(name)
+        step = max(1, max_bytes // max(1, e.row_nbytes))
+        for a in range(0, e.shape[0], step):
+            yield self.read_rows(name, a, min(e.shape[0], a + step))
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise VerificationError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as err:
+            raise VerificationError(f"{path} has an unreadable safetensors header ({err})") from err
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise VerificationError(
+                f"{path}: tensor {name} has dtype {info['dtype']}, which verify cannot read"
+            )
+        start, _ = info["data_offsets"]
+        out[name] = _Entry(path, 8 + n + start, _DTYPES[info["dtype"]], tuple(info["shape"]))
+    return out
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VerificationError(
+            f"{folder} has no config.json", hint="pass the folder `convert` wrote"
+        ) from None
+    except ValueError as err:
+        raise VerificationError(f"{path} is not valid JSON ({err})") from err
+
+
+def hf_hyper(config: dict[str, Any]) -> Hyper:
+    """Hyper-parameters as transformers reads them from ``config.json`` (nothing from the tensors)."""
+    if config.get("model_type") not in (None, "persimmon"):
+        raise VerificationError(f"config.json has model_type {config.get('model_type')!r}, not 'persimmon'")
+    act = config.get("hidden_act", "relu2")
+    if act not in ACTIVATIONS:
+        raise VerificationError(
+            f"config.json has hidden_act {act!r}, which verify cannot run; Persimmon uses 'relu2'"
+        )
+    rope = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    origin = [
+        ("rope_theta", "config.json" if theta is not None else "transformers' default 10000"),
+        ("rotary_dim", "config.json" if partial is not None else "transformers' default 0.5"),
+        ("eps", "config.json" if "layer_norm_eps" in config else "transformers' default 1e-5"),
+    ]
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = hidden // heads
+    tied = bool(config.get("tie_word_embeddings", False))
+    return Hyper(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        head_dim=head_dim,
+        intermediate_size=int(config["intermediate_size"]),
+        rotary_dim=int(head_dim * float(partial if partial is not None else TRANSFORMERS_DEFAULT_PARTIAL)),
+        rope_theta=float(theta if theta is not None else TRANSFORMERS_DEFAULT_THETA),
+        eps=float(config.get("layer_norm_eps", 1e-5)),
+        untied=not tied,
+        qk_layernorm=bool(config.get("qk_layernorm", True)),
+        hidden_act=act,
+        rope_scaling=None if rope_type == "default" else str(rope_type),
+        max_positions=config.get("max_position_embeddings"),
+        origin=tuple(origin),
+    )
+
+
+class HFWeights:
+    """A converted folder as a :class:`~persimmon_tools.verification.reference.WeightSource` (HF names, config.json)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.config = read_config(self.folder)
+        self.st = SafetensorsFolder(self.folder)
+        try:
+            self.hyper = hf_hyper(self.config)
+        except KeyError as err:
+            raise VerificationError(f"config.json lacks {err.args[0]!r}", hint="convert again") from None
+
+    def name(self, field: str, i: int | None = None) -> str:
+        return HF_GLOBALS[field] if i is None else HF_LAYER.format(i=i) + HF_FIELDS[field]
+
+    def tensor(self, field: str, i: int | None = None) -> torch.Tensor:
+        return self.st.read(self.name(field, i))
+
+    def layer(self, i: int) -> LayerWeights:
+        return LayerWeights(**{f: self.tensor(f, i) for f in LAYER_FIELDS})
+
+    def embedding_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        name = HF_GLOBALS["embed"]
+        rows = {r: self.st.read_rows(name, r, r + 1)[0] for r in sorted(set(ids))}
+        return torch.stack([rows[r] for r in ids])
+
+    def final_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensor("final_ln_w"), self.tensor("final_ln_b")
+
+    def head_blocks(self) -> Iterator[torch.Tensor]:
+        yield from self.st.iter_rows(HF_GLOBALS["head" if self.hyper.untied else "embed"])
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype most parameters are stored in."""
+        counts: dict[torch.dtype, int] = {}
+        for e in self.st.entries.values():
+            counts[e.dtype] = counts.get(e.dtype, 0) + math.prod(e.shape)
+        return max(counts, key=counts.get) if counts else torch.float32

@@ -1,0 +1,298 @@
+"""``verify``: prove that a converted folder computes what the original Megatron checkpoint computes.
+
+    report = verify(Path("persimmon-8b-chat-hf"), Path("8b_chat_model_release.tar"), VerifyOptions())
+    report.passed, report.to_json()
+
+The reference side is :mod:`persimmon_tools.verification.reference` on the checkpoint's Megatron tensors; the converted
+side is ``transformers.PersimmonForCausalLM`` when installed and the model fits, else the toolkit's own
+layer-by-layer reader of the HF layout (:mod:`persimmon_tools.verification.hf_side`). Both run every prompt;
+logits are compared with the tolerances of :mod:`persimmon_tools.verification.metrics`. On failure a diagnosis
+names the first diverging layer and the most likely tensor or config value. ``verification.json`` is
+written into the folder either way; :func:`check_passed` turns a failing report into a VerificationError.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from persimmon_tools import __version__
+from persimmon_tools.conversion.fingerprint import fingerprint_folder
+from persimmon_tools.errors import UsageError, VerificationError
+from persimmon_tools.megatron.checkpoint import load_release_checkpoint
+from persimmon_tools.megatron.release import open_release
+from persimmon_tools.verification.content import ContentChecker, weight_findings
+from persimmon_tools.verification.diagnose import diagnose
+from persimmon_tools.verification.findings import (
+    FULL_SCAN_PARAMS,
+    Finding,
+    all_fields,
+    config_findings,
+    presence_findings,
+)
+from persimmon_tools.verification.hf_side import HFWeights
+from persimmon_tools.verification.metrics import compare_logits, drift_by_position, tolerance_for
+from persimmon_tools.verification.prompts import Prompt, build_prompts
+from persimmon_tools.verification.published import INPUT_IDS, compare_published, is_8b_chat
+from persimmon_tools.verification.reference import MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
+from persimmon_tools.verification.report import (
+    VerifyReport,
+    source_fingerprint,
+    verification_path,
+    write_report,
+)
+from persimmon_tools.verification.run import LayerwiseModel, peak_memory, run_lockstep
+from persimmon_tools.verification.transformers_side import TransformersTrace, fits, transformers_available
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOADERS = ("auto", "transformers", "persimmon-tools")
+AUTO_VERIFY_MAX_PARAMS = 1_500_000_000  # `convert` verifies on CPU by default below this size
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Options of :func:`verify` (mirrors the CLI flags)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str | None = None  # fp32 | bf16 | fp16; None: fp32 on CPU, bf16 on CUDA
+    rotary: str = "hf"  # hf | adept (adept also reports the drift from ADEPT's bf16 rotary)
+    prompts: tuple[str, ...] = ()
+    ids: tuple[tuple[int, ...], ...] = ()
+    default_prompts: bool = True
+    loader: str = "auto"  # auto | transformers | persimmon-tools
+    iteration: int | None = None
+    vocab: Path | None = None
+    published: bool = True  # compare with transformers' published 8B-chat logits when the source is that
+    hash_source: bool = True
+    check_weights: bool | None = None  # compare every tensor by value; None: for models < 500M parameters
+    write: bool = True  # write verification.json into OUT_DIR
+
+
+def should_auto_verify(dims, device: str = "cpu") -> bool:
+    """Whether ``convert`` should verify by default: models below 1.5B parameters on CPU, any size on CUDA.
+
+    ``dims``: anything with ``num_parameters()`` (:class:`persimmon_tools.conversion.config.ModelDims`).
+    """
+    n = dims.num_parameters()
+    return n < AUTO_VERIFY_MAX_PARAMS if device == "cpu" else True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            )
+            raise UsageError(
+                f"--device {name}: CUDA is not available ({why}, torch {torch.__version__})",
+                hint="use --device cpu (or auto), or install a CUDA build of torch on a GPU machine",
+            )
+        return torch.device(name)
+    raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda", hint="e.g. --device cuda")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _choose_loader(
+    options: VerifyOptions, conv: HFWeights, dtype: torch.dtype, device: torch.device
+) -> tuple[str, str]:
+    if options.loader not in LOADERS:
+        raise UsageError(f"--loader {options.loader!r} is not one of {', '.join(LOADERS)}")
+    if options.loader == "persimmon-tools":
+        return "persimmon-tools", "asked for (--loader persimmon-tools)"
+    have = transformers_available()
+    if options.loader == "transformers":
+        if not have:
+            raise UsageError(
+                "--loader transformers: transformers is not installed",
+                hint="pip install 'persimmon-tools[transformers]', or use --loader auto",
+            )
+        return "transformers", "asked for (--loader transformers)"
+    if not have:
+        return "persimmon-tools", "transformers is not installed"
+    ok, why = fits(conv.hyper, dtype, device)
+    return (
+        ("transformers", why)
+        if ok
+        else ("persimmon-tools", why + ": too big for transformers, layer by layer")
+    )
+
+
+def _converted_side(
+    loader: str,
+    reason: str,
+    conv: HFWeights,
+    dtype: torch.dtype,
+    device: torch.device,
+    findings: list[Finding],
+) -> tuple[TransformersTrace | LayerwiseModel, str, str]:
+    """The converted model to run. A folder transformers refuses to load is a failing finding; then the
+    toolkit's own reader runs it, so the report still has numbers."""
+    if loader == "transformers":
+        try:
+            return TransformersTrace(conv.folder, dtype=dtype, device=device), loader, reason
+        except Exception as err:  # any refusal by transformers is reported, and fails the verdict
+            import transformers
+
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            findings.append(
+                Finding(
+                    "load",
+                    "the converted folder",
+                    f"transformers {transformers.__version__} cannot load it ({msg})",
+                )
+            )
+            reason = f"transformers failed to load the folder ({type(err).__name__}); ran it layer by layer"
+    return LayerwiseModel(conv, dtype=dtype, device=device), "persimmon-tools", reason
+
+
+def verify(
+    out_dir: Path,
+    reference: Path,
+    options: VerifyOptions = VerifyOptions(),
+    *,
+    progress: Callable[[str], None] = lambda s: None,
+) -> VerifyReport:
+    """Compare converted folder ``out_dir`` with release ``reference``; writes ``verification.json``."""
+    out_dir, start = Path(out_dir), time.perf_counter()
+    if options.rotary not in ROTARY_MODES:
+        raise UsageError(f"--rotary {options.rotary!r} is not one of {', '.join(ROTARY_MODES)}")
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    release = open_release(Path(reference), iteration=options.iteration, vocab=options.vocab)
+    ckpt = load_release_checkpoint(release)
+    src = MegatronWeights(ckpt)
+    conv = HFWeights(out_dir)
+    findings = config_findings(src.hyper, conv.hyper)
+    if not any(f.kind == "structure" for f in findings):
+        findings += presence_findings(conv)
+    structural = [f for f in findings if f.kind == "structure"]
+    source_dtype = ckpt.tensors[MEGATRON_GLOBALS["embed"]].dtype
+    tol = tolerance_for(dtype, source_dtype, conv.storage_dtype())
+    loader, reason = _choose_loader(options, conv, dtype, device)
+    vocab = min(src.hyper.vocab_size, conv.hyper.vocab_size)
+    max_tokens = int(conv.config.get("max_position_embeddings") or 16384)
+    prompts, tok_desc = build_prompts(
+        out_dir,
+        texts=options.prompts,
+        ids=options.ids,
+        defaults=options.default_prompts,
+        vocab=vocab,
+        max_tokens=max_tokens,
+    )
+    published = options.published and is_8b_chat(src.hyper, ckpt.iteration, release.variant)
+    if published:
+        prompts.append(Prompt("published", None, INPUT_IDS))
+    metrics, run, drift, pub = [], None, None, None
+    if not structural:
+        ref_model = LayerwiseModel(src, dtype=dtype, device=device)
+        conv_model, loader, reason = _converted_side(loader, reason, conv, dtype, device, findings)
+        run = run_lockstep(
+            ref_model,
+            conv_model,
+            [p.ids for p in prompts],
+            adept=options.rotary == "adept",
+            progress=progress,
+        )
+        for p, r, c in zip(prompts, run.reference, run.converted, strict=True):
+            metrics.append(compare_logits(r, c, tol, prompt=p.label, name=p.name))
+        if run.adept is not None:
+            drift = tuple(drift_by_position(run.adept, run.converted))
+        if published:
+            pub = compare_published(run.converted[-1])
+    checker = None if structural else ContentChecker(src, conv)
+    check_weights = options.check_weights
+    if check_weights is None:
+        check_weights = src.hyper.num_parameters() <= FULL_SCAN_PARAMS
+    tensors = weight_findings(checker, None) if checker is not None and check_weights else None
+    errors = [f for f in findings if f.kind in ("structure", "config", "load")] + (tensors or [])
+    passed = bool(metrics) and all(m.passed for m in metrics) and not errors
+    diagnosis = None
+    if not passed:
+        progress("diagnosis")
+        failing = next((k for k, m in enumerate(metrics) if not m.passed), None)
+        diagnosis = diagnose(
+            config=findings,
+            stages=run.stages_for(failing) if run is not None and failing is not None else None,
+            prompt=prompts[failing].name if failing is not None else None,
+            hidden_rel=tol.hidden_rel,
+            checker=checker,
+            tensors=tensors,
+        )
+    progress("fingerprints")
+    t_fp = time.perf_counter()
+    source_fp = source_fingerprint(release, ckpt.iteration, hash_files=options.hash_source)
+    files = fingerprint_folder(out_dir)
+    timings = {
+        "total_s": round(time.perf_counter() - start, 3),
+        "fingerprints_s": round(time.perf_counter() - t_fp, 3),
+    }
+    if run is not None:
+        timings.update({f"{k}_s": round(v, 3) for k, v in run.seconds.items()})
+    report = VerifyReport(
+        out_dir=out_dir,
+        verdict="pass" if passed else "fail",
+        device=str(device),
+        dtype={v: k for k, v in DTYPES.items()}[dtype],
+        rotary=options.rotary,
+        converted_loader=loader,
+        loader_reason=reason,
+        source=source_fp,
+        tolerances=tol.to_dict(),
+        metrics=tuple(metrics),
+        tokenizer=tok_desc,
+        config_findings=tuple(f.to_dict() for f in findings),
+        diagnosis=diagnosis,
+        published_reference=pub,
+        weights={
+            "compared": len(all_fields(src.hyper)) if tensors is not None else 0,
+            "differing": [f.to_dict() for f in tensors or []],
+            "scope": "every tensor, by value"
+            if tensors is not None
+            else "not run (model too big; "
+            "--check-weights runs it); on failure the diverging stage's tensors are compared",
+        },
+        adept_drift=drift,
+        timings=timings,
+        memory=peak_memory(device),
+        files=files,
+        tool_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if options.write:
+        write_report(report, verification_path(out_dir))
+    return report
+
+
+def check_passed(report: VerifyReport) -> None:
+    """Raise VerificationError (exit code 3) naming the diagnosis when ``report`` failed."""
+    if report.passed:
+        return
+    summary = (report.diagnosis or {}).get("summary", "see verification.json")
+    failed = [m.name for m in report.metrics if not m.passed]
+    raise VerificationError(
+        f"{report.out_dir} does not compute what the checkpoint computes"
+        + (f" (prompts failing: {', '.join(failed)})" if failed else "")
+        + f": {summary}",
+        hint=f"details in {verification_path(report.out_dir)}; convert again, or report a bug with that file",
+    )

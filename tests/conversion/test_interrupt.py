@@ -1,0 +1,218 @@
+"""Interruptions and full disks during ``convert``: no partial OUT_DIR, no temporary folder, a clear message,
+and a re-run that succeeds.
+
+Signals are sent to a real ``persimmon-tools convert`` subprocess while it writes a 1 GiB shard (the ``mid``
+synthetic preset, made once per session). Full disks are a 512 KiB tmpfs where mounting is permitted, and
+``ENOSPC`` injected at every place that writes in any case.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from reliability_cases import expect, expect_cli
+
+import persimmon_tools.conversion.convert as convert_module
+import persimmon_tools.conversion.output_dir as output_dir
+import persimmon_tools.conversion.writer as writer
+from persimmon_tools.cli import main
+from persimmon_tools.conversion.convert import ConvertOptions, convert
+from persimmon_tools.errors import PersimmonToolsError
+from persimmon_tools.synth.build import make_release
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="session")
+def mid_release(tmp_path_factory) -> Path:
+    """A ~1 GiB release: big enough that a signal reliably lands while the shard is being written."""
+    return make_release(tmp_path_factory.mktemp("mid") / "mid_release.tar", preset="mid", seed=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_convert(mid_release, tmp_path, sig):
+    """Cases sigint and sigterm."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "persimmon_tools.cli", "convert", str(mid_release), str(out), "--no-verify"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background jobs inherit SIGINT ignored; Ctrl-C semantics need the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        shard = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            shards = list(tmp_path.glob(".out.tmp-*/model.safetensors"))
+            if shards and shards[0].stat().st_size > (16 << 20):  # mid-write: 16 MiB of ~1 GiB written
+                shard = shards[0]
+                break
+            time.sleep(0.005)
+        assert shard is not None and proc.poll() is None, "convert finished before it could be interrupted"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr + stdout and "Error: interrupted" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT_DIR, no .out.tmp-*
+    result = cli("convert", mid_release, out, "--no-verify", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.safetensors").stat().st_size > (1 << 30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _interrupt_after(n_calls: int, monkeypatch) -> None:
+    """Ctrl-C during the ``n_calls``-th write of shard bytes (headers and copied chunks)."""
+    real = writer._write_all
+    calls = []
+
+    def write_all(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n_calls:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "_write_all", write_all)
+
+
+def test_keyboard_interrupt_keeps_old_output(releases, tmp_path, monkeypatch):
+    """Case ctrl-c-force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    _interrupt_after(20, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        convert(releases["tar"], out, ConvertOptions(force=True))
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and leftovers(tmp_path) == []
+    _interrupt_after(20, monkeypatch)
+    result = cli("convert", releases["tar"], out, "--force", "--no-verify")
+    assert (
+        result.exit_code == 130 and "Error: interrupted" in result.stderr and "Traceback" not in result.stderr
+    )
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and leftovers(tmp_path) == []
+
+
+def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases, tmp_path, monkeypatch):
+    """Case ctrl-c-twice: the user presses Ctrl-C again while the temporary folder is being deleted."""
+    real_rmtree, calls = output_dir.shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            next(Path(path).glob("*.safetensors")).unlink()  # part of the way, then the second Ctrl-C
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_dir.shutil, "rmtree", rmtree)
+    _interrupt_after(20, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        convert(releases["tar"], tmp_path / "out", ConvertOptions())
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _can_mount_tmpfs(target: Path) -> str | None:
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(target)], capture_output=True, text=True
+    )
+    return None if proc.returncode == 0 else f"mount -t tmpfs not permitted here: {proc.stderr.strip()}"
+
+
+def test_full_tmpfs(releases, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    why = _can_mount_tmpfs(mnt)
+    if why:
+        pytest.skip(why)
+    try:
+        result = cli("convert", releases["tar"], mnt / "out", "--no-verify")
+        expect_cli("tmpfs-full", result)
+        assert os.listdir(mnt) == []  # no OUT_DIR, no temporary folder, no partial shard
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _under(path: Path, fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["temp folder", "shard copy", "shard cast (--dtype fp32)", "fsync", "config.json", "tokenizer.model"],
+)
+def test_injected_enospc(releases, tmp_path, monkeypatch, where):
+    out = tmp_path / "out"
+    options = ConvertOptions(dtype="fp32" if "fp32" in where else "auto")
+    if where == "temp folder":
+        monkeypatch.setattr(output_dir.tempfile, "mkdtemp", _enospc)
+    elif where == "shard copy":
+        real_write = os.write
+        monkeypatch.setattr(
+            os, "write", lambda fd, data: _enospc() if _under(tmp_path, fd) else real_write(fd, data)
+        )
+    elif where.startswith("shard cast"):
+        monkeypatch.setattr(writer, "_write_all", _enospc)
+    elif where == "fsync":
+        monkeypatch.setattr(os, "fsync", _enospc)
+    elif where == "config.json":
+        monkeypatch.setattr(convert_module, "write_json", _enospc)
+    else:
+        real = Path.write_bytes
+        monkeypatch.setattr(
+            Path,
+            "write_bytes",
+            lambda self, data: _enospc() if self.name == "tokenizer.model" else real(self, data),
+        )
+    with pytest.raises(PersimmonToolsError) as err:
+        convert(releases["tar"], out, options)
+    expect("enospc", err.value)
+    assert "free space" in err.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    convert(releases["tar"], out, options)  # the same command succeeds once there is space
+    assert (out / "config.json").is_file() and leftovers(tmp_path) == []
+
+
+def test_enospc_while_saving_tokenizer_json(releases, tmp_path, monkeypatch):
+    """Case enospc-tokenizer-json: the disk fills up exactly when tokenizer.json is written."""
+    import errno
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "tokenizer.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(PersimmonToolsError) as err:
+        convert(releases["tar"], tmp_path / "out", ConvertOptions())
+    expect("enospc", err.value)

@@ -1,0 +1,3 @@
+"""The push tests' fixtures (:mod:`hub_fixtures`), for every test module in this folder."""
+
+from hub_fixtures import converted, hub  # noqa: F401
