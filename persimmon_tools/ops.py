@@ -72,7 +72,7 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-_LAYER_RE = re.compile(r"(?<=\.layers\.)(\d+)(?=\.)")
+_LAYER_RE = re.compile(r"(?<=\.layers\.)([0-9]+)(?=\.)")  # ASCII digits only (\d takes any Unicode digit)
 
 
 def layer_index(key: str) -> int | None:

@@ -215,3 +215,24 @@ def gpt2_megatron_checkpoint(
             }
         },
     }
+
+
+def basic_hostile_tar(path: Path, kind: str, sentinel_dir: Path) -> None:
+    """A tar with one good member and one hostile member of ``kind`` (dotdot, absolute, symlink, hardlink,
+    device) aimed at ``sentinel_dir``."""
+    with tarfile.open(path, "w") as tf:
+        ok = tarfile.TarInfo("rel/ok.txt")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+        info = tarfile.TarInfo(
+            {"dotdot": "rel/../../escape.txt", "absolute": f"{sentinel_dir}/abs.txt"}.get(kind, "rel/x")
+        )
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, str(sentinel_dir)
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "/etc/passwd"
+        elif kind == "device":
+            info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+        else:
+            info.size = 4
+        tf.addfile(info, io.BytesIO(b"evil") if info.isreg() else None)

@@ -29,7 +29,7 @@ class Case:
     test: str  # "wing/test_file.py::test_name", relative to tests/
 
 
-_H, _B, _I = "hostile", "broken", "interruption"
+_H, _B, _I, _X = "hostile", "broken", "interruption", "inconsistent"
 CASES: list[Case] = [
     # ---- hostile tar members ---------------------------------------------------------------------------
     Case("tar-dotdot", _H, "convert: tar member `rel/../../escape.txt`", "ReleaseError",
@@ -235,6 +235,70 @@ CASES: list[Case] = [
     Case("enospc-tokenizer-json", _I, "ENOSPC while `tokenizers` saves tokenizer.json", "ConversionError",
          "no space left on the device",
          "conversion/test_interrupt.py::test_enospc_while_saving_tokenizer_json"),
+    # ---- inconsistent checkpoints (each shard readable on its own; together they are not one checkpoint) ----
+    Case("pp-folders-swapped", _X, "convert: an extracted PP=2 or PP=3 release whose `mp_rank_00_00N` folders were "
+         "swapped (also TP=2 x PP=2, and through the CLI)", "CheckpointError", "only the last stage holds",
+         "megatron/test_consistency.py::test_swapped_pipeline_folders_are_refused"),
+    Case("middle-stages-swapped", _X, "convert: PP=4, two middle stages swapped, shards carry Megatron's "
+         "per-process `args.rank`", "CheckpointError", "was saved by global rank",
+         "megatron/test_consistency.py::test_middle_stages_swapped_are_found_by_the_saving_rank"),
+    Case("shard-other-iteration", _X, "convert: one PP stage's shard holds another `iteration`", "CheckpointError",
+         "disagree on the iteration", "megatron/test_consistency.py::test_a_shard_from_another_iteration_is_refused"),
+    Case("shard-iteration-vs-folder", _X, "convert: every shard says iteration 1000 inside `iter_0001251/` "
+         "(also a lone `.pt`)", "CheckpointError", "but its folder says",
+         "megatron/test_consistency.py::test_shard_iteration_must_match_its_folder"),
+    Case("shard-other-run", _X, "convert: one TP rank's `args` differ (seed, dropout, consumed samples, data "
+         "path); only per-rank fields (`rank`, `local_rank`, ...) may differ", "CheckpointError",
+         "disagree on their training args",
+         "megatron/test_consistency.py::test_a_shard_from_another_run_is_refused_naming_the_field"),
+    Case("layer-number-spelling", _X, "convert: `layers.05.*`, `layers.+5.*`, Arabic-Indic or full-width digits",
+         "CheckpointError", "layer number",
+         "megatron/test_consistency.py::test_non_canonical_layer_numbers_are_refused"),
+    Case("layer-two-spellings", _X, "convert: `layers.5.*` and `layers.05.*` side by side (before: one set "
+         "written, the other dropped)", "CheckpointError", "layers.05.",
+         "megatron/test_consistency.py::test_one_layer_under_two_spellings_is_refused"),
+    Case("extra-model-key", _X, "convert: a model-dict key no rule of the mapping table maps", "MappingError",
+         "unknown source key", "conversion/test_mapping.py::test_unknown_missing_and_wrong_shape_are_reported_together"),
+    Case("drop-key-typo", _X, "convert --drop-key PATTERN that matches no key", "UsageError",
+         "matches none of the checkpoint",
+         "conversion/test_casts_and_dtypes.py::test_drop_key_pattern_that_matches_nothing_is_an_error"),
+    Case("drop-needed-key", _X, "convert --drop-key on a key the model needs", "MappingError",
+         "was dropped by --drop-key", "conversion/test_casts_and_dtypes.py::test_dropping_a_needed_key_is_still_missing"),
+    Case("iteration-two-spellings", _X, "convert: `iter_0001251/` and `iter_1251/` in one folder or tar",
+         "ReleaseError", "appears under two folder names",
+         "megatron/test_consistency.py::test_one_iteration_under_two_folder_names_is_refused"),
+    Case("byteorder-big", _X, "convert: a `.pt` whose `byteorder` record says `big`", "CheckpointError",
+         "stored big-endian", "megatron/test_byteorder.py::test_big_endian_record_is_refused"),
+    Case("byteorder-unknown", _X, "convert: a `byteorder` record that is neither `little` nor `big`",
+         "CheckpointError", "byteorder", "megatron/test_byteorder.py::test_unknown_byteorder_record_is_refused"),
+    Case("tar-header-damaged", _X, "convert / unpack: a damaged header (checksum, garbage, zero block, cut "
+         "header) between two iterations and the tracker", "ReleaseError", "not a valid tar header",
+         "megatron/test_tar_damage.py::test_damaged_header_in_the_middle_is_refused"),
+    Case("tar-cut-at-member", _X, "convert: a tar cut exactly at a member boundary (no end-of-archive blocks)",
+         "ReleaseError", "without the two zero blocks",
+         "megatron/test_tar_damage.py::test_archive_cut_at_a_member_boundary_is_refused"),
+    Case("cast-overflow", _X, "convert --dtype bf16 / fp16 / fp32 on values beyond the target's range",
+         "ConversionError", "exceed the bf16 range",
+         "conversion/test_casts_and_dtypes.py::test_every_narrowing_cast_refuses_values_that_become_inf"),
+    Case("mixed-dtypes", _X, "convert --dtype auto on a checkpoint that mixes bf16 and fp32 weights",
+         "ConversionError", "mixes floating dtypes",
+         "conversion/test_casts_and_dtypes.py::test_mixed_dtypes_are_refused_unless_dtype_picks_one"),
+    Case("vocab-bad-score", _X, "convert / tokenizer: a SentencePiece score that is NaN, ±inf or beyond ±1e30",
+         "TokenizerError", "has score",
+         "tokenizer/test_bad_scores.py::test_bad_scores_are_refused_naming_piece_and_score"),
+    Case("tokenizer-json-unloadable", _X, "tokenizer files that `tokenizers` or `AutoTokenizer` cannot load "
+         "back", "TokenizerError", "does not load back",
+         "tokenizer/test_bad_scores.py::test_a_tokenizer_json_that_does_not_load_is_refused"),
+    Case("variant-path-word", _X, "convert: `chat_experiments/8b_base_model_release.tar`",
+         "converts; variant `base`, decided by the release's own name", "release folder 8b_base_model_release",
+         "megatron/test_variant.py::test_chat_elsewhere_in_the_path_does_not_make_a_base_release_chat"),
+    Case("variant-renamed-tar", _X, "convert: `tp1.tar` holding `8b_chat_model_release/`",
+         "converts; variant `chat`, decided by the folder inside", "release folder 8b_chat_model_release inside",
+         "megatron/test_variant.py::test_renamed_tarball_is_decided_by_its_release_folder"),
+    Case("converter-reader-broken", _X, "convert + verify with the converter's reader broken on purpose (stages "
+         "swapped, a key dropped, bytes misread)", "VerificationError (exit 3): verify's own reader disagrees",
+         "the converter's reader",
+         "verification/test_independent_reader.py::test_a_broken_converter_reader_fails_convert_and_verify"),
     # ---- fuzzing ---------------------------------------------------------------------------------------
     Case("fuzz-tar", "fuzz", "random flips / overwrites / inserts / deletes / truncation of the tiny tar "
          "(hypothesis, 60 derandomized examples)", "converts completely, or a typed error", "",
@@ -282,8 +346,8 @@ def _cell(text: str) -> str:
 
 def render() -> str:
     lines = [BEGIN]
-    groups = {"hostile": "Hostile inputs", "broken": "Broken inputs", "interruption": "Interruptions and full disks",
-              "fuzz": "Fuzzing"}  # fmt: skip
+    groups = {"hostile": "Hostile inputs", "broken": "Broken inputs", "inconsistent": "Inconsistent checkpoints",
+              "interruption": "Interruptions and full disks", "fuzz": "Fuzzing"}  # fmt: skip
     for group, title in groups.items():
         lines += ["", f"### {title}", "", "| case | input | outcome | message (abbreviated) | test |",
                   "|---|---|---|---|---|"]  # fmt: skip

@@ -38,9 +38,24 @@ _PATH = click.Path(path_type=Path)
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes, peak memory); write nothing."
 )
-@click.option("--allow-overflow", is_flag=True, help="With --dtype fp16, write values beyond ±65504 as inf.")
+@click.option(
+    "--allow-overflow",
+    is_flag=True,
+    help="Write values that --dtype cannot hold (beyond ±65504 for fp16, ±3.39e38 for bf16, ±3.40e38 for fp32) "
+    "as inf instead of refusing.",
+)
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights hold NaN/Inf.")
 @click.option("--iteration", type=int, help="Which iter_XXXXXXX to convert (default: the tracker file's).")
+@click.option(
+    "--drop-key",
+    "drop_keys",
+    metavar="PATTERN",
+    multiple=True,
+    help="Leave out source keys matching this fnmatch glob over the flattened Megatron key, on purpose "
+    "(repeatable), e.g. 'language_model.encoder.layers.*.extra_adapter.*'. Dropped keys are listed in "
+    "conversion.json; a pattern that matches nothing is an error; a dropped key the model needs is still "
+    "reported as missing.",
+)
 @click.option(
     "--vocab",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -87,6 +102,7 @@ def convert_cmd(
     allow_overflow: bool,
     allow_nonfinite: bool,
     iteration: int | None,
+    drop_keys: tuple[str, ...],
     vocab: Path | None,
     tokenizer: bool,
     allow_ties: bool,
@@ -116,6 +132,7 @@ def convert_cmd(
         allow_overflow=allow_overflow,
         allow_nonfinite=allow_nonfinite,
         iteration=iteration,
+        drop_keys=tuple(drop_keys),
         vocab=vocab,
         tokenizer=tokenizer,
         add_bos_token=add_bos,
@@ -200,6 +217,8 @@ def _print_plan(summary: dict, out_dir: Path, as_json: bool) -> None:
         f"  tensors: {summary['tensors']} ({summary['parameters']:,} parameters), dtype {summary['dtype']}, "
         f"{human_bytes(summary['bytes'])}"
     )
+    if summary.get("dropped_keys"):
+        click.echo(f"  dropped (--drop-key): {', '.join(summary['dropped_keys'])}")
     for fname, shard in summary["shards"].items():
         click.echo(f"  {fname}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")
     click.echo(f"  estimated peak memory: {human_bytes(summary['estimated_peak_memory_bytes'])}")

@@ -21,11 +21,11 @@ from persimmon_tools import __version__
 from persimmon_tools.conversion.config import ModelDims, derive_dims, generation_config, hf_config
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.conversion.output_dir import atomic_output_dir, check_output_dir
-from persimmon_tools.conversion.plan import PlannedTensor, plan_conversion
+from persimmon_tools.conversion.plan import PlannedTensor, drop_keys, plan_conversion, source_keys
+from persimmon_tools.conversion.values import WriteStats, dtype_name, refuse_bad_values
 from persimmon_tools.conversion.writer import (
     CHUNK_BYTES,
     ShardPlan,
-    WriteStats,
     finish_shard,
     plan_shards,
     write_index,
@@ -66,6 +66,7 @@ class ConvertOptions:
     allow_tokenizer_ties: bool = (
         False  # write the tokenizer when its only parity differences are float32 ties
     )
+    drop_keys: tuple[str, ...] = ()  # fnmatch patterns of source keys to leave out on purpose (--drop-key)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ class ConversionPlan:
     config: dict[str, Any]
     special_id: int | None
     vocab_bytes: bytes | None
+    dropped: dict[str, str] = field(default_factory=dict)  # source key -> the --drop-key pattern
+    drop_patterns: tuple[str, ...] = ()
+
+    @property
+    def dropped_keys(self) -> list[str]:
+        return sorted(self.dropped)
 
     @property
     def estimated_peak_bytes(self) -> int:
@@ -97,10 +104,12 @@ class ConversionPlan:
             "tp": self.release.tp,
             "pp": self.release.pp,
             "variant": self.release.variant,
+            "variant_from": self.release.variant_from,
             "tensors": len(self.tensors),
             "bytes": self.shards.total_size,
             "parameters": sum(p.nbytes // p.out_dtype.itemsize for p in self.tensors),
             "dtype": self.config["torch_dtype"],
+            "dropped_keys": self.dropped_keys,
             "shards": {
                 f: {"tensors": len(ts), "bytes": sum(p.nbytes for p in ts)}
                 for f, ts in self.shards.files.items()
@@ -134,11 +143,11 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
     ckpt = load_release_checkpoint(release)
     dims = derive_dims(ckpt)
     out_dtype = _output_dtype(options.dtype)
-    tensors = plan_conversion(ckpt, dims, out_dtype)
-    source_dtypes = {p.source.dtype for p in tensors}
-    written_dtype = out_dtype or max(source_dtypes, key=lambda d: d.itemsize)
-    if out_dtype is None and len(source_dtypes) > 1:
-        log.warning("the checkpoint mixes dtypes; config.json names %s", written_dtype)
+    tensors = plan_conversion(ckpt, dims, out_dtype, options.drop_keys)
+    dropped = drop_keys(source_keys(ckpt), options.drop_keys)
+    for key in sorted(dropped):
+        log.info("dropping %s (--drop-key %r)", key, dropped[key])
+    written_dtype = out_dtype or _single_source_dtype(tensors)
     special_id, vocab_bytes = None, None
     if release.vocab is not None:
         vocab_bytes = release.vocab.read_all()
@@ -164,7 +173,32 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
         )
     config = hf_config(dims, written_dtype, special_id)
     shards = plan_shards(tensors, options.max_shard_size)
-    return ConversionPlan(release, ckpt, dims, tensors, shards, config, special_id, vocab_bytes)
+    return ConversionPlan(
+        release, ckpt, dims, tensors, shards, config, special_id, vocab_bytes, dropped, options.drop_keys
+    )
+
+
+def _single_source_dtype(tensors: list[PlannedTensor]) -> torch.dtype:
+    """The one dtype ``--dtype auto`` writes, which ``config.json``'s ``torch_dtype`` then names.
+
+    Only written tensors count: ``rotary_emb.inv_freq`` (and anything ``--drop-key`` drops) is never
+    written, so its dtype says nothing about the output; Megatron forks often keep that buffer in fp32
+    beside bf16 weights, which must still convert bit for bit.
+    """
+    first: dict[torch.dtype, PlannedTensor] = {}
+    for p in tensors:
+        first.setdefault(p.source.dtype, p)
+    if len(first) == 1:
+        return next(iter(first))
+    a, b = list(first.values())[:2]
+    counts = ", ".join(f"{sum(p.source.dtype == d for p in tensors)} {dtype_name(d)}" for d in first)
+    raise ConversionError(
+        f"the checkpoint mixes floating dtypes across its weights: {a.source.key} is "
+        f"{dtype_name(a.source.dtype)} but {b.source.key} is {dtype_name(b.source.dtype)} ({counts} tensors); "
+        "--dtype auto keeps each tensor's dtype and config.json's torch_dtype can name only one",
+        hint="pick the output dtype with --dtype bf16|fp16|fp32 (every weight is cast to it; values that would "
+        "overflow are refused)",
+    )
 
 
 def _provenance(plan: ConversionPlan) -> dict[str, Any]:
@@ -178,6 +212,8 @@ def _provenance(plan: ConversionPlan) -> dict[str, Any]:
             "kind": rel.kind,
             "name": rel.source.name,
             "variant": rel.variant,
+            # which name decided base/chat, or why it is unknown (persimmon_tools.megatron.variant)
+            "variant_from": rel.variant_from,
             "iteration": plan.checkpoint.iteration,
             "tp": rel.tp,
             "pp": rel.pp,
@@ -192,6 +228,8 @@ def _provenance(plan: ConversionPlan) -> dict[str, Any]:
             ],
         },
         "dtype": plan.config["torch_dtype"],
+        "dropped_keys": plan.dropped_keys,
+        "drop_key_patterns": list(plan.drop_patterns),
         "num_parameters": plan.summary()["parameters"],
         "args": {
             k: v
@@ -266,7 +304,9 @@ def convert(
             finishing.append(syncer.submit(finish_shard, tmp / fname, tensors))
         for done in finishing:
             done.result()
-        _refuse_bad_values(stats, options)
+        refuse_bad_values(
+            stats, allow_nonfinite=options.allow_nonfinite, allow_overflow=options.allow_overflow
+        )
         if plan.shards.is_sharded:
             write_index(tmp, plan.shards)
         write_json(tmp / "config.json", plan.config)
@@ -276,19 +316,3 @@ def convert(
         write_json(tmp / CONVERSION_FILE, _provenance(plan))
         files = sorted(p.name for p in tmp.iterdir())
     return ConversionResult(out_dir, plan, stats, time.perf_counter() - start, files)
-
-
-def _refuse_bad_values(stats: WriteStats, options: ConvertOptions) -> None:
-    if stats.nonfinite and not options.allow_nonfinite:
-        listing = ", ".join(f"{k}: {v}" for k, v in sorted(stats.nonfinite.items())[:10])
-        raise ConversionError(
-            f"the checkpoint holds NaN/Inf values in {len(stats.nonfinite)} tensor(s) ({listing}); nothing was written",
-            hint="the checkpoint is damaged (re-download it) or diverged in training; --allow-nonfinite converts anyway",
-        )
-    if stats.overflow and not options.allow_overflow:
-        listing = ", ".join(f"{k}: {v}" for k, v in sorted(stats.overflow.items())[:10])
-        total = sum(stats.overflow.values())
-        raise ConversionError(
-            f"{total} value(s) exceed the fp16 range (±65504) and would become inf ({listing}); nothing was written",
-            hint="use --dtype bf16 (the training dtype) or fp32; --allow-overflow writes them as inf anyway",
-        )

@@ -2,17 +2,22 @@
 
 Every source key must match exactly one rule (mapped or dropped); every expected target must be produced
 exactly once with the expected shape. All problems are collected and raised together in one MappingError.
+
+Keys the user drops on purpose (``convert --drop-key PATTERN``, :func:`drop_keys`) are taken out first, so
+they are never reported as unknown; a target whose only source was dropped is still reported as missing.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from persimmon_tools.conversion.config import ModelDims
-from persimmon_tools.errors import MappingError
+from persimmon_tools.errors import MappingError, UsageError
 from persimmon_tools.mapping import RULES, Rule
 from persimmon_tools.megatron.checkpoint import Checkpoint, MergedTensor
 
@@ -39,7 +44,7 @@ class PlannedTensor:
 
 
 def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>[0-9]+)") + "$")
 
 
 _COMPILED = [(_compile(rule.source), rule) for rule in RULES]
@@ -50,17 +55,68 @@ def _expected_shape(rule: Rule, dims: ModelDims) -> tuple[int, ...]:
     return tuple(symbols[s] for s in rule.shape)
 
 
+def _leaf_key(leaf: str) -> str:
+    """The key of a ``Checkpoint.non_tensor_leaves`` entry (``"key (type)"``)."""
+    return leaf.rsplit(" (", 1)[0] if leaf.endswith(")") else leaf
+
+
+def source_keys(ckpt: Checkpoint) -> list[str]:
+    """Every flattened Megatron key of ``ckpt``: tensors and non-tensor leaves (what --drop-key matches)."""
+    return [*ckpt.tensors, *map(_leaf_key, ckpt.non_tensor_leaves)]
+
+
+def drop_keys(keys: Iterable[str], patterns: Sequence[str]) -> dict[str, str]:
+    """``{key: first pattern matching it}`` for the flattened Megatron ``keys`` that ``patterns`` drop.
+
+    Patterns are ``fnmatch`` globs matched case-sensitively against the whole dotted key (``*`` also
+    matches dots). A pattern that matches no key raises :class:`UsageError`: a typo must not pass silently.
+    """
+    keys = list(keys)
+    dropped: dict[str, str] = {}
+    unmatched = []
+    for pattern in patterns:
+        hits = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
+        if not hits:
+            unmatched.append(pattern)
+        for key in hits:
+            dropped.setdefault(key, pattern)
+    if unmatched:
+        near = sorted(keys)[:3]
+        raise UsageError(
+            f"--drop-key {' / '.join(map(repr, unmatched))} matches none of the checkpoint's {len(keys)} keys "
+            f"(e.g. {', '.join(near)})",
+            hint="patterns are fnmatch globs over the whole flattened Megatron key, e.g. "
+            "'language_model.encoder.layers.*.extra_adapter.*'; `persimmon-tools inspect SOURCE` lists the keys",
+        )
+    return dropped
+
+
 def plan_conversion(
-    ckpt: Checkpoint, dims: ModelDims, out_dtype: torch.dtype | None = None
+    ckpt: Checkpoint,
+    dims: ModelDims,
+    out_dtype: torch.dtype | None = None,
+    drop: Sequence[str] = (),
 ) -> list[PlannedTensor]:
     """Map every Megatron key to its HF target in HF order; raise one MappingError listing all problems.
 
-    ``out_dtype`` None keeps each tensor's source dtype.
+    ``out_dtype`` None keeps each tensor's source dtype. ``drop``: fnmatch patterns of source keys (tensors
+    or non-tensor leaves) to leave out on purpose (:func:`drop_keys`).
     """
-    problems: list[str] = [f"unexpected non-tensor value at {leaf}" for leaf in ckpt.non_tensor_leaves]
+    dropped = drop_keys(source_keys(ckpt), drop)
+    problems: list[str] = [
+        f"unexpected non-tensor value at {leaf}"
+        for leaf in ckpt.non_tensor_leaves
+        if _leaf_key(leaf) not in dropped
+    ]
     produced: dict[str, PlannedTensor] = {}
     reported: set[str] = set()  # targets whose source was already reported (no second "missing" line)
+    lost: dict[str, str] = {}  # target -> why its source is gone (dropped by a pattern)
     for key, merged in ckpt.tensors.items():
+        if key in dropped:
+            target = _target_of(key)
+            if target is not None:
+                lost[target] = f"{key} was dropped by --drop-key {dropped[key]!r}"
+            continue
         matches = [(m, rule) for pattern, rule in _COMPILED if (m := pattern.match(key))]
         if not matches:
             problems.append(f"unknown source key {key} {list(merged.shape)} (no rule maps it)")
@@ -101,7 +157,8 @@ def plan_conversion(
         if target in produced:
             ordered.append(produced.pop(target))
         elif target not in reported:
-            problems.append(f"missing: no source tensor for {target}")
+            why = f" ({lost[target]})" if target in lost else ""
+            problems.append(f"missing: no source tensor for {target}{why}")
     if problems:
         listed = problems[:_MAX_LISTED]
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -113,6 +170,15 @@ def plan_conversion(
             "another architecture",
         )
     return ordered
+
+
+def _target_of(key: str) -> str | None:
+    """The HF target THE TABLE maps ``key`` to (None: no rule, several rules, or dropped by the table)."""
+    matches = [(m, rule) for pattern, rule in _COMPILED if (m := pattern.match(key))]
+    if len(matches) != 1 or matches[0][1].target is None:
+        return None
+    layer = matches[0][0].groupdict().get("i")
+    return matches[0][1].target.replace("{i}", layer) if layer is not None else matches[0][1].target
 
 
 def expected_targets(dims: ModelDims) -> list[str]:

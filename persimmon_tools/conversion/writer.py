@@ -17,12 +17,13 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from persimmon_tools.conversion.plan import PlannedTensor
+from persimmon_tools.conversion.values import WriteStats, count_nonfinite, count_overflow, narrows
 from persimmon_tools.errors import ConversionError
 from persimmon_tools.megatron.lazy import preadv_exact
 
@@ -40,22 +41,10 @@ ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-FP16_MAX = 65504.0
 CHUNK_BYTES = 64 << 20  # row blocks for the cast / interleave path
 #: Copy chunk of the same-dtype path. Measured on the 8B preset here (17.5 GiB, 2 cores, 1 torch thread):
 #: 8 MiB 13.2 s, 16 MiB 18.0 s, 32 MiB 20.6 s; small chunks stay in the CPU cache between read and check.
 COPY_CHUNK_BYTES = 8 << 20
-
-
-@dataclass
-class WriteStats:
-    """What writing saw: per-tensor counts of values that overflow fp16 or are NaN/Inf."""
-
-    tensors: int = 0
-    bytes_written: int = 0
-    overflow: dict[str, int] = field(default_factory=dict)
-    nonfinite: dict[str, int] = field(default_factory=dict)
-    kernel_copied_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,16 +107,6 @@ def _copy_range(src: Path, offset: int, size: int, out_fd: int, progress: Callab
         os.close(in_fd)
 
 
-def _count_nonfinite(block: torch.Tensor) -> int:
-    """NaN/Inf count, screened first with ``aminmax`` (8 GB/s on bf16; NaN and ±inf propagate to it)."""
-    if not block.is_floating_point() or block.numel() == 0:
-        return 0
-    lo, hi = torch.aminmax(block)
-    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-        return 0
-    return block.numel() - int(torch.isfinite(block).sum())
-
-
 class _CheckedCopier:
     """Copies byte ranges to an output fd, screening every chunk for NaN/Inf, in bounded memory.
 
@@ -172,7 +151,7 @@ class _CheckedCopier:
             self.buffers[slot] = bytearray(n)
         view = memoryview(self.buffers[slot])[:n]
         preadv_exact(fd, view, off, str(src))
-        return _count_nonfinite(torch.frombuffer(view, dtype=dtype)) if n else 0
+        return count_nonfinite(torch.frombuffer(view, dtype=dtype)) if n else 0
 
     def copy(self, tensors: list[tuple[list, torch.dtype, str]]) -> list[int]:
         """Copy each ``(byte ranges, dtype, name)`` in order, as one pipeline (no stall between tensors);
@@ -211,17 +190,20 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def _chunks(p: PlannedTensor, stats: WriteStats, check_finite: bool) -> Iterator[torch.Tensor]:
-    """Row blocks of ``p`` in the output dtype, counting overflow and non-finite values on the way."""
+    """Row blocks of ``p`` in the output dtype, counting non-finite source values and, for a narrowing cast
+    (:func:`~persimmon_tools.conversion.values.narrows`), finite values that became ±inf."""
     for block in p.source.iter_rows(CHUNK_BYTES):
         if check_finite:
-            bad = _count_nonfinite(block)
+            bad = count_nonfinite(block)
             if bad:
                 stats.nonfinite[p.target] = stats.nonfinite.get(p.target, 0) + bad
-        if p.out_dtype == torch.float16 and block.dtype != torch.float16 and block.is_floating_point():
-            over = int((block.abs() > FP16_MAX).logical_and(torch.isfinite(block)).sum())
+        cast = block if block.dtype == p.out_dtype else block.to(p.out_dtype)
+        if narrows(block.dtype, p.out_dtype):
+            over = count_overflow(block, cast)
             if over:
                 stats.overflow[p.target] = stats.overflow.get(p.target, 0) + over
-        yield block if block.dtype == p.out_dtype else block.to(p.out_dtype)
+                stats.overflow_dtype[p.target] = p.out_dtype
+        yield cast
 
 
 def write_shard(

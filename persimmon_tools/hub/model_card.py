@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
 from persimmon_tools.errors import UsageError
+from persimmon_tools.megatron.variant import name_says
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +47,24 @@ def read_record(folder: Path, name: str) -> dict[str, Any] | None:
 
 
 def detect_variant(conversion: dict[str, Any] | None, verification: dict[str, Any] | None) -> str:
-    """``"base"``, ``"chat"`` or ``"unknown"``, from the records (then from the release file name)."""
+    """``"base"``, ``"chat"`` or ``"unknown"``, as the records say.
+
+    Since 0.1.0 (2026-11-29) the records carry the variant decided by the release's own name
+    (:mod:`persimmon_tools.megatron.variant`) and ``variant_from``, which says why: an ``unknown`` there is
+    final. Older records without ``variant_from`` fall back to the release file's own name (never to other
+    words of its path: ``chat_experiments/8b_base_model_release.tar`` is a base model).
+    """
     sources = [(rec or {}).get("source") or {} for rec in (conversion, verification)]
     for src in sources:
         if src.get("variant") in ("base", "chat"):
             return src["variant"]
     for src in sources:
-        name = f"{src.get('name') or ''} {src.get('path') or ''}".lower()
-        if "chat" in name:
-            return "chat"
-        if "base" in name:
-            return "base"
+        if src.get("variant_from"):
+            continue  # decided from the release's name: unknown is the answer
+        name = src.get("name") or PurePosixPath(str(src.get("path") or "")).name
+        said = name_says(name)
+        if said in ("base", "chat"):
+            return said
     return "unknown"
 
 

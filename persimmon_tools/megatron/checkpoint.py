@@ -3,7 +3,9 @@
 Each shard's ``ckpt["model"]`` is flattened with dots (spec §B.2). Pipeline stages number their layers
 from 0; stage ``s`` is shifted by the number of layers in stages ``< s``. Tensor-parallel ranks are merged
 per the mapping table's parallel kind (:mod:`persimmon_tools.ops`); replicated tensors are checked equal.
-Only ``ckpt["model"]`` and ``ckpt["args"]`` are used; optimizer state and RNG state are never read.
+Only ``ckpt["model"]``, ``ckpt["iteration"]`` and ``ckpt["args"]`` are used; optimizer state and RNG state
+are never read. Before merging, :mod:`persimmon_tools.megatron.consistency` checks that the shards belong
+together (same iteration and args, stage roles, canonical layer numbers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ import torch
 
 from persimmon_tools.errors import CheckpointError
 from persimmon_tools.mapping import RULES
+from persimmon_tools.megatron.consistency import (
+    check_args,
+    check_iterations,
+    check_layer_keys,
+    check_rank_positions,
+    check_stage_roles,
+)
 from persimmon_tools.megatron.lazy import LazyTensor
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.megatron.torchzip import LoadedCheckpoint, load_checkpoint
@@ -25,7 +34,9 @@ from persimmon_tools.ops import Parallel, check_replicated, layer_index, renumbe
 
 log = logging.getLogger(__name__)
 
-_RULE_PATTERNS = [(re.compile("^" + re.escape(r.source).replace(r"\{i\}", r"\d+") + "$"), r) for r in RULES]
+_RULE_PATTERNS = [
+    (re.compile("^" + re.escape(r.source).replace(r"\{i\}", r"(?:0|[1-9][0-9]*)") + "$"), r) for r in RULES
+]
 
 
 def parallel_kind(key: str) -> Parallel | None:
@@ -196,12 +207,21 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
     loaded = {rank: load_checkpoint(src) for rank, src in release.shard_list()}
     first = loaded[(0, 0)].obj
     args = first.get("args") if isinstance(first, dict) else None
-    iteration = first.get("iteration") if isinstance(first, dict) else None
     globals_seen: dict[str, str] = {}
     for item in loaded.values():
         globals_seen.update(item.globals_seen)
     flats = {rank: _model_dict(item) for rank, item in loaded.items()}
     odd = sorted({o for _, o_list in flats.values() for o in o_list})
+
+    # Do the shards belong together, each in its place? (iteration, args, stage roles, layer spelling)
+    objects = {rank: item.obj for rank, item in loaded.items()}
+    for rank, (flat, _) in flats.items():
+        check_layer_keys(list(flat), release.shard_label(rank))
+    iteration = check_iterations(release, objects)
+    check_args(release, objects)
+    # roles first: "stages out of order" explains a swap better than the saving rank does
+    check_stage_roles(release, {pp: list(flats[(0, pp)][0]) for pp in range(release.pp)})
+    check_rank_positions(release, objects)
 
     # Pipeline stages: shift stage-local layer numbers by the layer count of the earlier stages.
     stage_keys: dict[int, dict[int, dict[str, LazyTensor]]] = {}
@@ -210,7 +230,8 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
         layers = {layer_index(k) for k in flats[(0, pp)][0] if layer_index(k) is not None}
         if layers and layers != set(range(len(layers))):
             raise CheckpointError(
-                f"pipeline stage {pp}: layer numbers {sorted(layers)} are not 0..{len(layers) - 1}",
+                f"pipeline stage {pp} ({release.shard_label((0, pp))}): layer numbers {sorted(layers)} are not "
+                f"0..{len(layers) - 1}",
                 hint="stage-local numbering is expected in mp_rank_XX_YYY shards",
             )
         for tp in range(release.tp):
@@ -242,7 +263,7 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
         release=release,
         tensors=tensors,
         args=args,
-        iteration=iteration if isinstance(iteration, int) else release.iteration,
+        iteration=iteration if iteration is not None else release.iteration,
         globals_seen=globals_seen,
         top_level_keys=sorted(map(str, first)) if isinstance(first, dict) else [],
         non_tensor_leaves=odd,

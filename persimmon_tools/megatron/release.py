@@ -9,28 +9,40 @@ SOURCE may be:
 
 The iteration comes from ``latest_checkpointed_iteration.txt`` when present, else from the only
 ``iter_*`` folder (spec §A). Shards form a complete TP×PP grid: ``mp_rank_{tp:02d}`` without pipeline
-parallelism, ``mp_rank_{tp:02d}_{pp:03d}`` with it.
+parallelism, ``mp_rank_{tp:02d}_{pp:03d}`` with it. Folder numbers are ASCII digits only; a path that
+looks like a shard but is not spelled canonically, and one iteration under two spellings (``iter_0001251``
+and ``iter_1251``), are refused. A tar is listed to its end-of-archive marker (:mod:`.tarlist`). Base/chat
+comes from the release's own name (:mod:`.variant`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from persimmon_tools.errors import ReleaseError
 from persimmon_tools.megatron.bytesource import ByteSource
+from persimmon_tools.megatron.tarlist import tar_tree
+from persimmon_tools.megatron.variant import decide_variant
 
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 VOCAB = "adept_vocab.model"
 SHARD_FILES = ("model_optim_rng.pt", "model_rng.pt")
+# ASCII digits only: Python's \d and int() also accept other scripts' digits ("iter_١٢٥١").
 _SHARD_RE = re.compile(
-    r"^(?P<root>(?:.*/)?)iter_(?P<it>\d+)/mp_rank_(?P<tp>\d{2})(?:_(?P<pp>\d{3}))?/(?P<file>model_optim_rng|model_rng)\.pt$"
+    r"^(?P<root>(?:.*/)?)iter_(?P<it>[0-9]+)/mp_rank_(?P<tp>[0-9]{2})(?:_(?P<pp>[0-9]{3}))?/"
+    r"(?P<file>model_optim_rng|model_rng)\.pt$"
 )
+#: Anything that looks like a shard path; one that is not also canonical (_SHARD_RE) is refused.
+_SHARD_LIKE_RE = re.compile(r"(?:^|/)iter_[^/]*/mp_rank_[^/]*/(?:model_optim_rng|model_rng)\.pt$")
+_ITER_DIR_RE = re.compile(r"iter_[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -46,99 +58,23 @@ class Release:
     vocab: ByteSource | None
     pipeline_naming: bool = False
     other_files: list[str] = field(default_factory=list)
+    #: ``base`` / ``chat`` from the release's own name (see :mod:`persimmon_tools.megatron.variant`), else
+    #: ``unknown``; ``variant_from`` says which name decided, or why it is unknown.
+    variant: str = "unknown"
+    variant_from: str | None = None
+    #: The folder name each shard was found under (``iter_0001251/mp_rank_00_001``), for messages.
+    shard_dirs: dict[tuple[int, int], str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.source.name
 
-    @property
-    def variant(self) -> str:
-        """``base`` / ``chat`` when the source's name says so (e.g. ``8b_chat_model_release``), else ``unknown``."""
-        text = str(self.source).lower()
-        for variant in ("chat", "base"):
-            if re.search(rf"(^|[^a-z]){variant}([^a-z]|$)", text):
-                return variant
-        return "unknown"
+    def shard_label(self, rank: tuple[int, int]) -> str:
+        """How messages name a shard: its folder (``iter_0001251/mp_rank_00_001``) or its file."""
+        return self.shard_dirs.get(rank) or _rank_dir(*rank, self.pipeline_naming)
 
     def shard_list(self) -> list[tuple[tuple[int, int], ByteSource]]:
         return sorted(self.shards.items())
-
-
-def _tar_tree(path: Path) -> dict[str, ByteSource]:
-    """Regular-file members of an uncompressed tar as byte ranges of the tar file itself."""
-    try:
-        tf = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed by the `with tf` below
-    except tarfile.ReadError as err:
-        raise ReleaseError(
-            f"{path} is not an uncompressed tar archive ({err})",
-            hint="ADEPT's releases are plain .tar files; decompress first, or run `persimmon-tools unpack`",
-        ) from err
-    tree: dict[str, ByteSource] = {}
-    tar_size = path.stat().st_size
-    try:
-        with tf:
-            for member in tf:
-                name = _member_name(path, member)
-                if not member.isreg() or member.issparse():
-                    if member.isdir():
-                        continue
-                    if _is_release_file(name):
-                        raise ReleaseError(
-                            f"{path}: member {member.name!r} is a {_member_kind(member)}, not a regular file; "
-                            "refusing to read it",
-                            hint="a genuine release holds regular files only; download it again",
-                        )
-                    log.debug("ignoring %s member %s", _member_kind(member), member.name)
-                    continue
-                if member.offset_data + member.size > tar_size:
-                    raise ReleaseError(
-                        f"{path}: member {member.name} runs past the end of the file "
-                        f"({member.offset_data + member.size} > {tar_size} bytes)",
-                        hint="the tarball is truncated; download it again (and check its md5)",
-                    )
-                if name in tree and _is_release_file(name):
-                    raise ReleaseError(
-                        f"{path}: member {name} appears twice", hint="the archive is not a genuine release"
-                    )
-                tree[name] = ByteSource(path, member.offset_data, member.size, f"{path}:{name}")
-    except tarfile.TarError as err:
-        raise ReleaseError(
-            f"{path} is not a readable tar archive ({err})",
-            hint="the tarball is truncated or corrupt; download it again (and check its md5)",
-        ) from err
-    return tree
-
-
-def _member_name(path: Path, member: tarfile.TarInfo) -> str:
-    """The member's name relative to the archive root; absolute names and ``..`` are refused (a genuine
-    release has neither, and ``unpack`` would refuse to extract them)."""
-    raw = member.name
-    parts = PurePosixPath(raw).parts
-    if raw.startswith(("/", "\\")) or ".." in parts or "\\" in raw or "\0" in raw:
-        raise ReleaseError(
-            f"{path}: member {raw!r} points outside the archive (absolute path or '..')",
-            hint="the archive is not a genuine release; nothing was read from it",
-        )
-    return "/".join(p for p in parts if p not in ("", "."))
-
-
-def _member_kind(member: tarfile.TarInfo) -> str:
-    if member.issym():
-        return f"symlink (to {member.linkname!r})"
-    if member.islnk():
-        return f"hard link (to {member.linkname!r})"
-    if member.issparse():
-        return "sparse file"
-    if member.ischr() or member.isblk():
-        return "device file"
-    if member.isfifo():
-        return "FIFO"
-    return f"tar member of type {member.type!r}"
-
-
-def _is_release_file(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return base in (*SHARD_FILES, TRACKER, VOCAB)
 
 
 def _folder_tree(path: Path, max_depth: int = 4) -> dict[str, ByteSource]:
@@ -169,13 +105,35 @@ def _parse_tracker(src: ByteSource) -> int:
     return value
 
 
-def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: int | None) -> Release:
-    found: dict[tuple[str, int], dict[tuple[int, int], tuple[ByteSource, bool]]] = {}
-    for rel, src in tree.items():
+def _discover(
+    tree: dict[str, ByteSource],
+    source: Path,
+    kind: str,
+    iteration: int | None,
+    witnesses: Callable[[str], list[tuple[str, str]]],
+) -> Release:
+    """The shard grid of one iteration in ``tree`` (relative path -> bytes); ``witnesses(root)`` names the
+    release for :func:`~persimmon_tools.megatron.variant.decide_variant` (root: the release folder's path)."""
+    found: dict[tuple[str, int], dict[tuple[int, int], tuple[ByteSource, bool, str]]] = {}
+    spelling: dict[tuple[str, int], str] = {}
+    for rel, src in sorted(tree.items()):
         m = _SHARD_RE.match(rel)
         if not m:
+            if _SHARD_LIKE_RE.search(rel):
+                raise ReleaseError(
+                    f"{source}: {rel} looks like a checkpoint shard but its folders are not spelled "
+                    "iter_<digits>/mp_rank_<2 digits>[_<3 digits>] (ASCII digits)",
+                    hint="rename the folders the way Megatron writes them (iter_0001251/mp_rank_00) or remove them",
+                )
             continue
         key = (m["root"], int(m["it"]))
+        it_dir = f"iter_{m['it']}"
+        if spelling.setdefault(key, it_dir) != it_dir:
+            raise ReleaseError(
+                f"{source}: iteration {key[1]} appears under two folder names, {m['root']}{spelling[key]} and "
+                f"{m['root']}{it_dir}; which one holds the checkpoint is ambiguous",
+                hint="remove or rename one of the two folders (Megatron writes iter_{iteration:07d})",
+            )
         grid = found.setdefault(key, {})
         rank = (int(m["tp"]), int(m["pp"]) if m["pp"] is not None else 0)
         if rank in grid:
@@ -183,7 +141,8 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
                 f"{source}: two checkpoint files for rank {rank} in {rel}",
                 hint="keep either model_optim_rng.pt or model_rng.pt",
             )
-        grid[rank] = (src, m["pp"] is not None)
+        rank_dir = rel[len(m["root"]) :].rsplit("/", 1)[0]
+        grid[rank] = (src, m["pp"] is not None, rank_dir)
     if not found:
         raise ReleaseError(
             f"{source}: no checkpoint found (expected iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt)",
@@ -197,29 +156,35 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
         )
     root = roots[0]
     iterations = sorted(it for _, it in found)
+    names = ", ".join(spelling[(root, it)] for it in iterations)
     tracker = tree.get(root + TRACKER)
     if iteration is None and tracker is not None:
         iteration = _parse_tracker(tracker)
         log.debug("iteration %d from %s", iteration, tracker.name)
+    elif tracker is not None:  # chosen by --iteration or by naming an iter_* folder: say so if they differ
+        try:
+            latest = _parse_tracker(tracker)
+        except ReleaseError:
+            latest = None
+        if latest != iteration:
+            log.info("reading iteration %d; %s names %s", iteration, tracker.name, latest)
     if iteration is None:
         if len(iterations) > 1:
             raise ReleaseError(
-                f"{source} holds several iterations and no {TRACKER}: "
-                + ", ".join(f"iter_{it:07d}" for it in iterations),
-                hint="pass --iteration N",
+                f"{source} holds several iterations and no {TRACKER}: {names}", hint="pass --iteration N"
             )
         iteration = iterations[0]
     if (root, iteration) not in found:
         raise ReleaseError(
-            f"{source}: iteration {iteration} has no shards; found "
-            + ", ".join(f"iter_{it:07d}" for it in iterations),
+            f"{source}: iteration {iteration} has no shards; found {names}",
             hint=f"fix {TRACKER} or pass --iteration N",
         )
     grid = found[(root, iteration)]
-    naming = {pp_named for _, pp_named in grid.values()}
+    it_dir = spelling[(root, iteration)]
+    naming = {pp_named for _, pp_named, _ in grid.values()}
     if len(naming) > 1:
         raise ReleaseError(
-            f"{source}: iter_{iteration:07d} mixes mp_rank_XX and mp_rank_XX_YYY folders",
+            f"{source}: {it_dir} mixes mp_rank_XX and mp_rank_XX_YYY folders",
             hint="remove the stray shard folders",
         )
     tp = max(t for t, _ in grid) + 1
@@ -228,19 +193,23 @@ def _discover(tree: dict[str, ByteSource], source: Path, kind: str, iteration: i
     if missing:
         names = ", ".join(_rank_dir(t, p, naming == {True}) for t, p in missing)
         raise ReleaseError(
-            f"{source}: iter_{iteration:07d} is missing shard(s) {names} of a TP={tp} x PP={pp} grid",
+            f"{source}: {it_dir} is missing shard(s) {names} of a TP={tp} x PP={pp} grid",
             hint="copy the missing mp_rank_* folders; every tensor/pipeline rank is needed",
         )
     vocab = tree.get(root + VOCAB)
+    variant, variant_from = decide_variant(witnesses(root))
     return Release(
         source=source,
         kind=kind,
         iteration=iteration,
-        shards={rank: src for rank, (src, _) in grid.items()},
+        shards={rank: src for rank, (src, _, _) in grid.items()},
         tp=tp,
         pp=pp,
         vocab=vocab,
         pipeline_naming=naming == {True},
+        variant=variant,
+        variant_from=variant_from,
+        shard_dirs={rank: d for rank, (_, _, d) in grid.items()},
     )
 
 
@@ -258,8 +227,9 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             f"{source} is not a regular file or folder (a device, FIFO or socket)",
             hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt",
         )
+    own_name = Path(os.path.abspath(source)).name  # "." and ".." resolved, symlinks kept as named
     if source.is_dir():
-        kind = "iteration" if re.fullmatch(r"iter_\d+", source.name) else "folder"
+        kind = "iteration" if _ITER_DIR_RE.fullmatch(source.name) else "folder"
         tree = _folder_tree(source)
         if kind == "iteration":
             tree = {f"{source.name}/{k}": v for k, v in tree.items()}
@@ -269,26 +239,13 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
                     tree[extra] = ByteSource.whole_file(parent_file)
             if iteration is None:
                 iteration = int(source.name[5:])
-        release = _discover(tree, source, kind, iteration)
+        release = _discover(tree, source, kind, iteration, lambda root: _folder_witnesses(source, kind, root))
     elif source.suffix == ".pt":
-        src = ByteSource.whole_file(source)
-        found_vocab = None
-        for up in (source.parent.parent.parent, source.parent.parent, source.parent):
-            if (up / VOCAB).is_file():
-                found_vocab = ByteSource.whole_file(up / VOCAB)
-                break
-        m = re.fullmatch(r"iter_(\d+)", source.parent.parent.name)
-        release = Release(
-            source=source,
-            kind="pt",
-            iteration=int(m[1]) if m else None,
-            shards={(0, 0): src},
-            tp=1,
-            pp=1,
-            vocab=found_vocab,
-        )
+        release = _single_pt(source)
     elif tarfile.is_tarfile(source) or source.suffix == ".tar":
-        release = _discover(_tar_tree(source), source, "tar", iteration)
+        release = _discover(
+            tar_tree(source), source, "tar", iteration, lambda root: _tar_witnesses(own_name, root)
+        )
     else:
         raise ReleaseError(
             f"{source} is neither a folder, a .tar release nor a .pt checkpoint",
@@ -296,7 +253,66 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
         )
     if vocab is not None:
         release = _replace_vocab(release, ByteSource.whole_file(Path(vocab)))
+    log.debug("variant %s (%s)", release.variant, release.variant_from)
     return release
+
+
+def _holds_release_files(folder: Path) -> bool:
+    return (folder / TRACKER).is_file() or (folder / VOCAB).is_file()
+
+
+def _tar_witnesses(tar_name: str, root: str) -> list[tuple[str, str]]:
+    """The tar's top folder (``root``, when there is one) and the tarball's own name."""
+    folder = [(f"release folder {PurePosixPath(root).name} inside {tar_name}", PurePosixPath(root).name)]
+    return (folder if root else []) + [(f"tarball name {tar_name}", tar_name)]
+
+
+def _folder_witnesses(source: Path, kind: str, root: str) -> list[tuple[str, str]]:
+    """The release folder's name for a folder or iter_* SOURCE (``root``: the release folder inside it)."""
+    here = Path(os.path.abspath(source))
+    if kind == "iteration":
+        parent = here.parent
+        if _holds_release_files(parent):
+            return [(f"release folder {parent.name} (parent of {here.name})", parent.name)]
+        return []
+    if root:
+        name = PurePosixPath(root).name
+        return [(f"release folder {name} inside {here.name}", name)]
+    return [(f"release folder name {here.name}", here.name)]
+
+
+def _single_pt(source: Path) -> Release:
+    """One ``model_optim_rng.pt``: a TP=1, PP=1 release; ``iter_*`` above it gives the iteration."""
+    here = Path(os.path.abspath(source))
+    rel = f"{here.parent.parent.name}/{here.parent.name}/{here.name}"
+    m = _SHARD_RE.match(rel)
+    if m is None and _SHARD_LIKE_RE.search(rel):
+        raise ReleaseError(
+            f"{source}: its folders {rel} are not spelled iter_<digits>/mp_rank_<2 digits>[_<3 digits>] (ASCII digits)",
+            hint="rename the folders the way Megatron writes them (iter_0001251/mp_rank_00)",
+        )
+    found_vocab = None
+    for up in (here.parent.parent.parent, here.parent.parent, here.parent):
+        if (up / VOCAB).is_file():
+            found_vocab = ByteSource.whole_file(up / VOCAB)
+            break
+    witnesses = []
+    root = here.parent.parent.parent
+    if m is not None and _holds_release_files(root):
+        witnesses = [(f"release folder {root.name} (parent of {here.parent.parent.name})", root.name)]
+    variant, variant_from = decide_variant(witnesses)
+    return Release(
+        source=source,
+        kind="pt",
+        iteration=int(m["it"]) if m else None,
+        shards={(0, 0): ByteSource.whole_file(source)},
+        tp=1,
+        pp=1,
+        vocab=found_vocab,
+        variant=variant,
+        variant_from=variant_from if witnesses else "unknown: the .pt file is not inside a release folder",
+        shard_dirs={(0, 0): rel.rsplit("/", 1)[0] if m else here.name},
+    )
 
 
 def _replace_vocab(release: Release, vocab: ByteSource) -> Release:

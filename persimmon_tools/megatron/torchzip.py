@@ -5,11 +5,17 @@ Layout: ``<prefix>/data.pkl`` (the pickled object; storages appear as persistent
 uncompressed. We parse the zip directory, check every record lies inside the file and that records do
 not overlap, unpickle ``data.pkl`` with :mod:`persimmon_tools.megatron.unpickle`, and hand out
 :class:`~persimmon_tools.megatron.lazy.LazyTensor` objects that point at the records' bytes.
+
+Byte order: ``<prefix>/byteorder`` holds ``little`` or ``big`` (``torch.save`` writes the writer's
+``sys.byteorder``); without it, ``torch.load`` assumes little-endian. Tensors are read as raw native
+(little-endian) bytes, so a ``big`` record, any other content, or a big-endian host is refused: every value
+would be read with its bytes swapped.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +31,41 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch'
 #: Largest data.pkl we unpickle. Real ones are ~150 kB for 8B (tensors live in records, not in the pickle);
 #: every pickle byte can create a Python object (EMPTY_LIST + APPEND), so this bounds memory to a few GB.
 _MAX_PICKLE = 64 << 20
+_BYTEORDERS = (b"little", b"big")
+
+
+def _check_byteorder(src: ByteSource, fh, spans: dict[str, tuple[int, int]], prefix: str) -> None:
+    """Refuse a checkpoint whose tensor bytes are not little-endian (see the module docstring)."""
+    name = f"{prefix}byteorder"
+    if name not in spans:
+        order = b"little"  # what torch.load assumes for files without the record (written before torch 1.10)
+    else:
+        offset, size = spans[name]
+        if size > 16:
+            raise CheckpointError(
+                f"{src.name}: record {name} is {size} bytes; torch writes 'little' or 'big'",
+                hint="the file is corrupt or was tampered with",
+            )
+        fh.seek(offset - src.offset)
+        order = fh.read(size)
+        if order not in _BYTEORDERS:
+            raise CheckpointError(
+                f"{src.name}: record {name} holds {order!r}; expected 'little' or 'big' (torch.load refuses this "
+                "file too: unknown endianness)",
+                hint="the file is corrupt or was tampered with; download it again",
+            )
+    if order != b"little":
+        raise CheckpointError(
+            f"{src.name}: record {name} says the tensors are stored {order.decode()}-endian; this reader reads "
+            "little-endian checkpoints only (every value would be read with its bytes swapped)",
+            hint="load it with torch.load and save it again with torch.save on a little-endian machine "
+            "(x86-64 or ARM), on a machine you trust with its pickle",
+        )
+    if sys.byteorder != "little":
+        raise CheckpointError(
+            f"{src.name}: this machine is {sys.byteorder}-endian; tensors are read as little-endian bytes",
+            hint="run persimmon-tools on a little-endian machine (x86-64 or ARM)",
+        )
 
 
 @dataclass(frozen=True)
@@ -114,6 +155,7 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
                 )
             prefix = pkl_names[0][: -len("data.pkl")]
             spans = _record_offsets(zf, src, fh)
+            _check_byteorder(src, fh, spans, prefix)
             pkl_offset, pkl_size = spans[pkl_names[0]]
             if pkl_size > _MAX_PICKLE:
                 raise CheckpointError(

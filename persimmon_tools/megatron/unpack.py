@@ -3,7 +3,9 @@
 Safety rules: only regular files and folders are extracted; absolute paths, ``..`` components, symlinks,
 hard links, devices and FIFOs make the whole extraction fail. Files are written by our own code (never by
 ``tarfile.extract``) into a temporary folder next to DEST, which becomes DEST by rename only when every
-member was extracted and the checksum matched; on any error nothing is left behind.
+member was extracted and the checksum matched; on any error nothing is left behind. The archive must end
+with a valid end-of-archive marker: a damaged header in the middle (which ``tarfile`` would take for the
+end) fails the extraction instead of silently dropping every later member.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from persimmon_tools.errors import ReleaseError
+from persimmon_tools.megatron.tarlist import RecordingTarInfo, check_end_of_archive
 
 #: md5 checksums published in ADEPT's README (spec §A).
 KNOWN_RELEASES = {
@@ -92,7 +95,7 @@ def unpack(
         with open(tar_path, "rb") as raw:
             reader = _HashingReader(raw, progress)
             try:
-                with tarfile.open(fileobj=reader, mode="r|*") as tf:  # type: ignore[call-overload]
+                with tarfile.open(fileobj=reader, mode="r|*", tarinfo=RecordingTarInfo) as tf:  # type: ignore[call-overload]
                     for member in tf:
                         rel = safe_member_path(member.name, str(tar_path))
                         target = tmp / rel
@@ -128,6 +131,9 @@ def unpack(
                         os.chmod(target, 0o644)
                         files += 1
                         total += member.size
+                    # tarfile stops silently at a damaged header; the rest must be the end-of-archive marker
+                    head = getattr(tf, "last_header_block", b"")
+                    check_end_of_archive(tf.fileobj.read, tf.offset, str(tar_path), head=head)
             except (tarfile.TarError, EOFError) as err:
                 raise ReleaseError(
                     f"{tar_path} is not a readable tar archive ({err})",

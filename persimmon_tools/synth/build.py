@@ -73,8 +73,16 @@ def _with_adept_module(func: Callable[[], None]) -> None:
                 sys.modules[n] = m
 
 
-def _args(p: Preset, vocab: int, tp: int, pp: int, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
+def _args(
+    p: Preset, vocab: int, tp: int, pp: int, dtype: torch.dtype, iteration: int, rank: int
+) -> argparse.Namespace:
+    """The training args as the process of global ``rank`` saves them: identical on every shard except the
+    per-process ``rank`` / ``local_rank`` (Megatron's default order, one data-parallel replica:
+    ``rank = tp_rank + tp * pp_rank``, ``world_size = tp * pp``)."""
     return argparse.Namespace(
+        rank=rank,
+        local_rank=rank % 8,
+        world_size=tp * pp,
         num_layers=p.layers,
         hidden_size=p.hidden,
         ffn_hidden_size=p.ffn,
@@ -164,7 +172,7 @@ def _shard_object(
         }
     ]
     return {
-        "args": _args(p, vocab, tp, pp, dtype, iteration),
+        "args": _args(p, vocab, tp, pp, dtype, iteration, rank=tp_rank + tp * pp_rank),
         "checkpoint_version": 3.0,
         "iteration": iteration,
         "model": model,

@@ -11,11 +11,14 @@ SentencePiece facts used below (sentencepiece ``model_interface.cc``, ``unigram_
 * Unigram ``min_score``/``max_score`` are taken over NORMAL pieces only; an unknown character costs
   ``min_score - 10``; a USER_DEFINED piece scores ``len_bytes * max(FLT_MIN, max_score) - 0.1``.
 * User-defined symbols are matched in the raw text before the charsmap and are never normalized.
+* Scores are float32; the Unigram lattice adds them up along a path in float32 (``Lattice::Viterbi``),
+  and SentencePiece itself refuses a model whose scores are NaN or Inf. :func:`check_scores` bounds them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,13 @@ UNIGRAM, BPE, WORD, CHAR = 1, 2, 3, 4
 SPACE = "\u2581"  # SentencePiece's kSpaceSymbol
 FLT_MIN = 1.1754943508222875e-38  # C's FLT_MIN, SentencePiece's initial max_score_
 UNK_PENALTY = 10.0
+#: Largest |score| accepted. SentencePiece sums scores along a lattice path in float32 (FLT_MAX ~ 3.4e38);
+#: a path has at most one piece per byte of normalized text, so with |score| <= 1e30 no input shorter than
+#: ~340 MB can overflow the sum, and the derived scores (user-defined bonus ``len * max_score``, the
+#: hidden reserved-piece score, the unknown-character score) stay finite in tokenizers' JSON. Real
+#: models are nowhere near: Unigram scores are log-probabilities (about -2 to -30), BPE scores piece ranks
+#: (at most -vocab size).
+MAX_ABS_SCORE = 1e30
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,25 @@ def read_proto(sp_model: Path):
     return proto
 
 
+def check_scores(pieces: list[str], scores: list[float], origin: str) -> None:
+    """Raise :class:`TokenizerError` naming the first piece whose score is NaN, ±inf or beyond
+    ±:data:`MAX_ABS_SCORE` (any piece type: a model carrying such a score is damaged or edited)."""
+    bad = [i for i, s in enumerate(scores) if not (math.isfinite(s) and abs(s) <= MAX_ABS_SCORE)]
+    if not bad:
+        return
+    i = bad[0]
+    more = f" (and {len(bad) - 1} more piece(s))" if len(bad) > 1 else ""
+    raise TokenizerError(
+        f"{origin}: piece {i} {pieces[i]!r} has score {scores[i]!r}{more}; piece scores must be finite and "
+        f"within ±{MAX_ABS_SCORE:g} (SentencePiece adds them up in float32, and tokenizer.json cannot hold NaN "
+        "or Inf)",
+        hint="the model file is damaged or was edited; re-extract adept_vocab.model from the release "
+        "(real scores are log-probabilities, about -2 to -30)",
+    )
+
+
 def read_spm(sp_model: Path) -> SpmInfo:
-    """Flatten the proto of ``sp_model`` into :class:`SpmInfo`."""
+    """Flatten the proto of ``sp_model`` into :class:`SpmInfo` (scores checked by :func:`check_scores`)."""
     proto = read_proto(sp_model)
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     pieces = [p.piece for p in proto.pieces]
@@ -117,6 +144,7 @@ def read_spm(sp_model: Path) -> SpmInfo:
         )
     types = [p.type for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
+    check_scores(pieces, scores, str(sp_model))
     unk = [i for i, t in enumerate(types) if t == UNKNOWN]
     if len(unk) != 1:
         raise TokenizerError(

@@ -20,11 +20,27 @@ def load_sp_bytes(data: bytes, origin: str):
     try:
         sp.LoadFromSerializedProto(data)
     except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ messages
+        _diagnose_scores(data, origin)  # "score is NaN or Inf": name the piece instead
         raise TokenizerError(
             f"{origin} is not a valid SentencePiece model ({err})",
             hint="the release's adept_vocab.model may be truncated; re-download or pass --vocab",
         ) from err
     return sp
+
+
+def _diagnose_scores(data: bytes, origin: str) -> None:
+    """Raise the precise :func:`~persimmon_tools.tokenizer.proto.check_scores` error when a score is why
+    SentencePiece refused ``data``; return quietly otherwise (also when ``data`` is no proto at all)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from persimmon_tools.tokenizer.proto import check_scores
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError: the caller reports the load failure itself
+        return
+    check_scores([str(p.piece) for p in proto.pieces], [float(p.score) for p in proto.pieces], origin)
 
 
 def load_sp(path: Path):

@@ -2,14 +2,17 @@
 
 The pipeline itself is built in :mod:`persimmon_tools.tokenizer.build` from the model's own proto; the
 parity check lives in :mod:`persimmon_tools.tokenizer.check`; the built-in sample in
-:mod:`persimmon_tools.tokenizer.corpus`. This module writes the files ``AutoTokenizer`` loads.
+:mod:`persimmon_tools.tokenizer.corpus`; the re-load of the written files in
+:mod:`persimmon_tools.tokenizer.reload`. This module writes the files ``AutoTokenizer`` loads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
@@ -17,6 +20,7 @@ from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_inf
 from persimmon_tools.tokenizer.check import TIE_EXPLANATION, ParityReport, check_parity, parity_report
 from persimmon_tools.tokenizer.corpus import builtin_sample
 from persimmon_tools.tokenizer.proto import read_spm
+from persimmon_tools.tokenizer.reload import check_reload
 from persimmon_tools.tokenizer.spm import eod_piece, load_sp
 
 __all__ = [
@@ -113,13 +117,22 @@ def write_tokenizer(
         allow_ties: with ``check``, write anyway (with a logged warning) when every mismatch is a float32 tie
             (:attr:`ParityReport.only_ties`), the one difference no ``tokenizer.json`` can avoid.
 
+    The files are written into a hidden staging folder inside ``out_dir``, re-loaded from there
+    (:func:`~persimmon_tools.tokenizer.reload.check_reload`: ``tokenizers`` and, when installed,
+    ``transformers.AutoTokenizer``) and only then moved into ``out_dir``; a refusal leaves ``out_dir`` as it was.
+
     Returns:
         The written paths.
+
+    Raises:
+        TokenizerError: a piece score that is NaN/Inf or too large (:func:`~persimmon_tools.tokenizer.proto.
+            check_scores`), an inexpressible option, a parity mismatch, or written files that do not load.
     """
     sp_model, out_dir = Path(sp_model), Path(out_dir)
     # The model and its proto are read once (0.27 s and 0.17 s for 262,144 pieces), the tokenizer built once:
-    # the check encodes with the very object that is written.
-    sp, info = load_sp(sp_model), read_spm(sp_model)
+    # the check encodes with the very object that is written. The proto first: it names a bad score.
+    info = read_spm(sp_model)
+    sp = load_sp(sp_model)
     tok = build_from_info(info, strict=check)
     if check:
         report = parity_report(sp, info, tok)
@@ -155,17 +168,34 @@ def write_tokenizer(
         config["chat_template"] = CHAT_TEMPLATE
     special_map = {f"{k}_token": v for k, v in names.items() if v is not None}
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [
-        out_dir / "tokenizer.json",
-        out_dir / "tokenizer_config.json",
-        out_dir / "special_tokens_map.json",
-    ]
-    written[0].write_text(tok.to_str(), encoding="utf-8")  # tok.save() hides ENOSPC in a bare Exception
-    written[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    written[2].write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    model_copy = out_dir / "tokenizer.model"
-    if model_copy.resolve() != sp_model.resolve():
-        shutil.copyfile(sp_model, model_copy)
-    written.append(model_copy)
+    stage = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir))
+    try:
+        staged = [
+            stage / "tokenizer.json",
+            stage / "tokenizer_config.json",
+            stage / "special_tokens_map.json",
+            stage / "tokenizer.model",
+        ]
+        staged[0].write_text(tok.to_str(), encoding="utf-8")  # tok.save() hides ENOSPC in a bare Exception
+        staged[1].write_text(_dumps(config), encoding="utf-8")
+        staged[2].write_text(_dumps(special_map), encoding="utf-8")
+        shutil.copyfile(sp_model, staged[3])
+        check_reload(stage, tok, builtin_sample(), origin=str(sp_model))
+        written = [out_dir / p.name for p in staged]
+        for src, dst in zip(staged, written, strict=True):
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     log.debug("wrote %s", ", ".join(p.name for p in written))
     return written
+
+
+def _dumps(obj: object) -> str:
+    """JSON text; ``allow_nan=False``: a NaN/Inf is refused here rather than written as an invalid token."""
+    try:
+        return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise TokenizerError(
+            f"a tokenizer setting is not representable in JSON ({err})",
+            hint="this is a bug in persimmon-tools; please report it with the model file",
+        ) from err

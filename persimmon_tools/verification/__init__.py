@@ -7,6 +7,11 @@ metrics and tolerances, the two converted-side loaders (``hf_side`` without tran
 The public function is ``persimmon_tools.verify``; the package is named ``verification`` so that it does not
 shadow it.
 
+The reference side reads the source with its own reader (``source_layout``, ``source_pickle``,
+``source_tensor``, ``source_merge``), which shares no code with the converter's (``megatron``);
+``agreement`` checks that both readers see the same bytes before any forward pass.
+
 May import: ``conversion`` (the folder's records), ``megatron``, ``tokenizer``, ``mapping``, ``ops``,
-``errors``. Never ``hub``, ``synth`` or ``cli``.
+``errors``; but ``reference`` and the ``source_*`` modules never ``megatron``, ``mapping``, ``ops`` or
+``conversion``. Never ``hub``, ``synth`` or ``cli``.
 """

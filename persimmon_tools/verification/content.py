@@ -63,9 +63,7 @@ class ContentChecker:
             return None
         if len(mt.shape) < 2:
             return mt.materialize()
-        if mt.concat_dim == 1:
-            return torch.cat([p.read_rows(0, 1) for p in mt.parts], dim=1)
-        return mt.parts[0].read_rows(0, 1)
+        return mt.read_rows(0, 1)
 
     def _index(self, dtype: torch.dtype) -> dict[tuple, list[tuple[str, int | None]]]:
         if dtype not in self._sigs:

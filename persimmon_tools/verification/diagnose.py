@@ -5,8 +5,9 @@
    of the two sides part ways by more than the dtype's ``hidden_rel`` (:mod:`persimmon_tools.verification.metrics`).
 3. Explain: the converted tensors of that stage are compared with the checkpoint's by content
    (:mod:`persimmon_tools.verification.content`), unless a full weight check already ran.
-4. Pick the most likely culprit: a differing tensor of the diverging stage, else a structural problem,
-   else a config value acting on that stage, else any finding; and say so honestly when nothing is found.
+4. Pick the most likely culprit: a disagreement between the two readers of the source, else a differing
+   tensor of the diverging stage, else a structural problem, else a config value acting on that stage,
+   else any finding; and say so honestly when nothing is found.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def locate(stages: list[tuple[str, float]], threshold: float) -> dict | None:
 def _pick(first: dict | None, findings: list[Finding]) -> Finding | None:
     part, layer = stage_part(first["stage"]) if first else (None, None)
     ranked = [
+        lambda f: f.kind == "reader",
         lambda f: f.kind == "tensor" and f.part == part and f.layer == layer,
         lambda f: f.kind in ("structure", "load"),
         lambda f: f.kind == "config" and f.part in (part, None),
@@ -86,6 +88,11 @@ def diagnose(
             f"{first['relative_error']:.3g}"
             + (f", {before['relative_error']:.2g} at {before['stage']}" if before else "")
             + ")"
+        )
+    elif any(f.kind == "reader" for f in findings):
+        bits.append(
+            "the converter's reader and verify's own reader of the source disagree, so no forward pass "
+            "was run (a bug in reading the release would make both the conversion and a shared reference wrong)"
         )
     elif stages:
         bits.append(

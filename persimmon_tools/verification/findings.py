@@ -32,7 +32,7 @@ FULL_SCAN_PARAMS = 500_000_000  # below this, every tensor is compared on failur
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # "structure" | "config" | "load" | "tensor" | "note" (notes never fail the verdict)
+    kind: str  # "reader" | "structure" | "config" | "load" | "tensor" | "note" (notes never fail the verdict)
     where: str  # "config.json rope_theta" / "model.layers.3.mlp.dense_h_to_4h.weight"
     message: str
     part: str | None = None  # stage part it acts on: embedding / attention / mlp / logits / None (all)

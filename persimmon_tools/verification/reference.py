@@ -3,7 +3,12 @@
 This is the yardstick ``verify`` holds a converted folder against. It reads the original checkpoint by
 Megatron names (spec §B.2) and its hyper-parameters from ``ckpt.args`` and the tensor shapes; it never uses
 the converter's mapping table (:mod:`persimmon_tools.mapping`), its config derivation or transformers, so
-a mistake there shows up as a difference here.
+a mistake there shows up as a difference here. Nor does it use the converter's *reader*
+(:mod:`persimmon_tools.megatron`): the checkpoint comes from verify's own reader
+(:mod:`persimmon_tools.verification.source_merge`), so a reading bug in ``convert`` cannot hide by
+feeding the same wrong weights to both sides (:mod:`persimmon_tools.verification.agreement` compares the
+two readers before any forward pass). This module imports nothing from ``megatron``, ``mapping``, ``ops``
+or ``conversion``.
 
 One layer, pre-LN (``T`` tokens, ``C`` hidden, ``nh`` heads, ``hd`` head_dim, ``rd`` rotary dims)::
 
@@ -30,13 +35,13 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from persimmon_tools.conversion.config import arg
 from persimmon_tools.errors import ConfigError
-from persimmon_tools.megatron.checkpoint import Checkpoint, MergedTensor
+from persimmon_tools.verification.source_merge import SourceCheckpoint, SourceTensor
 
 log = logging.getLogger(__name__)
 
@@ -139,34 +144,30 @@ MEGATRON_GLOBALS = {
 INV_FREQ = "self_attention.rotary_emb.inv_freq"
 
 
-def gather_rows(mt: MergedTensor, ids: Sequence[int]) -> torch.Tensor:
-    """Rows ``ids`` of a (possibly vocab-parallel) ``[V, C]`` tensor, reading only those rows."""
-    rows: dict[int, torch.Tensor] = {}
-    if mt.concat_dim == 1:  # column-split rows: read the row from every rank (not expected for embeddings)
-        for r in sorted(set(ids)):
-            rows[r] = torch.cat([p.read_rows(r, r + 1) for p in mt.parts], dim=1)[0]
-    else:
-        parts = mt.parts if mt.concat_dim == 0 else mt.parts[:1]
-        starts, acc = [], 0
-        for p in parts:
-            starts.append(acc)
-            acc += p.shape[0]
-        for r in sorted(set(ids)):
-            if not 0 <= r < acc:
-                raise IndexError(f"token id {r} is outside the {acc} rows of {mt.key}")
-            j = max(k for k, s in enumerate(starts) if s <= r)
-            rows[r] = parts[j].read_rows(r - starts[j], r - starts[j] + 1)[0]
-    return torch.stack([rows[r] for r in ids])
+def arg(args: Any, name: str) -> Any:
+    """``args.name`` of the checkpoint's args (a Namespace, a dict or an inert stand-in); None when absent."""
+    if args is None:
+        return None
+    if isinstance(args, dict):
+        return args.get(name)
+    value = getattr(args, name, None)
+    state = getattr(args, "state", None)
+    return state.get(name) if value is None and isinstance(state, dict) else value
+
+
+def gather_rows(mt: SourceTensor, ids: Sequence[int]) -> torch.Tensor:
+    """Rows ``ids`` of a (possibly vocab-parallel) ``[V, C]`` tensor, reading only those rows: (len(ids), C)."""
+    return mt.rows(ids)
 
 
 class MegatronWeights:
     """The original checkpoint read by Megatron names: the reference's only view of the weights."""
 
-    def __init__(self, ckpt: Checkpoint) -> None:
+    def __init__(self, ckpt: SourceCheckpoint) -> None:
         self.ckpt = ckpt
         self.hyper = megatron_hyper(ckpt)
 
-    def _get(self, key: str) -> MergedTensor:
+    def _get(self, key: str) -> SourceTensor:
         try:
             return self.ckpt.tensors[key]
         except KeyError:
@@ -201,7 +202,7 @@ def rope_theta_from_inv_freq(inv_freq: Sequence[float], rotary_dim: int) -> floa
     return math.exp(sum(pts) / len(pts)) if pts else float("nan")
 
 
-def megatron_hyper(ckpt: Checkpoint) -> Hyper:
+def megatron_hyper(ckpt: SourceCheckpoint) -> Hyper:
     """Hyper-parameters from the shapes and ``ckpt.args`` (ADEPT's CLI defaults where args are silent)."""
     t, args = ckpt.tensors, ckpt.args
     embed = t.get(MEGATRON_GLOBALS["embed"])

@@ -2,7 +2,8 @@
 
 ``verification.json`` (read by ``push``) holds: tool, tool_version, created, verdict, device, dtype, rotary,
 converted_loader, source {path, kind, files [{name, size, sha256}], sha256_of, iteration, tp, pp, variant},
-tolerances, metrics [per prompt], diagnosis, published_reference (8B chat only), adept_drift (``--rotary
+readers {agree, tensors_compared, bytes_compared, seconds, readers, differences} (the converter's reader
+against verify's own, :mod:`persimmon_tools.verification.agreement`), tolerances, metrics [per prompt], diagnosis, published_reference (8B chat only), adept_drift (``--rotary
 adept``), config_findings, tokenizer, timings, memory, and files = fingerprint_folder(OUT_DIR).
 """
 
@@ -39,6 +40,7 @@ class VerifyReport:
     metrics: tuple[PromptMetrics, ...]
     tokenizer: str
     config_findings: tuple[dict, ...] = ()
+    readers: dict | None = None  # Agreement.to_dict(): do both readers of the source agree?
     weights: dict | None = None  # {"compared": n, "differing": [findings], "scope": ...}
     diagnosis: dict | None = None
     published_reference: dict | None = None
@@ -84,6 +86,7 @@ class VerifyReport:
             "loader_reason": self.loader_reason,
             "tokenizer": self.tokenizer,
             "source": self.source,
+            "readers": self.readers,
             "tolerances": self.tolerances,
             "metrics": [m.to_dict() for m in self.metrics],
             "config_findings": list(self.config_findings),
@@ -196,6 +199,12 @@ def render_table(report: VerifyReport) -> str:
         f"tolerance ({tol.get('name')}): max|Δ| <= {tol.get('max_rel')} x scale, mean|Δ| <= "
         f"{tol.get('mean_rel')} x scale, KL <= {tol.get('kl')}"
     )
+    if report.readers is not None:
+        r = report.readers
+        lines.append(
+            f"readers: {'agree' if r['agree'] else 'DISAGREE'} (the converter's and verify's own, "
+            f"{r['tensors_compared']} tensors compared in {r['seconds']:.2f} s)"
+        )
     for f in report.config_findings:
         lines.append(f"{f['kind']}: {f['where']}: {f['message']}")
     if report.weights and report.weights.get("compared"):

@@ -3,7 +3,12 @@
     report = verify(Path("persimmon-8b-chat-hf"), Path("8b_chat_model_release.tar"), VerifyOptions())
     report.passed, report.to_json()
 
-The reference side is :mod:`persimmon_tools.verification.reference` on the checkpoint's Megatron tensors; the converted
+The reference side is :mod:`persimmon_tools.verification.reference` on the checkpoint's Megatron tensors, read
+by verify's own reader (:mod:`persimmon_tools.verification.source_merge`), which shares no code with the
+converter's (:mod:`persimmon_tools.megatron`). Before any forward pass the source is read with both, and
+they must agree on the iteration, the keys and every tensor's shape, dtype and bytes
+(:mod:`persimmon_tools.verification.agreement`); otherwise the verdict is fail and nothing runs. The
+converter's reader is used here for that check only (and :mod:`.report` for the source fingerprint). The converted
 side is ``transformers.PersimmonForCausalLM`` when installed and the model fits, else the toolkit's own
 layer-by-layer reader of the HF layout (:mod:`persimmon_tools.verification.hf_side`). Both run every prompt;
 logits are compared with the tolerances of :mod:`persimmon_tools.verification.metrics`. On failure a diagnosis
@@ -24,9 +29,10 @@ import torch
 
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import fingerprint_folder
-from persimmon_tools.errors import UsageError, VerificationError
+from persimmon_tools.errors import ConfigError, UsageError, VerificationError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
+from persimmon_tools.verification.agreement import compare_readers
 from persimmon_tools.verification.content import ContentChecker, weight_findings
 from persimmon_tools.verification.diagnose import diagnose
 from persimmon_tools.verification.findings import (
@@ -48,6 +54,7 @@ from persimmon_tools.verification.report import (
     write_report,
 )
 from persimmon_tools.verification.run import LayerwiseModel, peak_memory, run_lockstep
+from persimmon_tools.verification.source_merge import load_source
 from persimmon_tools.verification.transformers_side import TransformersTrace, fits, transformers_available
 
 log = logging.getLogger(__name__)
@@ -180,13 +187,25 @@ def verify(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     release = open_release(Path(reference), iteration=options.iteration, vocab=options.vocab)
-    ckpt = load_release_checkpoint(release)
-    src = MegatronWeights(ckpt)
+    progress("readers: the converter's and verify's own, byte for byte")
+    ckpt = load_source(Path(reference), iteration=options.iteration)  # verify's own reader
+    readers = compare_readers(load_release_checkpoint(release), ckpt)  # ... against the converter's
+    try:
+        src = MegatronWeights(ckpt)
+    except ConfigError as err:
+        if readers.agree:
+            raise
+        lines = "; ".join(f.line() for f in readers.findings[:3])
+        raise VerificationError(
+            f"the converter's reader and verify's own reader of {reference} disagree ({lines}), and verify's "
+            f"own view is not a complete Persimmon checkpoint ({err.message})",
+            hint="no forward pass was run; report a bug with this message",
+        ) from err
     conv = HFWeights(out_dir)
-    findings = config_findings(src.hyper, conv.hyper)
+    findings = list(readers.findings) + config_findings(src.hyper, conv.hyper)
     if not any(f.kind == "structure" for f in findings):
         findings += presence_findings(conv)
-    structural = [f for f in findings if f.kind == "structure"]
+    structural = [f for f in findings if f.kind in ("structure", "reader")]  # no forward pass on those
     source_dtype = ckpt.tensors[MEGATRON_GLOBALS["embed"]].dtype
     tol = tolerance_for(dtype, source_dtype, conv.storage_dtype())
     loader, reason = _choose_loader(options, conv, dtype, device)
@@ -200,7 +219,7 @@ def verify(
         vocab=vocab,
         max_tokens=max_tokens,
     )
-    published = options.published and is_8b_chat(src.hyper, ckpt.iteration, release.variant)
+    published = options.published and is_8b_chat(src.hyper, ckpt.iteration, ckpt.layout.variant)
     if published:
         prompts.append(Prompt("published", None, INPUT_IDS))
     metrics, run, drift, pub = [], None, None, None
@@ -225,7 +244,7 @@ def verify(
     if check_weights is None:
         check_weights = src.hyper.num_parameters() <= FULL_SCAN_PARAMS
     tensors = weight_findings(checker, None) if checker is not None and check_weights else None
-    errors = [f for f in findings if f.kind in ("structure", "config", "load")] + (tensors or [])
+    errors = [f for f in findings if f.kind in ("reader", "structure", "config", "load")] + (tensors or [])
     passed = bool(metrics) and all(m.passed for m in metrics) and not errors
     diagnosis = None
     if not passed:
@@ -245,6 +264,7 @@ def verify(
     files = fingerprint_folder(out_dir)
     timings = {
         "total_s": round(time.perf_counter() - start, 3),
+        "readers_s": round(readers.seconds, 3),
         "fingerprints_s": round(time.perf_counter() - t_fp, 3),
     }
     if run is not None:
@@ -262,6 +282,7 @@ def verify(
         metrics=tuple(metrics),
         tokenizer=tok_desc,
         config_findings=tuple(f.to_dict() for f in findings),
+        readers=readers.to_dict(),
         diagnosis=diagnosis,
         published_reference=pub,
         weights={

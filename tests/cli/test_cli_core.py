@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
 
 import pytest
 from click.testing import CliRunner
+from hostile_inputs import basic_hostile_tar
 
 from persimmon_tools.cli import main
 
@@ -96,31 +96,12 @@ def test_unpack_extracts_and_refuses_to_overwrite(releases, tmp_path):
     assert run("unpack", releases["tar"], dest).exit_code == 1
 
 
-def _hostile_tar(path, kind, sentinel_dir):
-    with tarfile.open(path, "w") as tf:
-        ok = tarfile.TarInfo("rel/ok.txt")
-        ok.size = 2
-        tf.addfile(ok, io.BytesIO(b"ok"))
-        info = tarfile.TarInfo(
-            {"dotdot": "rel/../../escape.txt", "absolute": f"{sentinel_dir}/abs.txt"}.get(kind, "rel/x")
-        )
-        if kind == "symlink":
-            info.type, info.linkname = tarfile.SYMTYPE, str(sentinel_dir)
-        elif kind == "hardlink":
-            info.type, info.linkname = tarfile.LNKTYPE, "/etc/passwd"
-        elif kind == "device":
-            info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
-        else:
-            info.size = 4
-        tf.addfile(info, io.BytesIO(b"evil") if info.isreg() else None)
-
-
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
 def test_unpack_refuses_hostile_members_and_writes_nothing(tmp_path, kind):
     sentinel_dir = tmp_path / "outside"
     sentinel_dir.mkdir()
     tar = tmp_path / "evil.tar"
-    _hostile_tar(tar, kind, sentinel_dir)
+    basic_hostile_tar(tar, kind, sentinel_dir)
     work = tmp_path / "work"
     work.mkdir()
     result = run("unpack", tar, work / "dest")

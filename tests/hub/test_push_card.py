@@ -56,6 +56,13 @@ def test_detect_variant_falls_back_to_the_release_name() -> None:
     )
     assert detect_variant(None, {"source": {"path": "/x/8b_base_model_release"}}) == "base"
     assert detect_variant(None, None) == "unknown"
+    # only the release's own name counts, never other words of its path
+    assert detect_variant(None, {"source": {"path": "/chat_experiments/persimmon.tar"}}) == "unknown"
+    # a record that says why the variant is unknown is final
+    unknown = {
+        "source": {"variant": "unknown", "variant_from": "unknown: conflicting names", "name": "chat.tar"}
+    }
+    assert detect_variant(unknown, None) == "unknown"
 
 
 def test_folder_digest_depends_on_every_file() -> None:

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from hostile_inputs import (
     P,
     Reduce,
+    basic_hostile_tar,
     call,
     checkpoint_with_args,
     fixture_members,
@@ -182,7 +183,6 @@ def test_unpack_refuses_more_hostile_members(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
 def test_unpack_messages_of_basic_hostile_members(tmp_path, kind):
     """test_cli_core checks these refuse and write nothing; here: that the message says why."""
-    from test_cli_core import _hostile_tar
 
     case = {
         "dotdot": "unpack-dotdot",
@@ -192,7 +192,7 @@ def test_unpack_messages_of_basic_hostile_members(tmp_path, kind):
         "device": "unpack-device",
     }[kind]
     (tmp_path / "outside").mkdir()
-    _hostile_tar(tmp_path / "evil.tar", kind, tmp_path / "outside")
+    basic_hostile_tar(tmp_path / "evil.tar", kind, tmp_path / "outside")
     expect_cli(case, cli("unpack", tmp_path / "evil.tar", tmp_path / "dest"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar", "outside"]
 

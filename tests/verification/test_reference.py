@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persimmon_tools.megatron.checkpoint import load_release_checkpoint
-from persimmon_tools.megatron.release import open_release
 from persimmon_tools.verification.reference import (
     MEGATRON_GLOBALS,
     MegatronWeights,
@@ -17,6 +15,7 @@ from persimmon_tools.verification.reference import (
     rotary_tables,
 )
 from persimmon_tools.verification.run import LayerwiseModel
+from persimmon_tools.verification.source_merge import load_source
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,7 +32,7 @@ _RENAMES = (
 
 @pytest.fixture(scope="module")
 def tiny_weights(releases) -> MegatronWeights:
-    return MegatronWeights(load_release_checkpoint(open_release(releases["tar"])))
+    return MegatronWeights(load_source(releases["tar"]))
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +101,13 @@ def test_tp_pp_shards_give_identical_logits(releases, tiny_weights):
     """TP/PP releases of the same seed hold the same logical tensors: the reference must agree bit for bit."""
     ref = LayerwiseModel(tiny_weights).forward(SEQS[:1])[0]
     for name in ("tp2", "pp2", "tp2pp3"):
-        weights = MegatronWeights(load_release_checkpoint(open_release(releases[name])))
+        weights = MegatronWeights(load_source(releases[name]))
         assert weights.hyper.num_layers == tiny_weights.hyper.num_layers
         assert torch.equal(LayerwiseModel(weights).forward(SEQS[:1])[0], ref), name
 
 
 def test_gather_rows_reads_vocab_parallel_parts(releases):
-    ckpt = load_release_checkpoint(open_release(releases["tp2"]))
+    ckpt = load_source(releases["tp2"])
     mt = ckpt.tensors[MEGATRON_GLOBALS["embed"]]
     assert len(mt.parts) == 2
     ids = [0, 511, 512, 1023, 512, 7]  # both sides of the rank boundary, repeated id
