@@ -29,7 +29,7 @@ class Case:
     test: str  # "wing/test_file.py::test_name", relative to tests/
 
 
-_H, _B, _I, _X = "hostile", "broken", "interruption", "inconsistent"
+_H, _B, _I, _X, _S = "hostile", "broken", "interruption", "inconsistent", "safety"
 CASES: list[Case] = [
     # ---- hostile tar members ---------------------------------------------------------------------------
     Case("tar-dotdot", _H, "convert: tar member `rel/../../escape.txt`", "ReleaseError",
@@ -239,7 +239,7 @@ CASES: list[Case] = [
     Case("pp-folders-swapped", _X, "convert: an extracted PP=2 or PP=3 release whose `mp_rank_00_00N` folders were "
          "swapped (also TP=2 x PP=2, and through the CLI)", "CheckpointError", "only the last stage holds",
          "megatron/test_consistency.py::test_swapped_pipeline_folders_are_refused"),
-    Case("middle-stages-swapped", _X, "convert: PP=4, two middle stages swapped, shards carry Megatron's "
+    Case("middle-stages-swapped", _X, "convert: PP=6, two middle stages swapped, shards carry Megatron's "
          "per-process `args.rank`", "CheckpointError", "was saved by global rank",
          "megatron/test_consistency.py::test_middle_stages_swapped_are_found_by_the_saving_rank"),
     Case("shard-other-iteration", _X, "convert: one PP stage's shard holds another `iteration`", "CheckpointError",
@@ -299,12 +299,85 @@ CASES: list[Case] = [
          "swapped, a key dropped, bytes misread)", "VerificationError (exit 3): verify's own reader disagrees",
          "the converter's reader",
          "verification/test_independent_reader.py::test_a_broken_converter_reader_fails_convert_and_verify"),
+    # ---- data loss, leaks and resource bounds --------------------------------------------------------
+    Case("force-into-source-folder", _S, "`convert ./release.tar . --force` (OUT_DIR holds SOURCE; also --vocab, "
+         "the current and the home folder)", "ConversionError, before anything is read", "contains SOURCE",
+         "conversion/test_overwrite.py::test_force_into_the_folder_holding_the_release_deletes_nothing"),
+    Case("force-foreign-files", _S, "convert --force onto a folder holding files no conversion wrote",
+         "ConversionError listing them; nothing deleted", "did not write",
+         "conversion/test_overwrite.py::test_force_refuses_a_folder_of_foreign_files_and_lists_them"),
+    Case("out-dir-symlink", _S, "convert into an OUT_DIR that is a symlink", "ConversionError", "is a symbolic link",
+         "conversion/test_overwrite.py::test_symlinked_out_dir_is_refused"),
+    Case("files-appear-during-run", _S, "a user writes into OUT_DIR while convert runs",
+         "ConversionError; the user's files kept, the new result kept beside", "changed during the conversion",
+         "conversion/test_overwrite.py::test_files_appearing_in_out_dir_during_the_run_are_kept"),
+    Case("swap-killed", _S, "SIGKILL between the two renames of the fallback swap (OUT_DIR missing)",
+         "the next run restores OUT_DIR and says so", "restored",
+         "conversion/test_overwrite.py::test_a_half_done_swap_is_restored_by_the_next_run"),
+    Case("concurrent-convert", _S, "a second convert into the same OUT_DIR while one runs", "ConversionError at once "
+         "(advisory lock beside OUT_DIR, holder's PID named)", "another persimmon-tools process",
+         "conversion/test_lock_and_leftovers.py::test_a_held_lock_names_the_holder"),
+    Case("sighup-sigquit", _S, "SIGHUP or SIGQUIT during convert (a real process, mid preset)",
+         "Interrupted (exit 130), temporary folder removed", "interrupted",
+         "conversion/test_lock_and_leftovers.py::test_sighup_and_sigquit_clean_up_like_sigint"),
+    Case("sigkill-leftover", _S, "SIGKILL during convert, then convert again",
+         "the next run names the stale temporary folder (its marker proves it is ours) and removes it", "removed",
+         "conversion/test_lock_and_leftovers.py::test_concurrent_run_fails_fast_and_sigkill_leftovers_are_removed_next_time"),
+    Case("tokenizer-out-symlink", _S, "`tokenizer` into an OUT_DIR that is a symlink (links inside OUT_DIR are "
+         "replaced, never written through)", "TokenizerError", "is a symbolic link",
+         "tokenizer/test_no_symlink_writes.py::test_symlinked_out_dir_is_refused"),
+    Case("make-release-symlink", _S, "`make-release OUT.tar` where OUT.tar is a symlink (even with --force)",
+         "UsageError", "is a symbolic link", "megatron/test_unpack_safety.py::test_make_release_refuses_a_symlinked_out_tar"),
+    Case("unpack-sparse", _S, "`unpack` of a 10 KB tar whose sparse member expands to 2 GiB", "ReleaseError",
+         "is a sparse file", "megatron/test_unpack_safety.py::test_sparse_member_is_refused_before_expanding"),
+    Case("unpack-no-space", _S, "`unpack` of a member larger than the free space", "ReleaseError", "bytes free",
+         "megatron/test_unpack_safety.py::test_member_larger_than_free_space_is_refused"),
+    Case("push-readme-link", _S, "`push` of a folder whose README.md links to /etc/passwd (also --dry-run)",
+         "HubError; the link is never read", "README.md (a symbolic link)",
+         "hub/test_push_safety.py::test_readme_linked_outside_is_refused_and_never_read"),
+    Case("push-special-files", _S, "`push` of a folder holding a FIFO or a linked folder", "HubError",
+         "link(s) or special file(s)", "hub/test_push_safety.py::test_fifo_and_linked_folder_below_are_refused_at_once"),
+    Case("push-silent-endpoint", _S, "`push` to an endpoint that accepts and never answers",
+         "HubError within --deadline (+ one --timeout)", "deadline ran out",
+         "hub/test_push_safety.py::test_silent_server_push_fails_within_the_deadline"),
+    Case("push-refused", _S, "`push` to a refused connection (or a failed name lookup)", "HubError at once; "
+         "--dry-run prints the local plan with the remote unknown", "cannot reach",
+         "hub/test_push_safety.py::test_refused_connection_fails_or_dry_runs_at_once"),
+    Case("push-offline", _S, "`push` with HF_HUB_OFFLINE=1", "HubError at once; --dry-run works offline",
+         "HF_HUB_OFFLINE is set", "hub/test_push_safety.py::test_offline_mode_fails_or_dry_runs_without_a_request"),
+    Case("push-bad-endpoint", _S, "`push --endpoint ftp://x` (or `localhost:1`, `http://`, `not a url`)",
+         "UsageError before any request", "is not a Hub URL",
+         "hub/test_push_safety.py::test_bad_endpoint_is_a_usage_error_before_any_call"),
+    Case("fifo-vocab", _S, "a FIFO as `--vocab`", "ReleaseError at once (no hang)", "FIFO",
+         "reliability/test_special_files.py::test_fifo_as_vocab_fails_fast"),
+    Case("fifo-tokenizer-input", _S, "a FIFO as the `tokenizer` input", "TokenizerError at once", "FIFO",
+         "reliability/test_special_files.py::test_fifo_as_tokenizer_input_fails_fast"),
+    Case("fifo-prompts-file", _S, "a FIFO as `verify --prompts-file`", "UsageError at once", "FIFO",
+         "reliability/test_special_files.py::test_fifo_as_prompts_file_fails_fast"),
+    Case("sparse-tracker", _S, "a 6 GB sparse `latest_checkpointed_iteration.txt` (also vocab, tokenizer input, "
+         "verification.json)", "ReleaseError by size, nothing read", "iteration tracker",
+         "reliability/test_special_files.py::test_sparse_tracker_is_refused_without_reading"),
+    Case("link-in-release-folder", _S, "`adept_vocab.model` or a shard inside a release folder is a symlink",
+         "ReleaseError (both readers)", "(a symbolic link)",
+         "reliability/test_special_files.py::test_symlinked_vocab_inside_release_folder_is_refused"),
+    Case("malformed-record", _S, "config.json, index, conversion.json, verification.json, tokenizer_config.json or "
+         "generation_config.json garbled, for inspect / verify / push", "a typed error naming the file, never a "
+         "traceback", "", "reliability/test_special_files.py::test_malformed_record_never_gives_a_traceback"),
+    Case("pickle-shared-bomb", _S, "a ~400-byte pickle of shared nested lists/tuples (args, iteration, model, "
+         "dict keys, persistent ids)", "CheckpointError in under a second; it counts values, not bytes", "",
+         "megatron/test_pickle_bomb.py::test_shared_structure_bomb_fails_fast"),
+    Case("option-values", _S, "`--max-shard-size abc`, `make-release --tp 0`, `--iteration -3`, `--ids 1,x`, "
+         "click's own usage errors", "UsageError (exit 2) with a Hint", "",
+         "cli/test_cli_validation.py::test_convert_options"),
     # ---- fuzzing ---------------------------------------------------------------------------------------
     Case("fuzz-tar", "fuzz", "random flips / overwrites / inserts / deletes / truncation of the tiny tar "
          "(hypothesis, 60 derandomized examples)", "converts completely, or a typed error", "",
          "reliability/test_fuzz.py::test_mutated_tar"),
     Case("fuzz-pt", "fuzz", "the same on `model_optim_rng.pt` of a release folder", "converts completely, or a "
          "typed error", "", "reliability/test_fuzz.py::test_mutated_pt"),
+    Case("fuzz-cli", "fuzz", "hypothesis: malformed files and option values for every command (CliRunner, "
+         "30 derandomized examples each in CI)", "exit 0/1/2/3, no traceback, nothing written outside the "
+         "workspace", "", "cli/test_cli_fuzz.py::test_every_command_fails_cleanly_on_malformed_input"),
 ]  # fmt: skip
 
 BY_ID = {c.id: c for c in CASES}
@@ -347,7 +420,8 @@ def _cell(text: str) -> str:
 def render() -> str:
     lines = [BEGIN]
     groups = {"hostile": "Hostile inputs", "broken": "Broken inputs", "inconsistent": "Inconsistent checkpoints",
-              "interruption": "Interruptions and full disks", "fuzz": "Fuzzing"}  # fmt: skip
+              "safety": "Data loss, leaks and resource bounds", "interruption": "Interruptions and full disks",
+              "fuzz": "Fuzzing"}  # fmt: skip
     for group, title in groups.items():
         lines += ["", f"### {title}", "", "| case | input | outcome | message (abbreviated) | test |",
                   "|---|---|---|---|---|"]  # fmt: skip

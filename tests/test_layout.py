@@ -16,7 +16,7 @@ import persimmon_tools
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "persimmon_tools"
 WINGS = ("megatron", "conversion", "tokenizer", "verification", "hub", "synth", "cli")
-ROOT_MODULES = {"__init__.py", "errors.py", "mapping.py", "ops.py"}
+ROOT_MODULES = {"__init__.py", "errors.py", "mapping.py", "ops.py", "safe_read.py", "safe_write.py"}
 
 
 def test_the_package_root_shows_the_wings():

@@ -55,17 +55,44 @@ def report_error(err: PersimmonToolsError) -> None:
         click.echo(f"Hint: {err.hint}", err=True)
 
 
+def _command_path(ctx: click.Context | None) -> str:
+    """``persimmon-tools convert`` whatever the program was invoked as (``main`` under CliRunner)."""
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["persimmon-tools", *names])
+
+
+def report_click_error(err: click.ClickException, fallback: click.Context | None = None) -> None:
+    """Render click's own errors (unknown option, missing argument, bad choice) as ``Error:``/``Hint:``."""
+    click.secho(f"Error: {err.format_message()}", err=True, fg="red")
+    ctx = getattr(err, "ctx", None) or fallback
+    path = _command_path(ctx)
+    usage = ""
+    if ctx is not None:
+        usage = "usage: " + " ".join([path, *ctx.command.collect_usage_pieces(ctx)]) + "; "
+    click.echo(f"Hint: {usage}run `{path} --help` for every option and examples", err=True)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _install_sigterm_handler() -> None:
-    """SIGTERM behaves like Ctrl-C: the running command unwinds and removes its temporary output."""
+    """SIGTERM, SIGHUP (terminal closed) and SIGQUIT (Ctrl-\\) behave like Ctrl-C: the running command
+    unwinds and removes its temporary output. A SIGHUP or SIGQUIT the parent set to be ignored (``nohup``)
+    stays ignored."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for name in ("SIGHUP", "SIGQUIT"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_interrupt)
 
 
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a tool that a closed pipe stopped
@@ -86,10 +113,28 @@ def _stdout_reader_gone() -> bool:
 class _Group(click.Group):
     """Click group that turns known library errors into messages and exit codes (no traceback)."""
 
+    def make_context(
+        self, info_name: str | None, args: list[str], parent=None, **extra: Any
+    ) -> click.Context:
+        try:  # the group's own options and the command name; a command's options fail in invoke()
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as err:
+            report_click_error(err)
+            raise click.exceptions.Exit(err.exit_code) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         _install_sigterm_handler()
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as err:  # parsing the command's arguments and options
+            name = ctx.invoked_subcommand
+            cmd = self.get_command(ctx, name) if name else None
+            report_click_error(err, click.Context(cmd, info_name=name, parent=ctx) if cmd else None)
+            ctx.exit(err.exit_code)
         except PersimmonToolsError as err:
             if ctx.meta.get(_DEBUG_KEY):
                 raise

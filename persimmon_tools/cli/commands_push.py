@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.hub.network import CONNECT_TIMEOUT, DEADLINE, READ_TIMEOUT
 from persimmon_tools.hub.plan import CARD_MODES
 
 if TYPE_CHECKING:
@@ -29,9 +30,15 @@ if TYPE_CHECKING:
 @click.option("--commit-message", metavar="TEXT", help="Commit title (default names the model and tool).")
 @click.option("--token", metavar="T", help="Hub token (default: HF_TOKEN, then the `hf auth login` token).")
 @click.option(
-    "--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT, then https://huggingface.co)."
+    "--endpoint",
+    metavar="URL",
+    help="Hub URL, http(s)://HOST[:PORT] (default: HF_ENDPOINT, then https://huggingface.co).",
 )
-@click.option("--dry-run", is_flag=True, help="Show what would be uploaded, and the card; upload nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show what would be uploaded, and the card; upload nothing. Works offline (remote state unknown).",
+)
 @click.option(
     "--allow-unverified", is_flag=True, help="Publish without a passing, current verification.json."
 )
@@ -45,6 +52,24 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--max-retries", type=click.IntRange(min=0), default=5, show_default=True, help="Retries per call."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=READ_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help=f"A Hub request that receives (or sends) nothing for this long fails; connecting may take at most "
+    f"{CONNECT_TIMEOUT:g} s (or --timeout if less). DNS failures and refused connections fail at once.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEADLINE,
+    show_default=True,
+    metavar="SECONDS",
+    help="No retry of a Hub step (look-up, listing, repo or branch creation) starts after this long; "
+    "the upload itself is bounded by --max-retries and --timeout.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")
 @common_options
@@ -62,11 +87,14 @@ def push_cmd(
     license_: str | None,
     card: str,
     max_retries: int,
+    timeout: float,
+    deadline: float,
     as_json: bool,
 ) -> None:
     """Publish converted folder OUT_DIR to the Hub model repo REPO_ID in one commit.
 
-    Like `hf upload`, plus a model card (licence by variant, provenance, verification metrics, usage,
+    Like `hf upload` (only the folder's own regular files; a folder holding links, FIFOs, sockets or
+    devices is refused), plus a model card (licence by variant, provenance, verification metrics, usage,
     caveats), a dry run, and a refusal to publish a folder whose verification.json is missing, failed, or
     no longer matches the files. Files the repo already has with the same content are not sent again, so
     re-running an interrupted push finishes it.
@@ -100,6 +128,8 @@ def push_cmd(
         license=license_,
         card=card,
         max_retries=max_retries,
+        timeout=timeout,
+        deadline=deadline,
     )
     if as_json:
         click.echo(json.dumps(asdict(result), indent=2))
@@ -113,16 +143,26 @@ def _render_plan(result: PushResult) -> None:
     from persimmon_tools.hub.model_card import format_size
 
     plan = result.plan
+    unknown = plan.remote_unknown
     click.echo("Dry run: nothing was uploaded.")
-    state = "exists" if plan.repo_exists else "would be created"
+    if unknown:
+        click.echo(f"Remote:     unknown, the Hub was not reached ({unknown})")
+    state = "state unknown" if unknown else "exists" if plan.repo_exists else "would be created"
     visibility = {True: ", private", False: ", public"}.get(plan.private, "")
     click.echo(f"Repository: {plan.repo_id} ({plan.repo_url}; {state}{visibility})")
-    rev_state = "exists" if plan.revision_exists else "would be created from main"
+    rev_state = (
+        "state unknown" if unknown else "exists" if plan.revision_exists else "would be created from main"
+    )
     pr = "; a pull request would be opened" if plan.create_pr else ""
     click.echo(f"Revision:   {plan.revision} ({rev_state}{pr})")
     click.echo(f"Verified:   {'yes' if plan.verified else 'NO (--allow-unverified)'}")
     click.echo(f"Commit:     {plan.commit_message}")
-    click.echo(f"Files: {len(plan.to_upload)} to upload, {len(plan.skipped)} already on the Hub (skipped)")
+    if unknown:
+        click.echo(f"Files: {len(plan.files)} to upload at most (which the Hub already has is unknown)")
+    else:
+        click.echo(
+            f"Files: {len(plan.to_upload)} to upload, {len(plan.skipped)} already on the Hub (skipped)"
+        )
     width = max((len(f.path) for f in plan.files), default=0)
     for f in plan.files:
         action = "skip  " if f.remote_identical else "upload"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli.params import SafePath
 from persimmon_tools.errors import TokenizerError, UsageError
 
-_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_FILE = SafePath(exists=True, dir_okay=False, path_type=Path)
 
 
 def _read_corpus(paths: tuple[Path, ...]) -> list[str]:
@@ -30,7 +32,7 @@ def _read_corpus(paths: tuple[Path, ...]) -> list[str]:
 
 @click.command("tokenizer")
 @click.argument("sp_model", type=_FILE)
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=SafePath(path_type=Path))
 @click.option(
     "--check", is_flag=True, help="Compare with SentencePiece instead of writing; PATHS are corpus files."
 )
@@ -93,8 +95,10 @@ def tokenizer_cmd(
             raise UsageError("--chat and --no-add-bos only apply when writing", hint="drop them with --check")
         missing = [p for p in paths if not p.is_file()]
         if missing:
+            what = "is a directory" if missing[0].is_dir() else "does not exist"
             raise UsageError(
-                f"corpus file {missing[0]} does not exist", hint="pass UTF-8 text files, one item per line"
+                f"corpus file {missing[0]} {what}; expected a text file",
+                hint="pass UTF-8 text files, one item per line",
             )
         texts = _read_corpus(paths) if paths else None
         report = check_parity(sp_model, texts, strict=not force)
@@ -131,10 +135,17 @@ def tokenizer_cmd(
     out_dir = paths[0]
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a directory", hint="pass a directory for OUT_DIR")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_tokenizer(
-        sp_model, out_dir, add_bos_token=add_bos, chat=chat, check=not force, allow_ties=allow_ties
-    )
+    try:
+        written = write_tokenizer(
+            sp_model, out_dir, add_bos_token=add_bos, chat=chat, check=not force, allow_ties=allow_ties
+        )
+    except BaseException:
+        if created:  # leave no empty OUT_DIR behind a refused model
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     if as_json:
         click.echo(json.dumps({"written": [str(p) for p in written]}, indent=2))
     elif not is_quiet():

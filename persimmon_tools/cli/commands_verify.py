@@ -8,21 +8,24 @@ from pathlib import Path
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli.params import DEVICE, ITERATION, PROMPT, TOKEN_IDS, SafePath
+from persimmon_tools.errors import UsageError
 
 
 @click.command("verify")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=SafePath(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--reference",
     "-r",
     "reference",
     required=True,
     metavar="SOURCE",
-    type=click.Path(exists=True, path_type=Path),
+    type=SafePath(exists=True, path_type=Path),
     help="The original release: tarball, extracted folder, iter_* folder or model_optim_rng.pt.",
 )
 @click.option(
     "--device",
+    type=DEVICE,
     default="auto",
     show_default=True,
     metavar="auto|cpu|cuda",
@@ -41,14 +44,21 @@ from persimmon_tools.cli import common_options, is_quiet
     show_default=True,
     help="adept: also report how far the HF model drifts from ADEPT's bf16 rotary, per position range.",
 )
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A prompt to add (repeatable).")
+@click.option(
+    "--prompt", "prompts", type=PROMPT, multiple=True, metavar="TEXT", help="A prompt to add (repeatable)."
+)
 @click.option(
     "--prompts-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=SafePath(exists=True, dir_okay=False, path_type=Path),
     help="Prompts to add: one per line (\\n escapes) or a .json list of strings.",
 )
 @click.option(
-    "--ids", "ids", multiple=True, metavar="IDS", help="Token ids to add, e.g. 71013,1,2 (repeatable)."
+    "--ids",
+    "ids",
+    type=TOKEN_IDS,
+    multiple=True,
+    metavar="IDS",
+    help="Token ids to add, e.g. 71013,1,2 (repeatable).",
 )
 @click.option(
     "--no-default-prompts", is_flag=True, help="Only the prompts given with --prompt/--prompts-file/--ids."
@@ -65,10 +75,12 @@ from persimmon_tools.cli import common_options, is_quiet
     default=None,
     help="Compare every tensor with the checkpoint by value [default: below 500M parameters].",
 )
-@click.option("--iteration", type=int, help="Which iter_XXXXXXX of SOURCE (default: the tracker file's).")
+@click.option(
+    "--iteration", type=ITERATION, help="Which iter_XXXXXXX of SOURCE (default: the tracker file's)."
+)
 @click.option(
     "--vocab",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=SafePath(exists=True, dir_okay=False, path_type=Path),
     help="adept_vocab.model, when SOURCE has none.",
 )
 @click.option(
@@ -77,7 +89,7 @@ from persimmon_tools.cli import common_options, is_quiet
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    type=SafePath(dir_okay=False, allow_dash=True, path_type=Path),
     metavar="REPORT.json",
     help="Also write the report there ('-': print it instead of the table).",
 )
@@ -90,7 +102,7 @@ def verify_cmd(
     rotary: str,
     prompts: tuple[str, ...],
     prompts_file: Path | None,
-    ids: tuple[str, ...],
+    ids: tuple[tuple[int, ...], ...],
     no_default_prompts: bool,
     loader: str,
     check_weights: bool | None,
@@ -115,17 +127,16 @@ def verify_cmd(
       persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json report.json
       persimmon-tools verify ./out -r release.tar --prompt "human: Hi\\n\\nadept:" --ids 71013,1,2
     """
-    from persimmon_tools.verification.prompts import parse_ids, read_prompts_file
     from persimmon_tools.verification.report import render_table, write_report
     from persimmon_tools.verification.verify import VerifyOptions, check_passed, verify
 
-    texts = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+    texts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
     options = VerifyOptions(
         device=device,
         dtype=dtype,
         rotary=rotary,
         prompts=tuple(texts),
-        ids=tuple(parse_ids(s) for s in ids),
+        ids=tuple(ids),
         default_prompts=not no_default_prompts,
         loader=loader,
         iteration=iteration,
@@ -148,6 +159,33 @@ def verify_cmd(
         if not is_quiet() or not report.passed:
             click.echo(render_table(report))
     check_passed(report)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """--prompts-file, with malformed content reported as a usage error naming the file."""
+    import json
+
+    from persimmon_tools.verification.prompts import read_prompts_file
+
+    expected = "a .json list of strings" if path.suffix == ".json" else "UTF-8 text, one prompt per line"
+    try:
+        return read_prompts_file(path)
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"--prompts-file {path}: expected {expected}; byte {err.start} is not UTF-8",
+            hint="save the file as UTF-8",
+        ) from err
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"--prompts-file {path}: expected {expected}; invalid JSON at line {err.lineno} column {err.colno} "
+            f"({err.msg})",
+            hint='e.g. ["human: Hi\\n\\nadept:", "The capital of France is"]',
+        ) from err
+    except RecursionError as err:
+        raise UsageError(
+            f"--prompts-file {path}: expected {expected}; the JSON is nested too deeply",
+            hint="a flat list of strings",
+        ) from err
 
 
 COMMANDS = [verify_cmd]

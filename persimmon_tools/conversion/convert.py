@@ -20,7 +20,12 @@ import torch
 from persimmon_tools import __version__
 from persimmon_tools.conversion.config import ModelDims, derive_dims, generation_config, hf_config
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
-from persimmon_tools.conversion.output_dir import atomic_output_dir, check_output_dir
+from persimmon_tools.conversion.output_dir import (
+    RUN_MARKER,
+    OutputClaim,
+    claim_output_dir,
+    refuse_unsafe_output,
+)
 from persimmon_tools.conversion.plan import PlannedTensor, drop_keys, plan_conversion, source_keys
 from persimmon_tools.conversion.values import WriteStats, dtype_name, refuse_bad_values
 from persimmon_tools.conversion.writer import (
@@ -270,7 +275,19 @@ def convert(
 ) -> ConversionResult:
     """Convert SOURCE into OUT_DIR; OUT_DIR appears complete or not at all."""
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, options.force)
+    refuse_unsafe_output(out_dir, source=Path(source), vocab=options.vocab)  # before anything is read
+    with claim_output_dir(out_dir, options.force) as claim:  # lock, leftovers, what OUT_DIR holds
+        return _convert_into(claim, source, out_dir, options, progress, on_plan)
+
+
+def _convert_into(
+    claim: OutputClaim,
+    source: Path,
+    out_dir: Path,
+    options: ConvertOptions,
+    progress: Callable[[int], None],
+    on_plan: Callable[[ConversionPlan], None],
+) -> ConversionResult:
     start = time.perf_counter()
     plan = prepare(source, options)
     on_plan(plan)
@@ -281,7 +298,7 @@ def convert(
     # Each shard's fsync and read-back check run in a third thread while the next shard is written
     # (measured: 4 x 0.2 s of stalls on the 8B release otherwise).
     with (
-        atomic_output_dir(out_dir, options.force) as tmp,
+        claim.staging() as tmp,
         ThreadPoolExecutor(1, "tokenizer") as pool,
         ThreadPoolExecutor(1, "fsync") as syncer,
     ):
@@ -313,6 +330,7 @@ def convert(
         write_json(tmp / "generation_config.json", generation_config(plan.special_id))
         if tokenizer is not None:
             tokenizer.result()
-        write_json(tmp / CONVERSION_FILE, _provenance(plan))
-        files = sorted(p.name for p in tmp.iterdir())
+        # conversion.json lists every file written: `--force` later replaces only those
+        files = sorted([*(p.name for p in tmp.iterdir() if p.name != RUN_MARKER), CONVERSION_FILE])
+        write_json(tmp / CONVERSION_FILE, {**_provenance(plan), "output_files": files})
     return ConversionResult(out_dir, plan, stats, time.perf_counter() - start, files)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
 from persimmon_tools.conversion.config import derive_dims
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE
-from persimmon_tools.errors import PersimmonToolsError
+from persimmon_tools.errors import ConversionError, PersimmonToolsError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
+from persimmon_tools.safe_read import (
+    MAX_SAFETENSORS_HEADER_BYTES,
+    open_regular,
+    parse_json,
+    read_json,
+    scan_folder,
+    small_repr,
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -20,7 +29,7 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
+    return small_repr(value, 200)
 
 
 def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, Any]:
@@ -61,42 +70,65 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
     return info
 
 
-def inspect_converted(folder: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+def _safetensors_summary(path: Path) -> dict[str, Any]:
+    """File size, tensor count and metadata from a safetensors header (read here: never through a link, never
+    from a FIFO; the header is bounded and parsed with typed errors)."""
+    with open_regular(
+        path, what="safetensors shard", max_bytes=None, follow_symlinks=False, error=ConversionError
+    ) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        raw = fh.read(8)
+        (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
+        if not 0 < n <= min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+            raise ConversionError(
+                f"{path} is not a safetensors file (header size {n}, file size {size})",
+                hint="the file is truncated or damaged; convert again",
+            )
+        header = parse_json(fh.read(n), origin=f"{path} (safetensors header)", error=ConversionError)
+    metadata = header.get("__metadata__")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ConversionError(f"{path}: __metadata__ of the safetensors header is not an object")
+    return {
+        "file": path.name,
+        "bytes": size,
+        "tensors": sum(1 for k in header if k != "__metadata__"),
+        "metadata": metadata,
+    }
 
+
+def _record(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    return read_json(path, what=name, error=ConversionError, follow_symlinks=False)
+
+
+def inspect_converted(folder: Path) -> dict[str, Any]:
+    """What a converted folder holds; links and other non-regular files are listed, never read."""
+    scan = scan_folder(folder, max_depth=1)
     info: dict[str, Any] = {
         "type": "converted",
         "folder": str(folder),
-        "config": json.loads((folder / "config.json").read_text()),
+        "config": _record(folder, "config.json"),
     }
-    shards = []
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            shards.append(
-                {
-                    "file": path.name,
-                    "bytes": path.stat().st_size,
-                    "tensors": len(names),
-                    "metadata": f.metadata(),
-                }
-            )
-    info["shards"] = shards
+    info["shards"] = [_safetensors_summary(folder / f) for f in scan.files if f.endswith(".safetensors")]
     for name, key in ((CONVERSION_FILE, "conversion"), (VERIFICATION_FILE, "verification")):
-        if (folder / name).is_file():
-            data = json.loads((folder / name).read_text())
+        data = _record(folder, name)
+        if data is not None:
             info[key] = (
                 data
                 if key == "conversion"
                 else {"verdict": data.get("verdict"), "created": data.get("created")}
             )
-    info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
+    info["files"] = scan.files
+    if scan.irregular:
+        info["not_regular_files"] = scan.irregular
     return info
 
 
 def inspect_source(source: Path, *, iteration: int | None = None) -> dict[str, Any]:
     """Inspect a release (tar / folder / iter_* / .pt) or a converted HF folder (has config.json)."""
     source = Path(source)
-    if source.is_dir() and (source / "config.json").is_file():
+    if source.is_dir() and os.path.lexists(source / "config.json"):
         return inspect_converted(source)
     return inspect_release(source, iteration=iteration)

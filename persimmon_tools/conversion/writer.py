@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from persimmon_tools.conversion.plan import PlannedTensor
+from persimmon_tools.conversion.sizes import SIZE_HINT, parse_size
 from persimmon_tools.conversion.values import WriteStats, count_nonfinite, count_overflow, narrows
-from persimmon_tools.errors import ConversionError
+from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.megatron.lazy import preadv_exact
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_size: int | str) -> Shar
     tensors we never materialise. File names and grouping are the same as ``save_pretrained``'s.
     """
     from huggingface_hub import constants, split_state_dict_into_shards_factory
+
+    try:
+        max_shard_size = parse_size(max_shard_size)
+    except ValueError as err:
+        raise UsageError(f"max shard size {max_shard_size!r}: {err}", hint=SIZE_HINT) from None
 
     split = split_state_dict_into_shards_factory(
         {p.target: p for p in tensors},

@@ -1,8 +1,10 @@
 """Hub wing: publish a verified folder to the Hugging Face Hub.
 
-The push itself (``push``), what a push would send compared with the remote (``plan``), which Hub failures are
-retried and how the rest are explained (``errors``), and the model card (``model_card``).
+The push itself (``push``), the folder's files it may send and the verification check (``local``), what a
+push would send compared with the remote (``plan``, ``remote``), the Hub URL and timeouts (``network``),
+which Hub failures are retried and how the rest are explained (``errors``), and the model card
+(``model_card``).
 
 May import: ``conversion`` (the folder's records and fingerprints), ``verification``, ``tokenizer``,
-``megatron``, ``mapping``, ``ops``, ``errors``. Never ``synth`` or ``cli``.
+``megatron``, ``mapping``, ``ops``, ``safe_read``, ``errors``. Never ``synth`` or ``cli``.
 """

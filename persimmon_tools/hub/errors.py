@@ -1,8 +1,12 @@
 """Hub failures: which are transient (retried with backoff) and which are permanent (a HubError with a hint).
 
 ``_as_hub_error`` is the one table that turns ``huggingface_hub`` exceptions into messages and hints;
-``Retry`` runs one Hub call with bounded exponential backoff; ``signals_raise_interrupt`` makes SIGTERM
-behave like Ctrl-C while pushing.
+``Retry`` runs one Hub call with bounded exponential backoff and a total deadline; ``signals_raise_interrupt``
+makes SIGTERM behave like Ctrl-C while pushing.
+
+An unreachable Hub is not transient: offline mode (``HF_HUB_OFFLINE``), a name that does not resolve and a
+refused connection fail at once as :class:`HubUnreachable` (no backoff for minutes), as do timeouts and
+connection drops once the retries or the deadline are spent. ``push --dry-run`` then shows the local plan.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,9 +41,19 @@ try:  # the HTTP client of huggingface_hub >= 1.0
         httpx2.NetworkError,
         httpx2.RemoteProtocolError,
     )
+    _CONNECT_ERRORS: tuple[type[BaseException], ...] = (httpx2.ConnectError,)
 except ImportError:  # pragma: no cover - other huggingface_hub versions
-    _NETWORK_ERRORS = ()
+    _NETWORK_ERRORS, _CONNECT_ERRORS = (), ()
 _NETWORK_ERRORS += (TimeoutError, ConnectionError)
+_CONNECT_ERRORS += (ConnectionRefusedError, socket.gaierror)
+_REACH_HINT = (
+    "check --endpoint / HF_ENDPOINT, the network and any proxy; `push --dry-run` shows the local plan "
+    "without the Hub"
+)
+
+
+class HubUnreachable(HubError):
+    """No answer from the Hub at all: offline mode, DNS failure, refused connection, or timeouts."""
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -59,7 +74,19 @@ def _status(err: BaseException) -> int | None:
     return None
 
 
+def unreachable_reason(err: BaseException) -> str | None:
+    """Why the Hub cannot be reached at all (offline mode, DNS, refused connection); ``None`` otherwise."""
+    for e in _chain(err):
+        if isinstance(e, OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE is set"
+        if isinstance(e, _CONNECT_ERRORS):
+            return f"cannot connect ({e or type(e).__name__})"
+    return None
+
+
 def _is_transient(err: BaseException) -> bool:
+    if unreachable_reason(err) is not None:
+        return False
     status = _status(err)
     if status is not None:
         return status >= 500 or status in (408, 429)
@@ -71,7 +98,10 @@ def _as_hub_error(err: BaseException, what: str) -> HubError | None:
     status, chain = _status(err), list(_chain(err))
     said = next((f": {e.server_message.strip()}" for e in chain if getattr(e, "server_message", None)), "")
     if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
-        return HubError(f"cannot {what}: HF_HUB_OFFLINE is set", hint="unset HF_HUB_OFFLINE to push")
+        return HubUnreachable(
+            f"cannot {what}: HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE to push; `push --dry-run` works offline",
+        )
     if status == 401:
         return HubError(
             f"the Hub refused the credentials when trying to {what} (401 Unauthorized){said}",
@@ -115,19 +145,39 @@ def _as_hub_error(err: BaseException, what: str) -> HubError | None:
 
 
 class Retry:
-    """Run one step, retrying transient failures with bounded exponential backoff (with jitter)."""
+    """Run one step, retrying transient failures with bounded exponential backoff (with jitter).
 
-    def __init__(self, max_retries: int, base_delay: float, max_delay: float = 30.0) -> None:
+    ``deadline``: seconds after which a step starts no further attempt (``None``: only ``max_retries``
+    bounds it); a step thus ends within ``deadline`` plus one request timeout. ``endpoint`` names the Hub
+    in messages.
+    """
+
+    def __init__(
+        self,
+        max_retries: int,
+        base_delay: float,
+        max_delay: float = 30.0,
+        *,
+        deadline: float | None = None,
+        endpoint: str = "the Hub",
+    ) -> None:
         self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
+        self.deadline, self.endpoint = deadline, endpoint
 
-    def __call__(self, what: str, fn: Callable[[], T]) -> T:
-        attempt = 0
+    def __call__(self, what: str, fn: Callable[[], T], *, deadline: bool = True) -> T:
+        """Run ``fn``; ``deadline=False`` for a step whose length grows with the data (the upload)."""
+        attempt, start = 0, time.monotonic()
         while True:
             try:
                 return fn()
             except (KeyboardInterrupt, PersimmonToolsError):
                 raise
             except Exception as err:
+                reason = unreachable_reason(err)
+                if reason is not None and "HF_HUB_OFFLINE" not in reason:
+                    raise HubUnreachable(
+                        f"cannot reach {self.endpoint} to {what}: {reason}", hint=_REACH_HINT
+                    ) from err
                 if not _is_transient(err):
                     mapped = _as_hub_error(err, what)
                     if mapped is None:
@@ -135,14 +185,25 @@ class Retry:
                     raise mapped from err
                 attempt += 1
                 cause = f"HTTP {_status(err)}" if _status(err) else type(err).__name__
-                if attempt > self.max_retries:
-                    raise HubError(
-                        f"could not {what}: the Hub kept failing ({cause}) after {attempt} attempt"
-                        + ("s" * (attempt > 1)),
-                        hint="the Hub or the network is having trouble; re-run the same command later "
-                        "(files already uploaded are not sent again)",
-                    ) from err
                 delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                elapsed = time.monotonic() - start
+                late = deadline and self.deadline is not None and elapsed + delay >= self.deadline
+                if attempt > self.max_retries or late:
+                    tried = f"{attempt} attempt" + ("s" * (attempt > 1)) + f" in {elapsed:.0f} s"
+                    if _status(err) is not None:
+                        raise HubError(
+                            f"could not {what}: the Hub kept failing ({cause}) after {tried}",
+                            hint="the Hub is having trouble; re-run the same command later "
+                            "(files already uploaded are not sent again)",
+                        ) from err
+                    limit = f"the {self.deadline:g} s deadline" if late else "the retries"
+                    raise HubUnreachable(
+                        f"could not {what}: no usable answer from {self.endpoint} ({cause}) after {tried}; "
+                        f"{limit} ran out",
+                        hint="the Hub or the network is slow or down; re-run later (files already uploaded "
+                        "are not sent again), raise --timeout/--deadline for a slow link, or "
+                        + _REACH_HINT.split("; ", 1)[0],
+                    ) from err
                 logger.warning(
                     "Could not %s (%s); retry %d/%d in %.1f s", what, cause, attempt, self.max_retries, delay
                 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,8 +23,9 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
-from persimmon_tools.errors import UsageError
+from persimmon_tools.errors import HubError, UsageError
 from persimmon_tools.megatron.variant import name_says
+from persimmon_tools.safe_read import MAX_JSON_BYTES, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +36,23 @@ _BASE_EXAMPLE = "The capital of France is"
 
 
 def read_record(folder: Path, name: str) -> dict[str, Any] | None:
-    """A JSON record of the folder as a dict, or ``None`` when it is missing or unreadable."""
+    """A JSON record of the folder as a dict, or ``None`` when it is missing.
+
+    A record that is there but is a link, FIFO or other non-regular file, larger than
+    :data:`~persimmon_tools.safe_read.MAX_JSON_BYTES`, not UTF-8 JSON or not a JSON object raises
+    :class:`~persimmon_tools.errors.HubError` naming the file (it is never read through a link).
+    """
     path = Path(folder) / name
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError) as err:
-        logger.warning("%s is not readable JSON (%s); treating it as missing", path, err)
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json(
+        path,
+        what=f"the {name} record",
+        max_bytes=MAX_JSON_BYTES,
+        error=HubError,
+        follow_symlinks=False,
+        hint=f"{name} is damaged; convert (or verify) again to re-create it",
+    )
 
 
 def detect_variant(conversion: dict[str, Any] | None, verification: dict[str, Any] | None) -> str:

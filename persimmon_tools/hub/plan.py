@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from persimmon_tools.conversion.fingerprint import MODEL_CARD_FILE, VERIFICATION_FILE
+from persimmon_tools.errors import HubError
+from persimmon_tools.safe_read import open_regular
 
 CARD_MODES = ("keep", "replace")  # push --card: keep the Hub's README.md, or replace it with ours
 
@@ -44,6 +46,7 @@ class PushPlan:
     card: str
     commit_message: str
     files: tuple[PlannedFile, ...]
+    remote_unknown: str | None = None  # dry run without the Hub: why its state is unknown
 
     @property
     def to_upload(self) -> tuple[PlannedFile, ...]:
@@ -62,11 +65,15 @@ class LocalFile:
     sha256: str
 
 
-def local_files(folder: Path, files: dict[str, dict[str, Any]], card_text: str) -> list[LocalFile]:
+def local_files(
+    folder: Path, files: dict[str, dict[str, Any]], card_text: str, report: bytes | None
+) -> list[LocalFile]:
+    """The files of the commit: the fingerprinted ones, the card and ``report`` (verification.json's bytes,
+    sent from memory: what was checked is what is sent)."""
     out = [LocalFile(rel, folder / rel, int(v["size"]), str(v["sha256"])) for rel, v in sorted(files.items())]
     extra = {MODEL_CARD_FILE: card_text.encode("utf-8")}
-    if (folder / VERIFICATION_FILE).is_file():  # sent from memory: what was checked is what is sent
-        extra[VERIFICATION_FILE] = (folder / VERIFICATION_FILE).read_bytes()
+    if report is not None:
+        extra[VERIFICATION_FILE] = report
     out += [
         LocalFile(p, data, len(data), hashlib.sha256(data).hexdigest()) for p, data in sorted(extra.items())
     ]
@@ -78,7 +85,7 @@ def _git_blob_oid(source: Path | bytes, size: int) -> str:
     if isinstance(source, bytes):
         digest.update(source)
     else:
-        with open(source, "rb") as fh:
+        with _open(source) as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
@@ -87,8 +94,12 @@ def _git_blob_oid(source: Path | bytes, size: int) -> str:
 def _head(source: Path | bytes, n: int = 512) -> bytes:
     if isinstance(source, bytes):
         return source[:n]
-    with open(source, "rb") as fh:
+    with _open(source) as fh:
         return fh.read(n)
+
+
+def _open(path: Path) -> Any:
+    return open_regular(path, what="a file to push", max_bytes=None, follow_symlinks=False, error=HubError)
 
 
 def compare_with_remote(local: list[LocalFile], remote: dict[str, Any]) -> tuple[PlannedFile, ...]:

@@ -1,6 +1,11 @@
 """Publish a converted folder to the Hugging Face Hub: ``hf upload`` plus a model card, a dry run and a
 refusal to publish what was not verified.
 
+Only the folder's own regular files are sent: a folder holding a symbolic link, FIFO, socket or device
+anywhere below it is refused before anything in it is read (``local.scan_folder``), and the file list of
+the plan is the only source of the upload (explicit ``CommitOperationAdd`` operations; nothing walks the
+folder again).
+
 Only the public ``huggingface_hub.HfApi`` flow is used: ``create_repo(exist_ok=True)``,
 ``revision_exists`` / ``create_branch``, ``get_paths_info`` (what the target revision already holds) and one
 ``create_commit`` with the new or changed files. Files the remote already has at the same path with the same
@@ -8,49 +13,58 @@ content (LFS sha256, or git blob id for regular files) are left out; if nothing 
 LFS objects uploaded by an interrupted run are not sent again either: the LFS batch endpoint answers
 "already present" for them and ``huggingface_hub`` skips them.
 
-Each Hub call is retried with bounded exponential backoff on 5xx, 408, 429, timeouts and connection errors
-(``huggingface_hub`` itself also retries preupload and LFS transfers); anything else fails at once as a
-:class:`~persimmon_tools.errors.HubError` with a hint (``hub_errors._as_hub_error`` holds the table).
+Every request has connect/read timeouts (``network.hub_timeouts``), the Hub URL is checked before any call
+(``network.resolve_endpoint``), and each Hub step is retried with bounded exponential backoff and a total
+deadline on 5xx, 408, 429, timeouts and dropped connections (``huggingface_hub`` itself also retries
+preupload and LFS transfers); offline mode, DNS failures and refused connections fail at once, and anything
+else fails at once as a :class:`~persimmon_tools.errors.HubError` with a hint (``hub.errors`` holds the
+table).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
-from huggingface_hub.errors import (
-    RevisionNotFoundError,
-)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from persimmon_tools import __version__
-from persimmon_tools.conversion.fingerprint import (
-    CONVERSION_FILE,
-    MODEL_CARD_FILE,
-    VERIFICATION_FILE,
-    fingerprint_folder,
-    fingerprint_mismatches,
-)
+from persimmon_tools.conversion.fingerprint import fingerprint_folder
 from persimmon_tools.errors import HubError, Interrupted, UsageError
-from persimmon_tools.hub.errors import Retry, signals_raise_interrupt
-from persimmon_tools.hub.model_card import build_model_card, detect_variant, folder_digest, read_record
+from persimmon_tools.hub.errors import HubUnreachable, Retry, signals_raise_interrupt
+from persimmon_tools.hub.local import (
+    FolderScan,
+    check_verification,
+    choose_card,
+    commit_description,
+    default_message,
+    read_verification_report,
+    scan_folder,
+)
+from persimmon_tools.hub.network import (
+    CONNECT_TIMEOUT,
+    DEADLINE,
+    READ_TIMEOUT,
+    Timeouts,
+    hub_timeouts,
+    resolve_endpoint,
+)
 from persimmon_tools.hub.plan import (
     CARD_MODES,
     LocalFile,
     PlannedFile,
     PushPlan,
-    compare_with_remote,
     local_files,
 )
+from persimmon_tools.hub.remote import dry_run_plan, remote_plan
+
+__all__ = ["PushResult", "check_verification", "push_folder"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_PATHS_PER_REQUEST = 50
 
 
 @dataclass(frozen=True)
@@ -65,24 +79,6 @@ class PushResult:
     card: str
     plan: PushPlan
     dry_run: bool
-
-
-def check_verification(folder: Path) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
-    """Why ``folder`` is not verified (empty list: it is), and the recorded fingerprint when it is.
-
-    Verified means: ``verification.json`` exists, its verdict is ``pass``, it records files, and the folder
-    still holds exactly those files with the recorded sizes and sha256.
-    """
-    report = read_record(folder, VERIFICATION_FILE)
-    if report is None:
-        return [f"{VERIFICATION_FILE} is missing or unreadable"], None
-    if report.get("verdict") != "pass":
-        return [f"{VERIFICATION_FILE} has verdict {report.get('verdict')!r}, not 'pass'"], None
-    recorded = report.get("files")
-    if not isinstance(recorded, dict) or not recorded:
-        return [f"{VERIFICATION_FILE} records no file fingerprints"], None
-    problems = fingerprint_mismatches(folder, recorded)
-    return problems, (None if problems else recorded)
 
 
 def push_folder(
@@ -101,38 +97,47 @@ def push_folder(
     card: str = "keep",
     max_retries: int = 5,
     retry_base_delay: float = 1.0,
+    timeout: float = READ_TIMEOUT,
+    deadline: float | None = DEADLINE,
 ) -> PushResult:
     """Publish a converted folder to a Hub model repo in one commit.
 
     Args:
-        folder: Output of ``persimmon-tools convert`` (and ``verify``).
+        folder: Output of ``persimmon-tools convert`` (and ``verify``); only its own regular files are sent.
         repo_id: ``namespace/name`` of the model repo; created if missing (``private`` applies then).
         private: ``True``/``False`` for a private/public repo when it is created; ``None``: the Hub's default.
         revision: Target branch (created from ``main`` when missing) or an existing ``refs/pr/N``.
         create_pr: Open a pull request against ``revision`` (default ``main``) instead of committing to it.
         commit_message: Commit title; the default names the model and the tool.
         token: Hub token; default ``HF_TOKEN``, then the token stored by ``hf auth login``.
-        endpoint: Hub URL; default ``HF_ENDPOINT``, then https://huggingface.co.
-        dry_run: Only read the remote and return the plan; upload nothing.
+        endpoint: Hub URL (``http(s)://host[:port]``); default ``HF_ENDPOINT``, then https://huggingface.co.
+        dry_run: Only read the remote and return the plan; upload nothing. Without the Hub (offline,
+            unreachable) the plan has ``remote_unknown`` set to the reason.
         allow_unverified: Publish although verification is missing, failed or stale; the card says so.
         license: Licence id for the generated card (default by variant: base apache-2.0, chat cc-by-nc-4.0).
         card: ``"keep"`` a README.md already in the folder, or ``"replace"`` it by the generated card (the
             folder itself is never modified).
-        max_retries: Retries of each Hub step on transient errors (5xx, 408, 429, timeouts, connections).
+        max_retries: Retries of each Hub step on transient errors (5xx, 408, 429, timeouts, dropped
+            connections; not DNS failures or refused connections).
         retry_base_delay: First backoff delay in seconds; doubles on each retry, capped at 30 s.
+        timeout: Seconds a request may wait for the Hub's next bytes (or to send the next block); opening a
+            connection may take ``min(10, timeout)`` s.
+        deadline: Seconds after which a step other than the upload starts no further retry (``None``: none).
 
     Returns:
         A :class:`PushResult`: the plan, commit and PR URLs, uploaded and skipped files, the card text.
 
     Raises:
-        HubError: refused (not verified, or files changed since) or the Hub failed; the hint says what to do.
-        UsageError: bad repo id, card mode, folder or unknown licence.
+        HubError: refused (links or special files in the folder, not verified, files changed since) or the
+            Hub failed (:class:`~persimmon_tools.hub.errors.HubUnreachable`: no answer at all); with a hint.
+        UsageError: bad repo id, endpoint, card mode, timeout, folder or unknown licence.
         Interrupted: SIGINT/SIGTERM; re-running finishes the push without re-sending what the Hub has.
 
     Example:
         >>> push_folder(Path("persimmon-8b-chat-hf"), "me/persimmon-8b-chat", dry_run=True)  # doctest: +SKIP
     """
-    with signals_raise_interrupt():
+    timeouts = Timeouts(min(CONNECT_TIMEOUT, timeout), timeout, deadline)
+    with signals_raise_interrupt(), hub_timeouts(timeouts):
         try:
             return _push(
                 Path(folder),
@@ -147,7 +152,7 @@ def push_folder(
                 allow_unverified=allow_unverified,
                 license=license,
                 card=card,
-                call=Retry(max_retries, retry_base_delay),
+                call=Retry(max_retries, retry_base_delay, deadline=deadline),
             )
         except KeyboardInterrupt as err:
             raise Interrupted(
@@ -173,6 +178,14 @@ def _push(
     call: Retry,
 ) -> PushResult:
     _check_args(folder, repo_id, card, call.max_retries)
+    endpoint = call.endpoint = resolve_endpoint(endpoint, constants.ENDPOINT)
+    offline = constants.is_offline_mode()
+    if offline and not dry_run:  # before hashing gigabytes: this push cannot happen
+        raise HubUnreachable(
+            f"cannot push to {endpoint}: HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE to push; `push --dry-run` shows the local plan offline",
+        )
+    scan = scan_folder(folder)  # refuses links and special files before anything in the folder is read
     problems, recorded = check_verification(folder)
     if problems and not allow_unverified:
         shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
@@ -183,10 +196,9 @@ def _push(
         )
     verified = not problems
     files = recorded if recorded is not None else fingerprint_folder(folder)
-    card_text, card_source = _card(folder, repo_id, license, card, verified, problems, files)
-    local = local_files(folder, files, card_text)
+    card_text, card_source = choose_card(folder, repo_id, license, card, verified, problems, files)
+    local = local_files(folder, files, card_text, read_verification_report(folder))
     target = revision or constants.DEFAULT_REVISION
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token, library_name="persimmon-tools", library_version=__version__)
     plan = PushPlan(
         repo_id=repo_id,
@@ -199,23 +211,11 @@ def _push(
         verified=verified,
         card_source=card_source,
         card=card_text,
-        commit_message=commit_message or _default_message(folder, verified),
+        commit_message=commit_message or default_message(folder, verified),
         files=(),
     )
-
-    def remote_plan(rev: str) -> tuple[PlannedFile, ...]:
-        found: dict[str, Any] = {}
-        for i in range(0, len(local), _PATHS_PER_REQUEST):
-            paths = [f.path for f in local[i : i + _PATHS_PER_REQUEST]]
-            entries = call("list the files on the Hub", lambda p=paths: _paths_info(api, repo_id, p, rev))
-            found.update({e.path: e for e in entries if hasattr(e, "blob_id")})  # files, not folders
-        return compare_with_remote(local, found)
-
     if dry_run:
-        exists = call("look up the repository", lambda: api.repo_exists(repo_id))
-        rev_exists = exists and call("look up the revision", lambda: api.revision_exists(repo_id, target))
-        planned = remote_plan(target if rev_exists else "main") if exists else compare_with_remote(local, {})
-        plan = replace(plan, repo_exists=exists, revision_exists=rev_exists, files=planned)
+        plan = dry_run_plan(api, plan, local, call, "HF_HUB_OFFLINE is set" if offline else None)
         return PushResult(
             plan.repo_url, None, None, (), tuple(f.path for f in plan.skipped), card_text, plan, True
         )
@@ -244,7 +244,7 @@ def _push(
 
     def attempt() -> tuple[Any, tuple[PlannedFile, ...]]:
         nonlocal tried_commit
-        planned = remote_plan(target)  # again on every attempt: an earlier one may have committed
+        planned = remote_plan(api, plan, local, target, call)  # again: an earlier attempt may have committed
         todo = [f for f, p in zip(local, planned, strict=True) if not p.remote_identical]
         if not todo:
             return None, planned
@@ -255,18 +255,20 @@ def _push(
             target,
             len(local) - len(todo),
         )
+        operations = [_operation(f, scan) for f in todo]  # the only files sent: no second walk of the folder
         tried_commit = True
         info = api.create_commit(
             repo_id,
-            [_operation(f) for f in todo],
+            operations,
             commit_message=plan.commit_message,
-            commit_description=_description(folder, verified, files),
+            commit_description=commit_description(folder, verified, files),
             revision=target,
             create_pr=create_pr,
         )
         return info, planned
 
-    info, planned = call("upload the files and commit", attempt)
+    # the upload takes as long as the data needs: --max-retries and the timeouts bound it, not the deadline
+    info, planned = call("upload the files and commit", attempt, deadline=False)
     plan = replace(plan, repo_url=repo_url, repo_exists=True, revision_exists=True, files=planned)
     skipped = tuple(f.path for f in plan.skipped)
     if info is not None:
@@ -303,53 +305,9 @@ def _check_args(folder: Path, repo_id: str, card: str, max_retries: int) -> None
         raise UsageError(f"repo id {repo_id!r} has no namespace", hint=f"write it as your-username/{repo_id}")
 
 
-def _card(
-    folder: Path,
-    repo_id: str,
-    license: str | None,
-    mode: str,
-    verified: bool,
-    problems: list[str],
-    files: dict[str, dict[str, Any]],
-) -> tuple[str, str]:
-    existing = folder / MODEL_CARD_FILE
-    if mode == "keep" and existing.is_file():
-        if not verified:
-            logger.warning("Keeping your %s although the upload is unverified; say so in it", MODEL_CARD_FILE)
-        return existing.read_text(encoding="utf-8"), "kept"
-    reason = "; ".join(problems[:3]) or None
-    card = build_model_card(
-        folder, repo_id, license=license, verified=verified, unverified_reason=reason, files=files
-    )
-    return str(card), "generated"
-
-
-def _default_message(folder: Path, verified: bool) -> str:
-    variant = detect_variant(read_record(folder, CONVERSION_FILE), read_record(folder, VERIFICATION_FILE))
-    name = {"base": "Persimmon-8B base", "chat": "Persimmon-8B chat"}.get(variant, "Persimmon-8B")
-    return f"Upload {name} converted by persimmon-tools {__version__}" + ("" if verified else " (unverified)")
-
-
-def _description(folder: Path, verified: bool, files: dict[str, dict[str, Any]]) -> str:
-    src = (read_record(folder, CONVERSION_FILE) or {}).get("source") or {}
-    return (
-        f"Source: {src.get('name', 'unknown')} (iteration {src.get('iteration')}, TP {src.get('tp')}, "
-        f"PP {src.get('pp')})\nVerification: {'pass' if verified else 'NOT VERIFIED'}\n"
-        f"Folder fingerprint: sha256:{folder_digest(files)}"
-    )
-
-
-def _paths_info(api: HfApi, repo_id: str, paths: list[str], revision: str) -> list[Any]:
-    try:
-        return api.get_paths_info(repo_id, paths, revision=revision)
-    except RevisionNotFoundError:
-        if revision == constants.DEFAULT_REVISION:  # a repo without any commit yet: nothing is there
-            return []
-        raise
-
-
-def _operation(f: LocalFile) -> CommitOperationAdd:
-    op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.source)
-    if not isinstance(f.source, bytes):
-        op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed when checking the folder; do not hash twice
+def _operation(f: LocalFile, scan: FolderScan) -> CommitOperationAdd:
+    if isinstance(f.source, bytes):
+        return CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.source)
+    op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=scan.checked_path(f.path))
+    op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed when checking the folder; do not hash twice
     return op

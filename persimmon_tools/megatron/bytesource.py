@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persimmon_tools.errors import ReleaseError
+from persimmon_tools.safe_read import open_regular, open_regular_fd
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,21 @@ class ByteSource:
     name: str
 
     @classmethod
-    def whole_file(cls, path: Path) -> ByteSource:
+    def whole_file(
+        cls,
+        path: Path,
+        *,
+        what: str = "a release file",
+        max_bytes: int | None = None,
+        follow_symlinks: bool = True,
+    ) -> ByteSource:
+        """All of ``path``, which must be a regular file (of at most ``max_bytes``); ``follow_symlinks=False``
+        for files found inside a release folder (a link there is refused)."""
         path = Path(path)
-        try:
-            size = path.stat().st_size
-        except OSError as err:
-            raise ReleaseError(f"cannot read {path}: {err.strerror}", hint="check the path") from err
+        with open_regular(
+            path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks, error=ReleaseError
+        ) as fh:
+            size = os.fstat(fh.fileno()).st_size
         return cls(path, 0, size, str(path))
 
     def open(self) -> SliceReader:
@@ -53,7 +63,8 @@ class SliceReader(io.RawIOBase):
     def __init__(self, source: ByteSource) -> None:
         super().__init__()
         self._src = source
-        self._fd = os.open(source.path, os.O_RDONLY)
+        # Never blocks on a FIFO swapped in since the ByteSource was made; refuses anything not regular.
+        self._fd = open_regular_fd(source.path, what=source.name, max_bytes=None, error=ReleaseError)
         self._pos = 0
 
     def readable(self) -> bool:

@@ -28,6 +28,7 @@ from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.lazy import LazyTensor
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.megatron.unpickle import Opaque
+from persimmon_tools.safe_read import small_repr
 
 Rank = tuple[int, int]  # (tensor rank, pipeline stage)
 
@@ -58,8 +59,7 @@ _HINT_MIXED = (
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return small_repr(value, 60)  # bounded work: a pickled value may be a shared structure
 
 
 # ---- layer keys ----------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def _canon(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
         return ("dtype", str(value))
     if isinstance(value, LazyTensor):
         return ("tensor", value.shape, str(value.dtype))
-    return ("other", type(value).__name__, repr(value)[:200])
+    return ("other", type(value).__name__, small_repr(value, 200))
 
 
 def _fields(args: Any) -> dict[str, Any] | None:

@@ -19,9 +19,12 @@ import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from persimmon_tools.safe_write import open_new_file
 
 _STORAGE_TYPES = {
     torch.bfloat16: "BFloat16Storage",
@@ -167,8 +170,12 @@ class _MemberFile(io.RawIOBase):
 class TarWriter:
     """Write an uncompressed GNU tar whose members may be streamed without knowing their size first."""
 
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+    def __init__(self, target: os.PathLike[str] | str | BinaryIO) -> None:
+        """Write into ``target``: an open binary file (left open by :meth:`close`), or a path, which is
+        created exclusively and never through a symlink (write beside, then rename: see
+        :func:`persimmon_tools.safe_write.atomic_file`)."""
+        self._owns = not hasattr(target, "write")
+        self._fh: BinaryIO = open_new_file(Path(target)) if self._owns else target  # type: ignore[arg-type]
         self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 - closed in close()
 
     def add_dir(self, name: str) -> None:
@@ -209,4 +216,7 @@ class TarWriter:
 
     def close(self) -> None:
         self._tar.close()
-        self._fh.close()
+        if self._owns:
+            self._fh.close()
+        else:
+            self._fh.flush()

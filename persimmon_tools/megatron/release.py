@@ -29,6 +29,7 @@ from persimmon_tools.errors import ReleaseError
 from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.tarlist import tar_tree
 from persimmon_tools.megatron.variant import decide_variant
+from persimmon_tools.safe_read import MAX_TRACKER_BYTES, MAX_VOCAB_BYTES, describe_irregular, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,48 @@ class Release:
         return sorted(self.shards.items())
 
 
+def _release_file(path: Path, name: str) -> ByteSource:
+    """A shard, tracker or vocabulary found inside a release folder: a regular file, not a link, bounded."""
+    what, limit = {
+        TRACKER: ("the iteration tracker", MAX_TRACKER_BYTES),
+        VOCAB: ("the vocabulary", MAX_VOCAB_BYTES),
+    }.get(name, ("a checkpoint shard", None))
+    return ByteSource.whole_file(path, what=what, max_bytes=limit, follow_symlinks=False)
+
+
+def _relevant(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name in SHARD_FILES or name in (TRACKER, VOCAB) or name.startswith(("iter_", "mp_rank_"))
+
+
 def _folder_tree(path: Path, max_depth: int = 4) -> dict[str, ByteSource]:
+    """Shards, trackers and vocabularies below ``path``. Links, FIFOs, devices and sockets are never read:
+    one named like a release file or folder is refused, any other is skipped (logged)."""
+    scan = scan_folder(path, max_depth=max_depth)
+    refused = {rel: kind for rel, kind in scan.irregular.items() if _relevant(rel)}
+    if refused:
+        raise ReleaseError(
+            f"{path}: {describe_irregular(refused)} inside the release folder; only regular files and folders "
+            "are read there (links are not followed)",
+            hint="copy the real files into the release folder (cp --dereference), or pass the file itself",
+        )
+    if scan.irregular:
+        log.info("%s: skipped %s (not regular files)", path, describe_irregular(scan.irregular))
     tree: dict[str, ByteSource] = {}
-    base_depth = len(path.parts)
-    for p in sorted(path.rglob("*")):
-        if len(p.parts) - base_depth > max_depth or not p.is_file():
-            continue
-        rel = p.relative_to(path).as_posix()
-        if p.name in SHARD_FILES or p.name in (TRACKER, VOCAB):
-            tree[rel] = ByteSource.whole_file(p)
+    for rel in scan.files:
+        name = rel.rsplit("/", 1)[-1]
+        if name in SHARD_FILES or name in (TRACKER, VOCAB):
+            tree[rel] = _release_file(path / rel, name)
     return tree
 
 
 def _parse_tracker(src: ByteSource) -> int:
+    if src.size > MAX_TRACKER_BYTES:  # a tar member: its size comes from the header
+        raise ReleaseError(
+            f"{src.name} is {src.size} bytes; an iteration tracker holds one number (at most "
+            f"{MAX_TRACKER_BYTES} bytes), so it was not read",
+            hint="pass --iteration N to choose the iter_XXXXXXX folder explicitly",
+        )
     text = src.read_all().decode("utf-8", "replace").strip()
     try:
         value = int(text)
@@ -197,6 +227,12 @@ def _discover(
             hint="copy the missing mp_rank_* folders; every tensor/pipeline rank is needed",
         )
     vocab = tree.get(root + VOCAB)
+    if vocab is not None and vocab.size > MAX_VOCAB_BYTES:  # a tar member (files were checked when found)
+        raise ReleaseError(
+            f"{vocab.name} is {vocab.size} bytes; a SentencePiece vocabulary is at most {MAX_VOCAB_BYTES} bytes "
+            "(ADEPT's is 6.13 MB), so it was not read",
+            hint="the release is damaged; pass --vocab with the right adept_vocab.model",
+        )
     variant, variant_from = decide_variant(witnesses(root))
     return Release(
         source=source,
@@ -235,8 +271,8 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             tree = {f"{source.name}/{k}": v for k, v in tree.items()}
             for extra in (TRACKER, VOCAB):  # the release root is the parent of iter_*
                 parent_file = source.parent / extra
-                if parent_file.is_file():
-                    tree[extra] = ByteSource.whole_file(parent_file)
+                if os.path.lexists(parent_file):
+                    tree[extra] = _release_file(parent_file, extra)
             if iteration is None:
                 iteration = int(source.name[5:])
         release = _discover(tree, source, kind, iteration, lambda root: _folder_witnesses(source, kind, root))
@@ -252,7 +288,8 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt",
         )
     if vocab is not None:
-        release = _replace_vocab(release, ByteSource.whole_file(Path(vocab)))
+        given = ByteSource.whole_file(Path(vocab), what="the vocabulary (--vocab)", max_bytes=MAX_VOCAB_BYTES)
+        release = _replace_vocab(release, given)
     log.debug("variant %s (%s)", release.variant, release.variant_from)
     return release
 
@@ -293,8 +330,8 @@ def _single_pt(source: Path) -> Release:
         )
     found_vocab = None
     for up in (here.parent.parent.parent, here.parent.parent, here.parent):
-        if (up / VOCAB).is_file():
-            found_vocab = ByteSource.whole_file(up / VOCAB)
+        if os.path.lexists(up / VOCAB):
+            found_vocab = _release_file(up / VOCAB, VOCAB)
             break
     witnesses = []
     root = here.parent.parent.parent
@@ -305,7 +342,7 @@ def _single_pt(source: Path) -> Release:
         source=source,
         kind="pt",
         iteration=int(m["it"]) if m else None,
-        shards={(0, 0): ByteSource.whole_file(source)},
+        shards={(0, 0): ByteSource.whole_file(source, what="the checkpoint")},
         tp=1,
         pp=1,
         vocab=found_vocab,

@@ -1,7 +1,8 @@
 """``unpack``: safe extraction of a release tarball, with the published md5 checked for known releases.
 
 Safety rules: only regular files and folders are extracted; absolute paths, ``..`` components, symlinks,
-hard links, devices and FIFOs make the whole extraction fail. Files are written by our own code (never by
+hard links, devices, FIFOs and sparse members make the whole extraction fail, as does a member bigger than
+the free space left; DEST may not be a symlink, and files are created with O_EXCL | O_NOFOLLOW. Files are written by our own code (never by
 ``tarfile.extract``) into a temporary folder next to DEST, which becomes DEST by rename only when every
 member was extracted and the checksum matched; on any error nothing is left behind. The archive must end
 with a valid end-of-archive marker: a damaged header in the middle (which ``tarfile`` would take for the
@@ -10,6 +11,7 @@ end) fails the extraction instead of silently dropping every later member.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -21,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from persimmon_tools.errors import ReleaseError
 from persimmon_tools.megatron.tarlist import RecordingTarInfo, check_end_of_archive
+from persimmon_tools.safe_write import check_free_space, open_new_file, refuse_symlink
 
 #: md5 checksums published in ADEPT's README (spec §A).
 KNOWN_RELEASES = {
@@ -75,11 +78,22 @@ def safe_member_path(name: str, origin: str) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
+def _refuse_sparse(member: tarfile.TarInfo, tar_path: Path) -> None:
+    """A sparse member (GNU ``S`` or PAX ``GNU.sparse.*``) expands a few KB into gigabytes of zeros."""
+    if member.issparse() or any(k.startswith("GNU.sparse.") for k in member.pax_headers):
+        raise ReleaseError(
+            f"{tar_path}: member {member.name!r} is a sparse file ({member.size:,} bytes once expanded); "
+            "refusing to extract",
+            hint="a genuine release holds no sparse files; nothing was extracted",
+        )
+
+
 def unpack(
     tar_path: Path, dest: Path, *, progress: Callable[[int], None] = lambda n: None, check_md5: bool = True
 ) -> UnpackResult:
     """Extract ``tar_path`` into ``dest`` (which must not exist, or be empty)."""
     tar_path, dest = Path(tar_path), Path(dest).absolute()
+    refuse_symlink(dest, "DEST", ReleaseError)
     if not tar_path.is_file():
         raise ReleaseError(f"{tar_path} does not exist or is not a file", hint="check the path")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -114,14 +128,18 @@ def unpack(
                                 f"{tar_path}: member {member.name!r} is a {kind}; refusing to extract",
                                 hint="a genuine release holds regular files only; nothing was extracted",
                             )
-                        if target.exists():
+                        _refuse_sparse(member, tar_path)
+                        if os.path.lexists(target):
                             raise ReleaseError(
                                 f"{tar_path}: member {member.name!r} appears twice",
                                 hint="the archive is not a genuine release",
                             )
                         target.parent.mkdir(parents=True, exist_ok=True)
+                        check_free_space(
+                            dest.parent, member.size, f"{tar_path}: member {member.name!r}", ReleaseError
+                        )
                         src = tf.extractfile(member)
-                        with open(target, "xb") as out:
+                        with open_new_file(target) as out:  # O_EXCL | O_NOFOLLOW
                             shutil.copyfileobj(src, out, _CHUNK)
                         if target.stat().st_size != member.size:
                             raise ReleaseError(
@@ -146,9 +164,18 @@ def unpack(
                 f"{tar_path.name}: md5 {digest} does not match the published {expected}; nothing was extracted",
                 hint="the download is corrupt or incomplete; download it again",
             )
+        refuse_symlink(dest, "DEST", ReleaseError)
         if dest.exists():
-            dest.rmdir()
+            dest.rmdir()  # still empty, or this fails and nothing is replaced
         os.rename(tmp, dest)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ReleaseError(
+                f"no space left on the device while extracting {tar_path} into {dest}; nothing was extracted",
+                hint=f"free space on {dest.parent} or choose a DEST on another disk",
+            ) from err
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

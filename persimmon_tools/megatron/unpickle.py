@@ -34,6 +34,7 @@ import torch
 
 from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
 from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
+from persimmon_tools.safe_read import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
 
 #: Module prefixes whose classes become inert stand-ins (ADEPT / Megatron / numpy objects in args, rng state).
 OPAQUE_PREFIXES = ("tool_use.", "megatron.", "apex.", "numpy.", "transformer_engine.")
@@ -96,9 +97,11 @@ class Opaque:
         """The enum value for Enum stand-ins (``ModelBackend("megatron")``), else the first argument."""
         return self.args[0] if self.args else None
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # bounded: args may be a shared structure that unfolds exponentially
         inner = (
-            ", ".join(repr(a) for a in self.args) if self.args else ("..." if self.state is not None else "")
+            ", ".join(small_repr(a, 40) for a in self.args[:4])
+            if self.args
+            else ("..." if self.state is not None else "")
         )
         return f"{self.qualname}({inner})"
 
@@ -117,6 +120,20 @@ def _opaque_class(module: str, name: str) -> type[Opaque]:
     )
 
 
+def _view(offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Offset, shape and stride as ints, checked here: messages about them must not ``repr`` a pickle bomb."""
+    dims = (size, stride)
+    if type(offset) is not int or not all(
+        isinstance(d, tuple | list) and len(d) <= 64 and all(type(n) is int for n in d) for d in dims
+    ):
+        raise CheckpointError(
+            f"malformed tensor view: offset {small_repr(offset, 30)}, size {small_repr(size, 60)}, "
+            f"stride {small_repr(stride, 60)} (expected integers)",
+            hint="the checkpoint is corrupt or was tampered with",
+        )
+    return offset, tuple(size), tuple(stride)
+
+
 def _rebuild_tensor_v2(
     storage: StorageRef,
     storage_offset: int,
@@ -126,7 +143,7 @@ def _rebuild_tensor_v2(
     backward_hooks: Any = None,
     metadata: Any = None,
 ) -> LazyTensor:
-    return LazyTensor.from_storage(storage, storage_offset, tuple(size), tuple(stride))
+    return LazyTensor.from_storage(storage, *_view(storage_offset, size, stride))
 
 
 def _rebuild_tensor_v3(
@@ -139,7 +156,7 @@ def _rebuild_tensor_v3(
     dtype: torch.dtype,
     metadata: Any = None,
 ) -> LazyTensor:
-    return LazyTensor.from_storage(storage.with_dtype(dtype), storage_offset, tuple(size), tuple(stride))
+    return LazyTensor.from_storage(storage.with_dtype(dtype), *_view(storage_offset, size, stride))
 
 
 def _rebuild_parameter(
@@ -232,7 +249,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"{self.origin}: unexpected persistent id {str(pid)[:80]}")
+            raise UnsafeCheckpointError(f"{self.origin}: unexpected persistent id {small_repr(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise UnsafeCheckpointError(
@@ -252,6 +269,27 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_hashed(unpickler: RestrictedUnpickler, value: Any) -> None:
+    check_tree(
+        value,
+        what=f"{unpickler.origin}: a dict key or set member",
+        error=CheckpointError,
+        limit=MAX_KEY_NODES,
+    )
+
+
+guard_pickle_hashing(RestrictedUnpickler.dispatch, _check_hashed)
+
+
+def _children(obj: Any) -> Any:
+    """What :func:`~persimmon_tools.safe_read.check_tree` walks below stand-ins and Namespaces."""
+    if isinstance(obj, Opaque):
+        return (obj.args, obj.kwargs, obj.state)
+    if isinstance(obj, argparse.Namespace):
+        return vars(obj)
+    return None
 
 
 def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[Any, dict[str, str]]:
@@ -279,4 +317,10 @@ def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[A
             f"{origin}: the pickle is corrupt or malformed ({type(err).__name__}: {str(err)[:120]})",
             hint="the file is damaged or not a PyTorch checkpoint; download it again",
         ) from err
+    # Shared sub-structures unfold exponentially under any later walk (flatten, args comparison, repr, JSON).
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # named first: the usual target
+        check_tree(
+            obj["model"], what=f"{origin}: the model dict", error=CheckpointError, children_of=_children
+        )
+    check_tree(obj, what=f"{origin}: the pickled checkpoint", error=CheckpointError, children_of=_children)
     return obj, unpickler.globals_seen

@@ -34,6 +34,7 @@ import torch
 
 from persimmon_tools.errors import UsageError
 from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, write_pt
+from persimmon_tools.safe_write import atomic_file
 from persimmon_tools.synth.values import PRESETS, Preset, Values, logical_keys, shard_spec
 from persimmon_tools.tokenizer.spm import eod_piece, load_sp_bytes
 
@@ -209,6 +210,11 @@ def build_release(
     """Checkpoint objects of a random-weight release (nothing is generated until written)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
+    for name, value in (("tp", tp), ("pp", pp)):
+        if type(value) is not int or value < 1:
+            raise UsageError(f"{name}={value!r}: expected a whole number >= 1", hint="e.g. tp=2, pp=2")
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise UsageError(f"seed={seed!r}: expected a whole number from 0 to 2**32 - 1", hint="e.g. seed=0")
     p = replace(PRESETS[preset], **overrides)
     vocab_bytes = vocab_model if vocab_model is not None else bundled_vocab()
     sp = load_sp_bytes(vocab_bytes, "vocabulary model")
@@ -295,9 +301,9 @@ def make_release(
     name = name or Path(out).name.removesuffix(".tar")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    writer = TarWriter(tmp)
-    try:
+    # A private temp file beside OUT_TAR, renamed over it when complete; OUT_TAR as a symlink is refused.
+    with atomic_file(out, "OUT_TAR", UsageError) as fh:
+        writer = TarWriter(fh)
         writer.add_dir(name)
         writer.add_bytes(f"{name}/adept_vocab.model", rel.vocab_bytes)
         writer.add_bytes(f"{name}/adept_vocab.vocab", _vocab_text(rel.vocab_bytes))
@@ -310,10 +316,5 @@ def make_release(
                 )
             )
         writer.close()
-        tmp.replace(out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (preset %s, TP=%d, PP=%d, %s, seed %d)", out, preset, tp, pp, dtype, seed)
     return out

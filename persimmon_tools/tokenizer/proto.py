@@ -92,14 +92,10 @@ def read_proto(sp_model: Path):
     """Parse ``sp_model`` into a ``ModelProto`` (TokenizerError when it is not one)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
+    from persimmon_tools.tokenizer.spm import read_model_bytes
+
     path = Path(sp_model)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise TokenizerError(
-            f"cannot read SentencePiece model {path}: {err.strerror or err}",
-            hint="pass the release's adept_vocab.model (or any SentencePiece .model file)",
-        ) from err
+    data = read_model_bytes(path)  # regular files only, size-bounded (TokenizerError)
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(data)

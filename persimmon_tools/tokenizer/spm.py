@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+from persimmon_tools.safe_read import MAX_VOCAB_BYTES, read_small
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,23 @@ def _diagnose_scores(data: bytes, origin: str) -> None:
     check_scores([str(p.piece) for p in proto.pieces], [float(p.score) for p in proto.pieces], origin)
 
 
-def load_sp(path: Path):
-    """Load a SentencePiece model file (see :func:`load_sp_bytes`)."""
-    return load_sp_bytes(Path(path).read_bytes(), str(path))
+def read_model_bytes(path: Path, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a SentencePiece model file: a regular file (never a FIFO or device) of at most
+    :data:`~persimmon_tools.safe_read.MAX_VOCAB_BYTES`; TokenizerError otherwise. ``follow_symlinks=False``
+    for a file found inside a folder (a link there is refused)."""
+    return read_small(
+        path,
+        what="SentencePiece model",
+        max_bytes=MAX_VOCAB_BYTES,
+        follow_symlinks=follow_symlinks,
+        error=TokenizerError,
+        hint="pass the release's adept_vocab.model (or any SentencePiece .model file)",
+    )
+
+
+def load_sp(path: Path, *, follow_symlinks: bool = True):
+    """Load a SentencePiece model file (see :func:`load_sp_bytes` and :func:`read_model_bytes`)."""
+    return load_sp_bytes(read_model_bytes(Path(path), follow_symlinks=follow_symlinks), str(path))
 
 
 def eod_piece(sp, origin: str) -> tuple[str, int] | None:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+from persimmon_tools.safe_write import fsync_dir, refuse_symlink
 from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_info
 from persimmon_tools.tokenizer.check import TIE_EXPLANATION, ParityReport, check_parity, parity_report
 from persimmon_tools.tokenizer.corpus import builtin_sample
@@ -107,7 +108,8 @@ def write_tokenizer(
 
     Args:
         sp_model: the release's ``adept_vocab.model`` (any SentencePiece model works).
-        out_dir: an existing directory; files in it with the same names are replaced.
+        out_dir: a directory (not a symlink); files in it with the same names are replaced (a symlink of
+            the same name is replaced by the file, its target is never written).
         add_bos_token: prepend ``|ENDOFTEXT|`` on encode (the published ``adept/persimmon-8b-*`` configs do;
             ADEPT's own inference code does not).
         chat: add a ``chat_template`` producing ADEPT's ``human: …\\n\\nadept:`` prompt format.
@@ -167,6 +169,9 @@ def write_tokenizer(
     if chat:
         config["chat_template"] = CHAT_TEMPLATE
     special_map = {f"{k}_token": v for k, v in names.items() if v is not None}
+    # Never through a link: OUT_DIR itself must be a real folder; the files are made in a private staging
+    # folder and renamed into place, which replaces a link of the same name instead of writing to its target.
+    refuse_symlink(out_dir, "OUT_DIR", TokenizerError)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir))
     try:
@@ -184,6 +189,7 @@ def write_tokenizer(
         written = [out_dir / p.name for p in staged]
         for src, dst in zip(staged, written, strict=True):
             os.replace(src, dst)
+        fsync_dir(out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.debug("wrote %s", ", ".join(p.name for p in written))

@@ -10,8 +10,8 @@ defaults 10000 / 0.5), so a wrong config.json computes wrongly here too.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import torch
 
 from persimmon_tools.errors import VerificationError
 from persimmon_tools.megatron.lazy import pread_exact
+from persimmon_tools.safe_read import MAX_SAFETENSORS_HEADER_BYTES, open_regular, parse_json, read_json
 from persimmon_tools.verification.reference import ACTIVATIONS, LAYER_FIELDS, Hyper, LayerWeights
 
 HF_LAYER = "model.layers.{i}."
@@ -73,9 +74,9 @@ class SafetensorsFolder:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (self.folder / "model.safetensors").is_file():
+        if os.path.lexists(index):  # a link or FIFO there is refused by read_json, not skipped
+            files = _index_files(index)
+        elif os.path.lexists(self.folder / "model.safetensors"):
             files = ["model.safetensors"]
         else:
             raise VerificationError(
@@ -122,39 +123,70 @@ class SafetensorsFolder:
             yield self.read_rows(name, a, min(e.shape[0], a + step))
 
 
+def _index_files(index: Path) -> list[str]:
+    """The shard names of ``model.safetensors.index.json``: plain file names of this folder."""
+    data = read_json(index, what="safetensors index", error=VerificationError, follow_symlinks=False)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and "/" not in v and "\\" not in v and not v.startswith(".")
+        for v in weight_map.values()
+    ):
+        raise VerificationError(
+            f"{index}: 'weight_map' should map tensor names to shard file names of this folder",
+            hint="the index is damaged; convert again",
+        )
+    return sorted(set(weight_map.values()))
+
+
 def _read_header(path: Path) -> dict[str, _Entry]:
-    with open(path, "rb") as fh:
+    with open_regular(
+        path, what="safetensors shard", max_bytes=None, follow_symlinks=False, error=VerificationError
+    ) as fh:
+        size = os.fstat(fh.fileno()).st_size
         raw = fh.read(8)
         if len(raw) != 8:
             raise VerificationError(f"{path} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as err:
-            raise VerificationError(f"{path} has an unreadable safetensors header ({err})") from err
+        if n > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+            raise VerificationError(
+                f"{path}: the safetensors header claims {n} bytes (file: {size} bytes, limit "
+                f"{MAX_SAFETENSORS_HEADER_BYTES})",
+                hint="the file is truncated or damaged; convert again",
+            )
+        header = parse_json(
+            fh.read(n), origin=f"{path} (safetensors header)", error=VerificationError, hint="convert again"
+        )
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
+        try:
+            dtype, (start, stop), shape = info["dtype"], info["data_offsets"], info["shape"]
+            ok = isinstance(dtype, str) and all(type(v) is int and v >= 0 for v in (start, stop, *shape))
+            ok = ok and start <= stop
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
             raise VerificationError(
-                f"{path}: tensor {name} has dtype {info['dtype']}, which verify cannot read"
+                f"{path}: the header entry of tensor {name} is malformed (needs dtype, shape and data_offsets)",
+                hint="the file is damaged; convert again",
             )
-        start, _ = info["data_offsets"]
-        out[name] = _Entry(path, 8 + n + start, _DTYPES[info["dtype"]], tuple(info["shape"]))
+        if dtype not in _DTYPES:
+            raise VerificationError(f"{path}: tensor {name} has dtype {dtype}, which verify cannot read")
+        if 8 + n + stop > size:
+            raise VerificationError(
+                f"{path}: tensor {name} runs past the end of the file",
+                hint="the file is truncated; convert again",
+            )
+        out[name] = _Entry(path, 8 + n + start, _DTYPES[dtype], tuple(shape))
     return out
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VerificationError(
-            f"{folder} has no config.json", hint="pass the folder `convert` wrote"
-        ) from None
-    except ValueError as err:
-        raise VerificationError(f"{path} is not valid JSON ({err})") from err
+    if not os.path.lexists(path):
+        raise VerificationError(f"{folder} has no config.json", hint="pass the folder `convert` wrote")
+    return read_json(path, what="model config", error=VerificationError, follow_symlinks=False)
 
 
 def hf_hyper(config: dict[str, Any]) -> Hyper:

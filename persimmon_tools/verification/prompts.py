@@ -8,14 +8,22 @@ pseudo-random ids. Ids at or above the model's vocabulary rows are refused, neve
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from persimmon_tools.errors import UsageError
+from persimmon_tools.errors import UsageError, VerificationError
+from persimmon_tools.safe_read import (
+    MAX_PROMPTS_BYTES,
+    MAX_VOCAB_BYTES,
+    open_regular,
+    parse_json,
+    read_json,
+    read_text,
+)
 from persimmon_tools.tokenizer.spm import ENDOFTEXT
 
 log = logging.getLogger(__name__)
@@ -55,15 +63,16 @@ class Prompt:
 
 def _sentencepiece(folder: Path) -> tuple[Callable[[str], list[int]], str] | None:
     path = folder / "tokenizer.model"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     from persimmon_tools.tokenizer.spm import load_sp
 
-    sp = load_sp(path)
+    sp = load_sp(path, follow_symlinks=False)
     cfg_path = folder / "tokenizer_config.json"
     add_bos = True
-    if cfg_path.is_file():
-        add_bos = bool(json.loads(cfg_path.read_text()).get("add_bos_token", True))
+    if os.path.lexists(cfg_path):
+        cfg = read_json(cfg_path, what="tokenizer config", error=VerificationError, follow_symlinks=False)
+        add_bos = bool(cfg.get("add_bos_token", True))
     bos = sp.piece_to_id(ENDOFTEXT)
     bos = bos if sp.id_to_piece(bos) == ENDOFTEXT else None
     prefix = [bos] if add_bos and bos is not None else []
@@ -72,10 +81,31 @@ def _sentencepiece(folder: Path) -> tuple[Callable[[str], list[int]], str] | Non
     )
 
 
+#: Files a tokenizer library may open in a converted folder: each must be a regular file, not a link.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse links, FIFOs, devices and oversized files among :data:`TOKENIZER_FILES` before a library that
+    opens them blindly (and would block on a FIFO) gets the folder."""
+    for name in TOKENIZER_FILES:
+        if os.path.lexists(folder / name):
+            what = f"tokenizer file {name}"
+            with open_regular(
+                folder / name,
+                what=what,
+                max_bytes=MAX_VOCAB_BYTES,
+                follow_symlinks=False,
+                error=VerificationError,
+            ):
+                pass
+
+
 def load_tokenizer(folder: Path) -> tuple[Callable[[str], list[int]] | None, str]:
     """``(encode, description)``; encode is None when the folder has no usable tokenizer."""
     folder = Path(folder)
     notes = []
+    _check_tokenizer_files(folder)
     if (folder / "tokenizer.json").is_file():
         try:
             from transformers import AutoTokenizer
@@ -109,11 +139,12 @@ def _fixed_ids(n: int, vocab: int, seed: int) -> tuple[int, ...]:
 def read_prompts_file(path: Path) -> list[str]:
     """``.json``: a list of strings; otherwise one prompt per line with ``\\n``/``\\t`` escapes."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    hint = "pass a UTF-8 text file (one prompt per line) or a .json list of strings"
+    text = read_text(path, what="--prompts-file", max_bytes=MAX_PROMPTS_BYTES, error=UsageError, hint=hint)
     if path.suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise UsageError(f"{path} must hold a JSON list of strings")
+        data = parse_json(text, origin=f"{path} (--prompts-file)", error=UsageError, expect=list, hint=hint)
+        if not all(isinstance(x, str) for x in data):
+            raise UsageError(f"{path} must hold a JSON list of strings", hint=hint)
         return data
     return [line.replace("\\n", "\n").replace("\\t", "\t") for line in text.splitlines() if line.strip()]
 

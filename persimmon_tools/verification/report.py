@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE
+from persimmon_tools.errors import PersimmonToolsError
 from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.release import Release
+from persimmon_tools.safe_write import atomic_file
 from persimmon_tools.verification.metrics import PromptMetrics
 
 _CHUNK = 8 << 20
@@ -105,11 +106,11 @@ class VerifyReport:
 
 
 def write_report(report: VerifyReport, path: Path) -> Path:
-    """Write ``report`` as JSON at ``path`` atomically (temp file + rename)."""
+    """Write ``report`` as JSON at ``path`` atomically (a private temp file beside it + rename; a link at
+    ``path`` is refused, never written through)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(report.to_json(), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path, "verification report", PersimmonToolsError) as fh:
+        fh.write(report.to_json().encode("utf-8"))
     return path
 
 

@@ -31,8 +31,10 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from persimmon_tools.errors import ReleaseError
+from persimmon_tools.safe_read import describe_irregular, open_regular, open_regular_fd, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,23 @@ class FileSlice:
     label: str  # for messages: "release.tar:NAME/iter_.../model_optim_rng.pt" or the file's path
 
     @classmethod
-    def whole(cls, path: Path) -> FileSlice:
-        return cls(Path(path), 0, Path(path).stat().st_size, str(path))
+    def whole(cls, path: Path, *, follow_symlinks: bool = True) -> FileSlice:
+        """All of ``path``: a regular file (``follow_symlinks=False`` for one found inside a folder)."""
+        fd = open_regular_fd(
+            path,
+            what="a checkpoint file",
+            max_bytes=None,
+            follow_symlinks=follow_symlinks,
+            error=ReleaseError,
+        )
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        return cls(Path(path), 0, size, str(path))
+
+    def _open(self) -> Any:
+        return open_regular(self.path, what=self.label, max_bytes=None, error=ReleaseError)
 
     def pread(self, offset: int, size: int) -> bytearray:
         """Exactly ``size`` bytes at ``offset`` of this slice (seek + readinto; a short read is an error)."""
@@ -67,7 +84,7 @@ class FileSlice:
             )
         buf, got = bytearray(size), 0
         view = memoryview(buf)
-        with open(self.path, "rb", buffering=0) as fh:
+        with self._open() as fh:
             fh.seek(self.start + offset)
             while got < size:
                 n = fh.readinto(view[got:])
@@ -89,7 +106,7 @@ class SliceIO(io.RawIOBase):
     def __init__(self, piece: FileSlice) -> None:
         super().__init__()
         self._piece, self._pos = piece, 0
-        self._fh = open(piece.path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._fh = piece._open()  # regular files only (never blocks on a FIFO); closed in close()
 
     def readable(self) -> bool:
         return True
@@ -175,17 +192,25 @@ def _tar_members(path: Path) -> dict[str, FileSlice]:
 
 
 def _folder_files(path: Path) -> dict[str, FileSlice]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(path):
-        rel_dir = Path(dirpath).relative_to(path)
-        if len(rel_dir.parts) >= _MAX_DEPTH:
-            dirnames[:] = []
-        for f in filenames:
-            if f in _SHARD_NAMES or f == TRACKER_NAME:
-                p = Path(dirpath) / f
-                if p.is_file():
-                    out[(rel_dir / f).as_posix()] = FileSlice.whole(p)
-    return out
+    """Shards and trackers below ``path``; links and other non-regular files named like them are refused."""
+    scan = scan_folder(path, max_depth=_MAX_DEPTH + 1)
+    wanted = _SHARD_NAMES + (TRACKER_NAME,)
+    odd = {
+        rel: kind
+        for rel, kind in scan.irregular.items()
+        if rel.rsplit("/", 1)[-1].startswith(("iter_", "mp_rank_")) or rel.endswith(wanted)
+    }
+    if odd:
+        raise ReleaseError(
+            f"{path}: {describe_irregular(odd)} inside the release folder; verify reads only regular files "
+            "there (links are not followed)",
+            hint="copy the real files into the release folder (cp --dereference)",
+        )
+    return {
+        rel: FileSlice.whole(path / rel, follow_symlinks=False)
+        for rel in scan.files
+        if rel.rsplit("/", 1)[-1] in wanted
+    }
 
 
 def _tracker_value(piece: FileSlice) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from persimmon_tools.errors import CheckpointError
+from persimmon_tools.safe_read import small_repr
 from persimmon_tools.verification.source_layout import SourceLayout, discover
 from persimmon_tools.verification.source_pickle import TensorView, read_shard
 
@@ -213,7 +214,7 @@ def load_source(source: Path, *, iteration: int | None = None) -> SourceCheckpoi
         objs[rank], globals_seen = read_shard(piece)
         seen |= globals_seen
         flats[rank] = _model(objs[rank], piece.label)
-    recorded = {repr(o.get("iteration")) for o in objs.values()}
+    recorded = {small_repr(o.get("iteration")) for o in objs.values()}
     if len(recorded) > 1:
         raise CheckpointError(
             f"{source}: the shards record different iterations ({', '.join(sorted(recorded))})",

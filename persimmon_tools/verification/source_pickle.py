@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
+from persimmon_tools.safe_read import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
 from persimmon_tools.verification.source_layout import FileSlice
 from persimmon_tools.verification.source_tensor import Record, TensorView, make_view
 
@@ -66,8 +67,22 @@ _DTYPE_NAMES = (
 ).split()
 
 
+def _dims(offset: Any, size: Any, stride: Any) -> tuple[Any, tuple, tuple]:
+    """Checked before :func:`make_view` formats them: a shared nested list would unfold in its message."""
+    if type(offset) is not int or not all(
+        isinstance(d, tuple | list) and len(d) <= 64 and all(type(n) is int for n in d)
+        for d in (size, stride)
+    ):
+        raise CheckpointError(
+            f"malformed tensor view: offset {small_repr(offset, 30)}, size {small_repr(size, 60)}, "
+            f"stride {small_repr(stride, 60)} (expected integers)",
+            hint="the file is corrupt or was tampered with",
+        )
+    return offset, tuple(size), tuple(stride)
+
+
 def _rebuild_v2(storage, offset, size, stride, *_rest) -> TensorView:
-    return make_view(storage, offset, size, stride)
+    return make_view(storage, *_dims(offset, size, stride))
 
 
 def _rebuild_v3(storage, offset, size, stride, _grad, _hooks, dtype, *_rest) -> TensorView:
@@ -119,8 +134,8 @@ class Inert:
         """An enum stand-in's value (``ModelBackend("megatron")`` -> ``"megatron"``)."""
         return self.args[0] if self.args else None
 
-    def __repr__(self) -> str:
-        return f"{self.qualname}({', '.join(map(repr, self.args))})"
+    def __repr__(self) -> str:  # bounded: args may be a shared structure that unfolds exponentially
+        return f"{self.qualname}({', '.join(small_repr(a, 40) for a in self.args[:4])})"
 
 
 def _reconstructor(cls: Any, _base: Any, state: Any) -> Any:
@@ -195,10 +210,10 @@ class SourceUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure 
 
     def persistent_load(self, pid: Any) -> Record:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"{self.label}: unexpected persistent id {str(pid)[:80]}")
+            raise UnsafeCheckpointError(f"{self.label}: unexpected persistent id {small_repr(pid)}")
         _, marker, key, _location, numel = pid
         if not isinstance(marker, _StorageMarker) or not isinstance(key, str) or type(numel) is not int:
-            raise UnsafeCheckpointError(f"{self.label}: malformed storage reference {str(pid)[:80]}")
+            raise UnsafeCheckpointError(f"{self.label}: malformed storage reference {small_repr(pid)}")
         name = f"{self._prefix}data/{key}"
         if name not in self._records:
             raise CheckpointError(
@@ -228,6 +243,23 @@ class SourceUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure 
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_hashed(unpickler: SourceUnpickler, value: Any) -> None:
+    check_tree(
+        value, what=f"{unpickler.label}: a dict key or set member", error=CheckpointError, limit=MAX_KEY_NODES
+    )
+
+
+guard_pickle_hashing(SourceUnpickler.dispatch, _check_hashed)
+
+
+def _children(obj: Any) -> Any:
+    if isinstance(obj, Inert):
+        return (obj.args, obj.kwargs, obj.state)
+    if isinstance(obj, argparse.Namespace):
+        return vars(obj)
+    return None
 
 
 def _records(zf: zipfile.ZipFile, fh: Any, piece: FileSlice) -> dict[str, tuple[int, int]]:
@@ -298,4 +330,10 @@ def read_shard(piece: FileSlice) -> tuple[Any, set[str]]:
             f"{piece.label}: data.pkl is malformed ({type(err).__name__}: {str(err)[:120]})",
             hint="the file is damaged; download it again",
         ) from err
+    # Shared sub-structures unfold exponentially under any later walk (flatten, repr, comparisons).
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # named first: the usual target
+        check_tree(
+            obj["model"], what=f"{piece.label}: the model dict", error=CheckpointError, children_of=_children
+        )
+    check_tree(obj, what=f"{piece.label}: data.pkl", error=CheckpointError, children_of=_children)
     return obj, unpickler.globals_seen

@@ -187,6 +187,12 @@ def test_output_dir_is_all_or_nothing(releases, tmp_path, monkeypatch):
     (out / "keep.txt").write_text("precious")
     with pytest.raises(ConversionError, match="not empty"):
         convert(releases["tar"], out, ConvertOptions())
+    with pytest.raises(ConversionError, match="keep.txt"):  # --force replaces only what a conversion wrote
+        convert(releases["tar"], out, ConvertOptions(force=True))
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    convert(releases["tar"], out, ConvertOptions(max_shard_size="200KB"))  # an earlier conversion
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     import persimmon_tools.conversion.convert as conv
 
     def boom(*a, **k):
@@ -195,11 +201,11 @@ def test_output_dir_is_all_or_nothing(releases, tmp_path, monkeypatch):
     monkeypatch.setattr(conv, "write_index", boom)
     with pytest.raises(RuntimeError):
         convert(releases["tar"], out, ConvertOptions(force=True, max_shard_size="200KB"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # temp folder removed
-    assert (out / "keep.txt").read_text() == "precious"  # old content untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # temp folder and lock removed
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old content untouched
     monkeypatch.undo()
     convert(releases["tar"], out, ConvertOptions(force=True))
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

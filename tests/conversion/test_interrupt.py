@@ -97,18 +97,18 @@ def _interrupt_after(n_calls: int, monkeypatch) -> None:
 def test_keyboard_interrupt_keeps_old_output(releases, tmp_path, monkeypatch):
     """Case ctrl-c-force."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
+    convert(releases["tar"], out, ConvertOptions())  # the old output: an earlier conversion
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     _interrupt_after(20, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(releases["tar"], out, ConvertOptions(force=True))
-    assert [p.name for p in out.iterdir()] == ["precious.txt"] and leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
     _interrupt_after(20, monkeypatch)
     result = cli("convert", releases["tar"], out, "--force", "--no-verify")
     assert (
         result.exit_code == 130 and "Error: interrupted" in result.stderr and "Traceback" not in result.stderr
     )
-    assert [p.name for p in out.iterdir()] == ["precious.txt"] and leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
 
 
 def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases, tmp_path, monkeypatch):
