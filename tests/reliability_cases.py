@@ -323,9 +323,11 @@ CASES: list[Case] = [
     Case("sigkill-leftover", _S, "SIGKILL during convert, then convert again",
          "the next run names the stale temporary folder (its marker proves it is ours) and removes it", "removed",
          "conversion/test_lock_and_leftovers.py::test_concurrent_run_fails_fast_and_sigkill_leftovers_are_removed_next_time"),
-    Case("tokenizer-out-symlink", _S, "`tokenizer` into an OUT_DIR that is a symlink (links inside OUT_DIR are "
-         "replaced, never written through)", "TokenizerError", "is a symbolic link",
+    Case("tokenizer-out-symlink", _S, "`tokenizer` into an OUT_DIR that is a symlink", "TokenizerError", "is a symbolic link",
          "tokenizer/test_no_symlink_writes.py::test_symlinked_out_dir_is_refused"),
+    Case("tokenizer-user-files", _S, "`tokenizer` into a folder holding the user's own tokenizer.json (or links "
+         "of the tokenizer files' names)", "TokenizerError; replaced only when conversion.json lists them",
+         "refusing to replace", "tokenizer/test_no_symlink_writes.py::test_links_inside_out_dir_are_refused_never_written_through"),
     Case("make-release-symlink", _S, "`make-release OUT.tar` where OUT.tar is a symlink (even with --force)",
          "UsageError", "is a symbolic link", "megatron/test_unpack_safety.py::test_make_release_refuses_a_symlinked_out_tar"),
     Case("unpack-sparse", _S, "`unpack` of a 10 KB tar whose sparse member expands to 2 GiB", "ReleaseError",

@@ -76,7 +76,8 @@ def tokenizer_cmd(
 
     \b
     Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model into OUT_DIR
-    (after checking parity on a built-in multi-script sample):
+    (after checking parity on a built-in multi-script sample). Existing files of those names are replaced
+    only when OUT_DIR's conversion.json lists them (a converted folder); anything else is refused:
       persimmon-tools tokenizer adept_vocab.model ./persimmon-8b-chat-hf --chat
       persimmon-tools tokenizer adept_vocab.model ./out --no-add-bos
 

@@ -262,6 +262,7 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
         chat=chat,
         check=not options.force_tokenizer,
         allow_ties=options.allow_tokenizer_ties,
+        replace_existing=True,  # the run's own temporary folder: tokenizer.model was just written there
     )
 
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+from persimmon_tools.safe_read import read_json
 from persimmon_tools.safe_write import fsync_dir, refuse_symlink
 from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_info
 from persimmon_tools.tokenizer.check import TIE_EXPLANATION, ParityReport, check_parity, parity_report
@@ -103,6 +104,7 @@ def write_tokenizer(
     chat: bool = False,
     check: bool = True,
     allow_ties: bool = False,
+    replace_existing: bool = False,
 ) -> list[Path]:
     """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
 
@@ -116,6 +118,9 @@ def write_tokenizer(
         check: first compare with SentencePiece on :func:`builtin_sample` and raise
             :class:`TokenizerError` (writing nothing) on any mismatch. ``False`` also builds models whose
             options cannot be expressed exactly (with a logged warning).
+        replace_existing: replace files of the same names whatever they are (``convert`` writes into its own
+            private temporary folder). False (the default): only files the folder's ``conversion.json`` lists
+            as written by the toolkit are replaced; anything else is refused before writing.
         allow_ties: with ``check``, write anyway (with a logged warning) when every mismatch is a float32 tie
             (:attr:`ParityReport.only_ties`), the one difference no ``tokenizer.json`` can avoid.
 
@@ -172,6 +177,8 @@ def write_tokenizer(
     # Never through a link: OUT_DIR itself must be a real folder; the files are made in a private staging
     # folder and renamed into place, which replaces a link of the same name instead of writing to its target.
     refuse_symlink(out_dir, "OUT_DIR", TokenizerError)
+    if not replace_existing:
+        _refuse_foreign_files(out_dir, TOKENIZER_FILES)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir))
     try:
@@ -194,6 +201,41 @@ def write_tokenizer(
         shutil.rmtree(stage, ignore_errors=True)
     log.debug("wrote %s", ", ".join(p.name for p in written))
     return written
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+#: The record ``convert`` writes into a converted folder; its ``output_files`` names what the toolkit wrote.
+_CONVERSION_RECORD = "conversion.json"
+
+
+def _refuse_foreign_files(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Replace only tokenizer files this toolkit wrote: files of these names already in ``out_dir`` must be
+    regular files that the folder's ``conversion.json`` lists in ``output_files`` (like ``git``, which
+    refuses to clobber files it does not track). Anything else is listed and refused before writing."""
+    present = [n for n in names if os.path.lexists(out_dir / n)]
+    if not present:
+        return
+    recorded: set[str] = set()
+    try:
+        record = read_json(
+            out_dir / _CONVERSION_RECORD,
+            what="the conversion record",
+            error=TokenizerError,
+            follow_symlinks=False,
+        )
+        files = record.get("output_files")
+        recorded = {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+    except TokenizerError:
+        pass  # no record, or not a readable one: nothing in the folder is known to be ours
+    foreign = [
+        n for n in present if n not in recorded or (out_dir / n).is_symlink() or not (out_dir / n).is_file()
+    ]
+    if foreign:
+        raise TokenizerError(
+            f"{out_dir} already holds {', '.join(foreign)}, which no conversion recorded as its own "
+            f"({_CONVERSION_RECORD} output_files); refusing to replace {'it' if len(foreign) == 1 else 'them'}",
+            hint="choose another OUT_DIR, or move those files away first",
+        )
 
 
 def _dumps(obj: object) -> str:

@@ -34,6 +34,13 @@ def mid_release(tmp_path_factory) -> Path:
     return make_release(tmp_path_factory.mktemp("mid") / "mid_release.tar", preset="mid", seed=0)
 
 
+def _default_signals() -> None:
+    """A background shell starts its jobs with SIGINT and SIGQUIT ignored, and the toolkit keeps an inherited
+    SIG_IGN (nohup's contract): give the child default dispositions so the signal under test arrives."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_convert(release: Path, out: Path, **popen) -> subprocess.Popen:
     """A convert subprocess, returned once it has written 16 MiB of its shard into `.out.tmp-*`."""
     proc = subprocess.Popen(
@@ -41,7 +48,7 @@ def start_convert(release: Path, out: Path, **popen) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=_default_signals,
         **popen,
     )
     deadline = time.monotonic() + 120

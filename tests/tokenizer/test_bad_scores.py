@@ -198,5 +198,7 @@ def test_good_files_are_written_after_the_reload(tmp_path, monkeypatch, with_tra
     )  # no staging folder left behind
     assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "Unigram"
     assert (out / "tokenizer.model").read_bytes() == bundled_vocab()
-    write_tokenizer(out / "tokenizer.model", out)  # the convert case: the model already lies in out_dir
+    write_tokenizer(
+        out / "tokenizer.model", out, replace_existing=True
+    )  # the convert case: the model already lies in out_dir
     assert (out / "tokenizer.model").read_bytes() == bundled_vocab()

@@ -1,5 +1,6 @@
-"""The `tokenizer` command never writes through a symlink: links in OUT_DIR are replaced, their targets
-untouched; a symlinked OUT_DIR is refused (issue 15, item 4)."""
+"""The `tokenizer` command never writes through a symlink and never clobbers files it did not write: links
+and unrecorded files of the same names in OUT_DIR are refused, their targets untouched; a symlinked OUT_DIR
+is refused."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_links_inside_out_dir_are_replaced_not_written_through(vocab, tmp_path):
+def test_links_inside_out_dir_are_refused_never_written_through(vocab, tmp_path):
     outside, out = tmp_path / "outside", tmp_path / "out"
     outside.mkdir(), out.mkdir()
     for name in NAMES:
@@ -37,9 +38,28 @@ def test_links_inside_out_dir_are_replaced_not_written_through(vocab, tmp_path):
     (out / "tokenizer.json").unlink()
     (out / "tokenizer.json").symlink_to(outside / "created.json")  # dangling: would create a file outside
     result = cli("tokenizer", vocab, out)
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 1 and "refusing to replace them" in result.stderr and "Hint:" in result.stderr
     assert {p.name: p.read_text() for p in outside.iterdir()} == dict.fromkeys(NAMES, "victim")
-    assert all((out / n).is_file() and not (out / n).is_symlink() for n in NAMES)
+    assert all((out / n).is_symlink() for n in NAMES) and sorted(os.listdir(out)) == NAMES
+
+
+def test_user_files_are_not_clobbered_but_a_conversion_s_own_are_replaced(vocab, tmp_path, converted_tiny):
+    """Like git with untracked files: a tokenizer.json nobody recorded is the user's."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tokenizer.json").write_text('{"mine": 1}')
+    result = cli("tokenizer", vocab, out)
+    assert result.exit_code == 1 and "tokenizer.json" in result.stderr
+    assert (out / "tokenizer.json").read_text() == '{"mine": 1}' and sorted(os.listdir(out)) == [
+        "tokenizer.json"
+    ]
+    import shutil
+
+    folder = tmp_path / "converted"
+    shutil.copytree(converted_tiny, folder)
+    result = cli("tokenizer", vocab, folder, "--chat")  # files conversion.json lists: replaced
+    assert result.exit_code == 0, result.stderr
+    assert "chat_template" in (folder / "tokenizer_config.json").read_text()
 
 
 def test_symlinked_out_dir_is_refused(vocab, tmp_path):
