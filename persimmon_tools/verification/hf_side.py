@@ -189,17 +189,51 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json(path, what="model config", error=VerificationError, follow_symlinks=False)
 
 
-def hf_hyper(config: dict[str, Any]) -> Hyper:
-    """Hyper-parameters as transformers reads them from ``config.json`` (nothing from the tensors)."""
-    if config.get("model_type") not in (None, "persimmon"):
-        raise VerificationError(f"config.json has model_type {config.get('model_type')!r}, not 'persimmon'")
-    act = config.get("hidden_act", "relu2")
-    if act not in ACTIVATIONS:
+def _positive_int(config: dict[str, Any], key: str) -> int:
+    value = config[key]
+    if type(value) is not int or value < 1:
         raise VerificationError(
-            f"config.json has hidden_act {act!r}, which verify cannot run; Persimmon uses 'relu2'"
+            f"config.json has {key} = {_short(value)}; expected a whole number >= 1", hint="convert again"
         )
-    rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
+    return value
+
+
+def _finite(value: Any, key: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise VerificationError(
+            f"config.json has {key} = {_short(value)}; expected a finite number > 0", hint="convert again"
+        )
+    return float(value)
+
+
+def _object(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise VerificationError(
+            f"config.json has {key} = {_short(value)}; expected an object", hint="convert again"
+        )
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def hf_hyper(config: dict[str, Any]) -> Hyper:
+    """Hyper-parameters as transformers reads them from ``config.json`` (nothing from the tensors); a value of
+    the wrong type or range is a VerificationError naming it."""
+    if config.get("model_type") not in (None, "persimmon"):
+        raise VerificationError(
+            f"config.json has model_type {_short(config.get('model_type'))}, not 'persimmon'"
+        )
+    act = config.get("hidden_act", "relu2")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise VerificationError(
+            f"config.json has hidden_act {_short(act)}, which verify cannot run; Persimmon uses 'relu2'"
+        )
+    rope = _object(config, "rope_parameters")
+    scaling = _object(config, "rope_scaling")
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     theta = rope.get("rope_theta", config.get("rope_theta"))
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
@@ -208,24 +242,29 @@ def hf_hyper(config: dict[str, Any]) -> Hyper:
         ("rotary_dim", "config.json" if partial is not None else "transformers' default 0.5"),
         ("eps", "config.json" if "layer_norm_eps" in config else "transformers' default 1e-5"),
     ]
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    hidden, heads = _positive_int(config, "hidden_size"), _positive_int(config, "num_attention_heads")
     head_dim = hidden // heads
-    tied = bool(config.get("tie_word_embeddings", False))
+    partial_f = _finite(
+        partial if partial is not None else TRANSFORMERS_DEFAULT_PARTIAL, "partial_rotary_factor"
+    )
+    max_positions = config.get("max_position_embeddings")
+    if max_positions is not None:
+        max_positions = _positive_int(config, "max_position_embeddings")
     return Hyper(
-        vocab_size=int(config["vocab_size"]),
+        vocab_size=_positive_int(config, "vocab_size"),
         hidden_size=hidden,
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=_positive_int(config, "num_hidden_layers"),
         num_heads=heads,
         head_dim=head_dim,
-        intermediate_size=int(config["intermediate_size"]),
-        rotary_dim=int(head_dim * float(partial if partial is not None else TRANSFORMERS_DEFAULT_PARTIAL)),
-        rope_theta=float(theta if theta is not None else TRANSFORMERS_DEFAULT_THETA),
-        eps=float(config.get("layer_norm_eps", 1e-5)),
-        untied=not tied,
+        intermediate_size=_positive_int(config, "intermediate_size"),
+        rotary_dim=int(head_dim * partial_f),
+        rope_theta=_finite(theta if theta is not None else TRANSFORMERS_DEFAULT_THETA, "rope_theta"),
+        eps=_finite(config.get("layer_norm_eps", 1e-5), "layer_norm_eps"),
+        untied=not bool(config.get("tie_word_embeddings", False)),
         qk_layernorm=bool(config.get("qk_layernorm", True)),
         hidden_act=act,
-        rope_scaling=None if rope_type == "default" else str(rope_type),
-        max_positions=config.get("max_position_embeddings"),
+        rope_scaling=None if rope_type == "default" else str(rope_type)[:60],
+        max_positions=max_positions,
         origin=tuple(origin),
     )
 

@@ -157,3 +157,33 @@ def test_prompts_without_tokenizer_use_fixed_ids(tmp_path):
         build_prompts(tmp_path, texts=["hi"], vocab=100, max_tokens=2048)
     with pytest.raises(UsageError, match="outside the model's 100 rows"):
         build_prompts(tmp_path, ids=[(1, 100)], defaults=False, vocab=100, max_tokens=2048)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("hidden_size", "64"),
+        ("hidden_size", 0),
+        ("num_attention_heads", 0),
+        ("vocab_size", 1.5),
+        ("num_hidden_layers", None),
+        ("intermediate_size", True),
+        ("rope_theta", float("inf")),
+        ("partial_rotary_factor", "half"),
+        ("layer_norm_eps", -1),
+        ("rope_parameters", [1, 2]),
+        ("hidden_act", ["relu2"]),
+        ("max_position_embeddings", "2048"),
+    ],
+)
+def test_malformed_config_values_are_typed_errors(converted_tiny, key, value):
+    """A config.json value of the wrong type or range (found by CLI fuzzing: a raw ValueError before)."""
+    import json
+
+    from persimmon_tools.errors import VerificationError
+    from persimmon_tools.verification.hf_side import hf_hyper
+
+    config = json.loads((converted_tiny / "config.json").read_text())
+    config[key] = value
+    with pytest.raises(VerificationError, match=key):
+        hf_hyper(config)
