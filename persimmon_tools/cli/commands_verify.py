@@ -125,7 +125,7 @@ def verify_cmd(
     Examples:
       persimmon-tools verify ./persimmon-8b-chat-hf --reference 8b_chat_model_release.tar
       persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json report.json
-      persimmon-tools verify ./out -r release.tar --prompt "human: Hi\\n\\nadept:" --ids 71013,1,2
+      persimmon-tools verify ./out -r release.tar --prompt $'human: Hi\\n\\nadept:' --ids 71013,1,2  # $'...': real newlines
     """
     from persimmon_tools.verification.report import render_table, write_report
     from persimmon_tools.verification.verify import VerifyOptions, check_passed, verify

@@ -343,9 +343,15 @@ def hf_config(dims: ModelDims, dtype: torch.dtype, special_id: int | None) -> di
         "tie_word_embeddings": not dims.untied,
         "bos_token_id": special_id,
         "eos_token_id": special_id,
+        "pad_token_id": special_id,  # ADEPT pads with EOD; the tokenizer's pad_token is the same piece
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
 def generation_config(special_id: int | None) -> dict[str, Any]:
-    return {"_from_model_config": True, "bos_token_id": special_id, "eos_token_id": special_id}
+    return {
+        "_from_model_config": True,
+        "bos_token_id": special_id,
+        "eos_token_id": special_id,
+        "pad_token_id": special_id,
+    }

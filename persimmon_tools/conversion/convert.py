@@ -263,6 +263,7 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
         check=not options.force_tokenizer,
         allow_ties=options.allow_tokenizer_ties,
         replace_existing=True,  # the run's own temporary folder: tokenizer.model was just written there
+        model_max_length=plan.dims.max_position_embeddings,
     )
 
 

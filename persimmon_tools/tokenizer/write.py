@@ -50,7 +50,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{%- if messages -%}{{ '\\n\\n' }}{%- endif -%}{{ 'adept:' }}{%- endif -%}"
 )
 
-MODEL_MAX_LENGTH = 16384  # Persimmon's max_position_embeddings
+#: ``model_max_length`` when no checkpoint says otherwise (``tokenizer`` command): the 8B's max_position_embeddings.
+MODEL_MAX_LENGTH = 16384
 
 
 def special_tokens(sp_model: Path) -> dict[str, tuple[str, int] | None]:
@@ -105,6 +106,7 @@ def write_tokenizer(
     check: bool = True,
     allow_ties: bool = False,
     replace_existing: bool = False,
+    model_max_length: int = MODEL_MAX_LENGTH,
 ) -> list[Path]:
     """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
 
@@ -123,6 +125,7 @@ def write_tokenizer(
             as written by the toolkit are replaced; anything else is refused before writing.
         allow_ties: with ``check``, write anyway (with a logged warning) when every mismatch is a float32 tie
             (:attr:`ParityReport.only_ties`), the one difference no ``tokenizer.json`` can avoid.
+        model_max_length: the checkpoint's ``max_position_embeddings`` (``convert`` passes it).
 
     The files are written into a hidden staging folder inside ``out_dir``, re-loaded from there
     (:func:`~persimmon_tools.tokenizer.reload.check_reload`: ``tokenizers`` and, when installed,
@@ -161,7 +164,9 @@ def write_tokenizer(
         "bos_token": names["bos"],
         "eos_token": names["eos"],
         "unk_token": names["unk"],
-        "pad_token": None,
+        # ADEPT pads with EOD; left padding keeps every prompt's last token last for batched generate.
+        "pad_token": names["eos"],
+        "padding_side": "left",
         "add_bos_token": add_bos_token,
         "add_eos_token": False,
         # The whole pipeline is in tokenizer.json; `legacy` only matters to Llama classes, which are not used.
@@ -169,11 +174,17 @@ def write_tokenizer(
         # Literal "|ENDOFTEXT|" in text is text, as in SentencePiece and ADEPT's inference code.
         "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": model_max_length,
     }
     if chat:
         config["chat_template"] = CHAT_TEMPLATE
-    special_map = {f"{k}_token": v for k, v in names.items() if v is not None}
+    special_map: dict[str, object] = {f"{k}_token": v for k, v in names.items() if v is not None}
+    if names["eos"] is not None:
+        special_map["pad_token"] = names["eos"]
+    # transformers 5 drops tokenizer_config's add_bos_token when tokenizer.json exists (the post-processor
+    # alone decides) and leaves `tok.add_bos_token` False; special_tokens_map.json is merged in after that
+    # (tokenization_utils_base._from_pretrained, "Legacy"), so the flag is stated here too (docs/tokenizer.md).
+    special_map["add_bos_token"] = add_bos_token
     # Never through a link: OUT_DIR itself must be a real folder; the files are made in a private staging
     # folder and renamed into place, which replaces a link of the same name instead of writing to its target.
     refuse_symlink(out_dir, "OUT_DIR", TokenizerError)
