@@ -36,8 +36,14 @@ _DTYPE_CHOICES = click.Choice(["auto", "bf16", "fp16", "fp32"])
 @click.option(
     "--force",
     is_flag=True,
-    help="Replace a non-empty OUT_DIR (kept until the new one is complete); "
-    "also write a tokenizer that fails the parity check.",
+    help="Replace OUT_DIR when it holds an earlier conversion (only the files that conversion recorded; "
+    "the old folder is kept until the new one is complete).",
+)
+@click.option(
+    "--allow-tokenizer-mismatch",
+    is_flag=True,
+    help="Write a tokenizer that fails the parity check with SentencePiece, or cannot express an option "
+    "exactly (recorded in conversion.json and on the model card).",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes, peak memory); write nothing."
@@ -105,6 +111,7 @@ def convert_cmd(
     dtype: str,
     max_shard_size: int,
     force: bool,
+    allow_tokenizer_mismatch: bool,
     dry_run: bool,
     allow_overflow: bool,
     allow_nonfinite: bool,
@@ -144,7 +151,7 @@ def convert_cmd(
         tokenizer=tokenizer,
         add_bos_token=add_bos,
         chat=chat,
-        force_tokenizer=force,
+        force_tokenizer=allow_tokenizer_mismatch,
         allow_tokenizer_ties=allow_ties,
     )
     if dry_run:

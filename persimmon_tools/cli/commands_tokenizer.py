@@ -46,10 +46,12 @@ def _read_corpus(paths: tuple[Path, ...]) -> list[str]:
     "--chat", is_flag=True, help="Add a chat_template for ADEPT's 'human: …\\n\\nadept:' prompt format."
 )
 @click.option(
+    "--allow-tokenizer-mismatch",
     "--force",
+    "force",
     is_flag=True,
     help="Write even if an option cannot be expressed exactly or the parity check fails (with --check: "
-    "check that approximation).",
+    "check that approximation). --force is the older name.",
 )
 @click.option(
     "--allow-ties",
@@ -85,7 +87,7 @@ def tokenizer_cmd(
     Check parity on your own corpus (one text per line; several files allowed), exit 1 on any mismatch:
       persimmon-tools tokenizer --check adept_vocab.model corpus.txt more.txt
       persimmon-tools tokenizer --check adept_vocab.model --json
-      persimmon-tools tokenizer --check --force toy.model corpus.txt   # the approximation --force writes
+      persimmon-tools tokenizer --check --allow-tokenizer-mismatch toy.model corpus.txt  # the approximation
       persimmon-tools tokenizer --check --allow-ties t5.model runs.txt  # float32 ties only: exit 0
     """
     from persimmon_tools.tokenizer.check import TIE_EXPLANATION

@@ -206,9 +206,23 @@ def _single_source_dtype(tensors: list[PlannedTensor]) -> torch.dtype:
     )
 
 
-def _provenance(plan: ConversionPlan) -> dict[str, Any]:
+def _tokenizer_parity(options: ConvertOptions) -> str:
+    """How the tokenizer's parity with SentencePiece was enforced (recorded; the model card shows it)."""
+    if not options.tokenizer:
+        return "not written (--no-tokenizer)"
+    if options.force_tokenizer:
+        return "not enforced (--allow-tokenizer-mismatch)"
+    return (
+        "float32 ties allowed (--allow-ties)"
+        if options.allow_tokenizer_ties
+        else "exact on the built-in sample"
+    )
+
+
+def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]:
     rel = plan.release
     return {
+        "tokenizer": {"parity": _tokenizer_parity(options)},
         "tool": "persimmon-tools",
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -334,5 +348,5 @@ def _convert_into(
             tokenizer.result()
         # conversion.json lists every file written: `--force` later replaces only those
         files = sorted([*(p.name for p in tmp.iterdir() if p.name != RUN_MARKER), CONVERSION_FILE])
-        write_json(tmp / CONVERSION_FILE, {**_provenance(plan), "output_files": files})
+        write_json(tmp / CONVERSION_FILE, {**_provenance(plan, options), "output_files": files})
     return ConversionResult(out_dir, plan, stats, time.perf_counter() - start, files)

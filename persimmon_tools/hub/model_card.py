@@ -116,6 +116,7 @@ def _provenance(conv: dict[str, Any], ver: dict[str, Any], files: dict[str, dict
         ("Tensor parallel (TP)", src.get("tp", vsrc.get("tp"))),
         ("Pipeline parallel (PP)", src.get("pp", vsrc.get("pp"))),
         ("Weights dtype", conv.get("dtype")),
+        ("Tokenizer parity with SentencePiece", (conv.get("tokenizer") or {}).get("parity")),
         (
             "Parameters",
             f"{conv['num_parameters']:,}" if isinstance(conv.get("num_parameters"), int) else None,

@@ -114,7 +114,7 @@ def build_bpe(info: SpmInfo):
                 f"{info.path}: BPE model with user-defined symbols, and {len(missed)} pieces that SentencePiece's "
                 f"own merges do not reach (e.g. {missed[0]!r}); tokenizers can freeze user-defined symbols only "
                 "with ignore_merges, which would encode those pieces differently",
-                hint="use --force to write it anyway, then check your corpus with `persimmon-tools tokenizer --check`",
+                hint="use --allow-tokenizer-mismatch to write it anyway, then check your corpus with `persimmon-tools tokenizer --check`",
             )
         steps = [pre_tokenizers.Split(Regex(alternation(users)), behavior="isolated")]
         splits = reserved_chunk_splits(info, sp, users)

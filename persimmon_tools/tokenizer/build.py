@@ -174,7 +174,7 @@ def build_from_info(info: SpmInfo, *, strict: bool = True):
         if strict or info.model_type not in (UNIGRAM, BPE):
             raise TokenizerError(
                 message,
-                hint="use --force to write an approximate tokenizer and check it with `persimmon-tools tokenizer --check`",
+                hint="use --allow-tokenizer-mismatch to write an approximate tokenizer and check it with `persimmon-tools tokenizer --check`",
             )
         log.warning("%s (writing an approximation because strict=False)", message)
     model, pre = build_model(info, plan)

@@ -114,7 +114,7 @@ def _plan(blob: bytes, users: tuple[str, ...], *, keep_end: bool = False) -> _Pl
     if len(unused) < 3 or SUFFIX_MARK in seen:
         raise TokenizerError(
             "the charsmap rewrites the marker characters persimmon-tools inserts (U+E0080..U+E00FF)",
-            hint="this model cannot be converted exactly; use --force to write an approximation",
+            hint="this model cannot be converted exactly; use --allow-tokenizer-mismatch to write an approximation",
         )
     compose = bool(multi or [u for u in users if len(u) > 1])
     end = unused[0] if compose or keep_end else (deleted or unused)[0]
@@ -235,7 +235,7 @@ def exact_charsmap_steps(
     )
     raise TokenizerError(
         f"tokenizers cannot reproduce this model's charsmap normalization for {len(bad)} inputs ({shown})",
-        hint="use --force to write an approximation, then check your corpus with "
+        hint="use --allow-tokenizer-mismatch to write an approximation, then check your corpus with "
         "`persimmon-tools tokenizer --check MODEL CORPUS`",
     )
 

@@ -88,7 +88,7 @@ def _parity_error(report: ParityReport) -> TokenizerError:
     hint = "nothing was written; " + (
         f"all of them are float32 ties: {TIE_EXPLANATION} (docs/tokenizer.md); --allow-ties writes it with every other check kept"
         if report.only_ties
-        else "--force writes it anyway (check your own corpus with `persimmon-tools tokenizer --check MODEL CORPUS`)"
+        else "--allow-tokenizer-mismatch writes it anyway (check your own corpus with `persimmon-tools tokenizer --check MODEL CORPUS`)"
     )
     return TokenizerError(
         f"the fast tokenizer disagrees with SentencePiece on the built-in sample: {report.encode_mismatches} "

@@ -284,7 +284,7 @@ def test_check_failure_writes_nothing(trained, tmp_path, approximate_charsmap):
     with pytest.raises(TokenizerError) as err:
         write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path)
     assert "encode" in err.value.message and "first difference" in err.value.message
-    assert "--force" in err.value.hint
+    assert "--allow-tokenizer-mismatch" in err.value.hint
     assert list(tmp_path.iterdir()) == []
     written = write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path, check=False)
     assert all(p.is_file() for p in written)
@@ -322,7 +322,7 @@ def test_reserved_pieces_spelled_with_unknown_characters_are_refused(tmp_path):
     with pytest.raises(TokenizerError) as err:
         build_fast_tokenizer(model)
     assert "reserved pieces" in err.value.message and "'>'" in err.value.message
-    assert "--force" in err.value.hint
+    assert "--allow-tokenizer-mismatch" in err.value.hint
     # The refusal is not hypothetical: the approximation (what --force writes) really differs there.
     report = check_parity(model, ["x <unk> y </s> <0x41>"], strict=False)
     assert report.encode_mismatches == 1

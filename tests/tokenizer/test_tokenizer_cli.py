@@ -106,7 +106,7 @@ def test_write_refuses_failing_model_without_force(models, tmp_path, approximate
     out = tmp_path / "tok"
     result = CliRunner().invoke(main, ["tokenizer", str(models["nmt"]), str(out)])
     assert result.exit_code == 1
-    assert "--force" in result.output
+    assert "--allow-tokenizer-mismatch" in result.output
     assert not (out / "tokenizer.json").exists()
     forced = CliRunner().invoke(main, ["tokenizer", str(models["nmt"]), str(out), "--force"])
     assert forced.exit_code == 0, forced.output
@@ -120,7 +120,7 @@ def test_inexpressible_model_is_refused_and_force_checks_the_approximation(model
     refused = runner.invoke(main, ["tokenizer", "--check", str(models["no_gt"]), str(corpus)])
     assert refused.exit_code == 1
     assert "cannot be converted exactly" in refused.output and "reserved pieces" in refused.output
-    assert "Hint:" in refused.output and "--force" in refused.output
+    assert "Hint:" in refused.output and "--allow-tokenizer-mismatch" in refused.output
     forced = runner.invoke(
         main, ["tokenizer", "--check", "--force", str(models["no_gt"]), str(corpus), "--json"]
     )
@@ -184,4 +184,4 @@ def test_write_gate_accepts_ties_only_with_allow_ties(tmp_path, monkeypatch):
     assert (tmp_path / "b" / "tokenizer.json").is_file()
     monkeypatch.setattr(tokenizer_module, "parity_report", fake_report(2, 1))  # one real difference
     mixed = CliRunner().invoke(main, ["tokenizer", str(SP_TEST_MODEL), str(tmp_path / "c"), "--allow-ties"])
-    assert mixed.exit_code == 1 and "--force writes it anyway" in mixed.output
+    assert mixed.exit_code == 1 and "--allow-tokenizer-mismatch writes it anyway" in mixed.output
