@@ -45,6 +45,7 @@ from persimmon_tools.verification.findings import (
 from persimmon_tools.verification.hf_side import HFWeights
 from persimmon_tools.verification.metrics import compare_logits, drift_by_position, tolerance_for
 from persimmon_tools.verification.prompts import Prompt, build_prompts
+from persimmon_tools.verification.provenance import keep_existing_report, reference_mismatch
 from persimmon_tools.verification.published import INPUT_IDS, compare_published, is_8b_chat
 from persimmon_tools.verification.reference import MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
 from persimmon_tools.verification.report import (
@@ -261,6 +262,13 @@ def verify(
     progress("fingerprints")
     t_fp = time.perf_counter()
     source_fp = source_fingerprint(release, ckpt.iteration, hash_files=options.hash_source)
+    wrong_reference = reference_mismatch(out_dir, source_fp)
+    if wrong_reference is not None:
+        findings.append(Finding("note", "--reference", f"likely not this folder's source: {wrong_reference}"))
+        if diagnosis is not None:
+            diagnosis["summary"] = f"likely wrong --reference ({wrong_reference}); " + str(
+                diagnosis.get("summary")
+            )
     files = fingerprint_folder(out_dir)
     timings = {
         "total_s": round(time.perf_counter() - start, 3),
@@ -301,7 +309,11 @@ def verify(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if options.write:
-        write_report(report, verification_path(out_dir))
+        keep = keep_existing_report(verification_path(out_dir), source_fp, report.passed)
+        if keep is None:
+            write_report(report, verification_path(out_dir))
+        else:
+            log.warning("%s", keep)
     return report
 
 
@@ -315,5 +327,9 @@ def check_passed(report: VerifyReport) -> None:
         f"{report.out_dir} does not compute what the checkpoint computes"
         + (f" (prompts failing: {', '.join(failed)})" if failed else "")
         + f": {summary}",
-        hint=f"details in {verification_path(report.out_dir)}; convert again, or report a bug with that file",
+        hint=(
+            "check --reference: it is likely not the source this folder was converted from (see conversion.json)"
+            if any(f.get("where") == "--reference" for f in report.config_findings)
+            else f"details in {verification_path(report.out_dir)}; convert again, or report a bug with that file"
+        ),
     )
