@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
-from persimmon_tools.cli.params import ITERATION, PATTERN, SIZE, SafePath
+from persimmon_tools.cli.params import ITERATION, PATTERN, SIZE, DType, SafePath
 from persimmon_tools.cli.progress import byte_progress, human_bytes, peak_rss_bytes
 
 log = logging.getLogger("persimmon_tools.cli")
-_DTYPE_CHOICES = click.Choice(["auto", "bf16", "fp16", "fp32"])
+_DTYPE_CHOICES = DType("auto", "bf16", "fp16", "fp32")
 
 
 @click.command("convert")
@@ -24,7 +24,8 @@ _DTYPE_CHOICES = click.Choice(["auto", "bf16", "fp16", "fp32"])
     type=_DTYPE_CHOICES,
     default="auto",
     show_default=True,
-    help="Output dtype. 'auto' keeps the checkpoint's own dtype bit for bit (bf16 for ADEPT's releases).",
+    help="Output dtype. 'auto' keeps the checkpoint's own dtype bit for bit (bf16 for ADEPT's releases); "
+    "bfloat16/float16/float32 are accepted too.",
 )
 @click.option(
     "--max-shard-size",

@@ -9,7 +9,7 @@ import click
 
 from persimmon_tools.cli import common_options, is_quiet
 from persimmon_tools.cli.commands_convert import convert_cmd
-from persimmon_tools.cli.params import ITERATION, POSITIVE_INT, SEED, SafePath
+from persimmon_tools.cli.params import ITERATION, POSITIVE_INT, SEED, DType, SafePath
 from persimmon_tools.cli.progress import byte_progress, human_bytes
 from persimmon_tools.errors import UsageError
 
@@ -109,7 +109,13 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool) -> None:
     show_default=True,
     help="Pipeline stages (mp_rank_XX_YYY); must divide the preset's layers (tiny: 1, 2, 3, 6).",
 )
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option(
+    "--dtype",
+    type=DType("bf16", "fp16", "fp32"),
+    default="bf16",
+    show_default=True,
+    help="bfloat16/float16/float32 are accepted too.",
+)
 @click.option(
     "--seed",
     type=SEED,

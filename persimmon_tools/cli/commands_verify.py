@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from persimmon_tools.cli import common_options, is_quiet
-from persimmon_tools.cli.params import DEVICE, ITERATION, PROMPT, TOKEN_IDS, SafePath
+from persimmon_tools.cli.params import DEVICE, ITERATION, PROMPT, TOKEN_IDS, DType, SafePath
 from persimmon_tools.errors import UsageError
 
 
@@ -33,9 +33,10 @@ from persimmon_tools.errors import UsageError
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
+    type=DType("fp32", "bf16", "fp16"),
     default=None,
-    help="Compute dtype of both sides [default: fp32 on CPU, bf16 on CUDA].",
+    help="Compute dtype of both sides (float32/bfloat16/float16 accepted too) [default: fp32 on CPU, bf16 on "
+    "CUDA].",
 )
 @click.option(
     "--rotary",

@@ -132,6 +132,20 @@ class Text(click.ParamType):
         return text
 
 
+class DType(click.Choice):
+    """``bf16``/``fp16``/``fp32`` (plus ``auto`` where allowed), also spelled as torch and transformers spell
+    them (``bfloat16``, ``float16``, ``float32``); the value passed on is always the short name."""
+
+    ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(list(names))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = str(value).strip().lower().removeprefix("torch.")
+        return super().convert(self.ALIASES.get(text, text), param, ctx)
+
+
 class SafePath(click.Path):
     """``click.Path`` that refuses NUL characters (which the OS cannot take) with a usage error."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 from reliability_cases import assert_clean_failure
@@ -170,3 +172,17 @@ def test_tokenizer_corpus_directory_and_no_empty_out_dir_left(tmp_path):
     result = run("tokenizer", tmp_path / "bad.model", tmp_path / "out")
     assert_clean_failure(result, 1)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("spelled", "short"), [("bfloat16", "bf16"), ("float32", "fp32"), ("torch.float16", "fp16")]
+)
+def test_dtype_accepts_torch_and_transformers_spellings(releases, tmp_path, spelled, short):
+    """Issue 16 item 4: `--dtype bfloat16` like transformers' `dtype="bfloat16"`."""
+    result = run("convert", releases["tar"], tmp_path / "out", "--dry-run", "--json", "--dtype", spelled)
+    assert result.exit_code == 0, result.stderr
+    assert (
+        json.loads(result.stdout)["dtype"]
+        == {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[short]
+    )
+    assert run("convert", releases["tar"], tmp_path / "out", "--dry-run", "--dtype", "int8").exit_code == 2
