@@ -33,6 +33,7 @@ from persimmon_tools.safe_write import (
     exchange,
     fsync_dir,
     pid_alive,
+    recorded_outputs,
     refuse_symlink,
     write_new_file,
 )
@@ -40,7 +41,6 @@ from persimmon_tools.safe_write import (
 log = logging.getLogger(__name__)
 
 RUN_MARKER = ".persimmon-tools-run.json"  # inside temp folders; never part of a finished OUT_DIR
-_RECORD_LIMIT = 4 << 20
 _SHOWN = 10
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -70,35 +70,10 @@ def refuse_unsafe_output(out_dir: Path, *, source: Path | None = None, vocab: Pa
     return out
 
 
-def recorded_files(folder: Path) -> set[str] | None:
-    """The names ``conversion.json`` in ``folder`` lists as written by persimmon-tools, or None when the
-    record is missing, not a regular file, too big or garbled (the folder is then not ours)."""
-    try:
-        fd = os.open(folder / CONVERSION_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = fh.read(_RECORD_LIMIT + 1)
-    try:
-        record = json.loads(data) if len(data) <= _RECORD_LIMIT else None
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or record.get("tool") != "persimmon-tools":
-        return None
-    files = record.get("output_files")
-    if not isinstance(files, list) or CONVERSION_FILE not in files:
-        return None
-    if not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..") for f in files):
-        return None
-    return set(files)
-
-
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of ``folder`` that persimmon-tools did not write (sorted; empty: safe to replace)."""
     names = sorted(os.listdir(folder))
-    ours = recorded_files(folder)
+    ours = recorded_outputs(folder, CONVERSION_FILE)
     if ours is None:
         return names
     ours |= {VERIFICATION_FILE}
@@ -166,7 +141,7 @@ def _write_marker(folder: Path, token: str, role: str) -> None:
 def _remove_old(old: Path, out: Path, token: str) -> None:
     """Delete, by name, the files of a replaced OUT_DIR that persimmon-tools wrote; anything else that
     appeared there meanwhile is kept (the folder is then renamed to a visible ``NAME.previous-TOKEN``)."""
-    ours = (recorded_files(old) or set()) | {VERIFICATION_FILE}
+    ours = (recorded_outputs(old, CONVERSION_FILE) or set()) | {VERIFICATION_FILE}
     last = [CONVERSION_FILE, RUN_MARKER]
     for name in [n for n in sorted(ours) if n not in last] + last:
         with contextlib.suppress(FileNotFoundError):

@@ -16,8 +16,7 @@ import tempfile
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.safe_read import read_json
-from persimmon_tools.safe_write import fsync_dir, refuse_symlink
+from persimmon_tools.safe_write import fsync_dir, recorded_outputs, refuse_symlink
 from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_info
 from persimmon_tools.tokenizer.check import TIE_EXPLANATION, ParityReport, check_parity, parity_report
 from persimmon_tools.tokenizer.corpus import builtin_sample
@@ -226,18 +225,7 @@ def _refuse_foreign_files(out_dir: Path, names: tuple[str, ...]) -> None:
     present = [n for n in names if os.path.lexists(out_dir / n)]
     if not present:
         return
-    recorded: set[str] = set()
-    try:
-        record = read_json(
-            out_dir / _CONVERSION_RECORD,
-            what="the conversion record",
-            error=TokenizerError,
-            follow_symlinks=False,
-        )
-        files = record.get("output_files")
-        recorded = {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
-    except TokenizerError:
-        pass  # no record, or not a readable one: nothing in the folder is known to be ours
+    recorded = recorded_outputs(out_dir, _CONVERSION_RECORD) or set()
     foreign = [
         n for n in present if n not in recorded or (out_dir / n).is_symlink() or not (out_dir / n).is_file()
     ]
