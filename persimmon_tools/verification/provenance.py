@@ -29,28 +29,19 @@ def _record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _files(entries: Any) -> set[tuple[str, int]]:
+def _shards(entries: Any, *, sha256: bool) -> set[tuple[str, int, str | None]]:
+    """Checkpoint shards (``.pt``) by (last three path parts, size, sha256). Without ``sha256``, or when any
+    entry was not hashed (verify without source hashing), the third part is None for all."""
     out = set()
     for f in entries if isinstance(entries, list) else []:
-        if isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int):
-            out.add(("/".join(f["name"].split("/")[-3:]), f["size"]))
-    return out
-
-
-def _hashed(entries: Any) -> set[tuple[str, int, str | None]]:
-    """Checkpoint shards by (last three path parts, size, sha256 or None when a run did not hash them)."""
-    out = set()
-    for f in entries if isinstance(entries, list) else []:
-        if isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"].endswith(".pt"):
-            sha = f.get("sha256") if isinstance(f.get("sha256"), str) else None
-            out.add(("/".join(f["name"].split("/")[-3:]), f.get("size"), sha))
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)):
+            continue
+        if f["name"].endswith(".pt"):
+            sha = f.get("sha256") if sha256 and isinstance(f.get("sha256"), str) else None
+            out.add(("/".join(f["name"].split("/")[-3:]), f["size"], sha))
     if any(sha is None for *_, sha in out):
         out = {(name, size, None) for name, size, _ in out}
     return out
-
-
-def _shards(files: set[tuple[str, int]]) -> set[tuple[str, int]]:
-    return {f for f in files if f[0].endswith((".pt",))}
 
 
 def reference_mismatch(out_dir: Path, source: dict[str, Any]) -> str | None:
@@ -60,7 +51,8 @@ def reference_mismatch(out_dir: Path, source: dict[str, Any]) -> str | None:
     recorded = (record or {}).get("source") or {}
     if not isinstance(recorded, dict):
         return None
-    was, now = _shards(_files(recorded.get("checkpoint_files"))), _shards(_files(source.get("files")))
+    was = _shards(recorded.get("checkpoint_files"), sha256=False)
+    now = _shards(source.get("files"), sha256=False)
     if was and now and was != now:
         only_was = sorted(was - now)[:2]
         return (
@@ -83,7 +75,8 @@ def keep_existing_report(report_path: Path, source: dict[str, Any], passed: bool
     old = _record(report_path)
     if not old or old.get("verdict") != "pass":
         return None
-    before, now = _hashed((old.get("source") or {}).get("files")), _hashed(source.get("files"))
+    before = _shards((old.get("source") or {}).get("files"), sha256=True)
+    now = _shards(source.get("files"), sha256=True)
     if before and now and before != now:
         return (
             f"{report_path} records a passing verification against {(old.get('source') or {}).get('path')}; "
