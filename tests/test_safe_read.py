@@ -8,14 +8,13 @@ import time
 import pytest
 
 from persimmon_tools.errors import ConversionError, HubError, ReleaseError, UsageError
+from persimmon_tools.safe_graph import check_tree, small_repr
 from persimmon_tools.safe_read import (
-    check_tree,
     open_regular,
     read_json,
     read_small,
     read_text,
     scan_folder,
-    small_repr,
 )
 
 

@@ -12,13 +12,13 @@ from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION
 from persimmon_tools.errors import ConversionError, PersimmonToolsError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
+from persimmon_tools.safe_graph import small_repr
 from persimmon_tools.safe_read import (
     MAX_SAFETENSORS_HEADER_BYTES,
     open_regular,
     parse_json,
     read_json,
     scan_folder,
-    small_repr,
 )
 
 

@@ -28,7 +28,7 @@ from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.lazy import LazyTensor
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.megatron.unpickle import Opaque
-from persimmon_tools.safe_read import small_repr
+from persimmon_tools.safe_graph import small_repr
 
 Rank = tuple[int, int]  # (tensor rank, pipeline stage)
 

@@ -34,7 +34,7 @@ import torch
 
 from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
 from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
-from persimmon_tools.safe_read import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
+from persimmon_tools.safe_graph import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
 
 #: Module prefixes whose classes become inert stand-ins (ADEPT / Megatron / numpy objects in args, rng state).
 OPAQUE_PREFIXES = ("tool_use.", "megatron.", "apex.", "numpy.", "transformer_engine.")
@@ -284,7 +284,7 @@ guard_pickle_hashing(RestrictedUnpickler.dispatch, _check_hashed)
 
 
 def _children(obj: Any) -> Any:
-    """What :func:`~persimmon_tools.safe_read.check_tree` walks below stand-ins and Namespaces."""
+    """What :func:`~persimmon_tools.safe_graph.check_tree` walks below stand-ins and Namespaces."""
     if isinstance(obj, Opaque):
         return (obj.args, obj.kwargs, obj.state)
     if isinstance(obj, argparse.Namespace):

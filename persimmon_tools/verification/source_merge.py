@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from persimmon_tools.errors import CheckpointError
-from persimmon_tools.safe_read import small_repr
+from persimmon_tools.safe_graph import small_repr
 from persimmon_tools.verification.source_layout import SourceLayout, discover
 from persimmon_tools.verification.source_pickle import TensorView, read_shard
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
-from persimmon_tools.safe_read import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
+from persimmon_tools.safe_graph import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
 from persimmon_tools.verification.source_layout import FileSlice
 from persimmon_tools.verification.source_tensor import Record, TensorView, make_view
 
