@@ -261,7 +261,7 @@ def main() -> None:
                 "--ids",
                 ids,
                 "--no-default-prompts",
-                "--json",
+                "--json-file",
                 str(work / f"verify_{a.preset}.json"),
             ]
         )

@@ -236,7 +236,7 @@ verify_step() { # PRESET DIR SOURCE DTYPE LOADER ROTARY
     [[ "$DRY_RUN" == 1 ]] || rm -f "$report"
     run_step "$preset" verify "$dtype" "$loader" "$rotary" "$report" -- \
         "${CLI[@]}" verify "$dir/hf" --reference "$source" --device "$DEVICE" --dtype "$dtype" --loader "$loader" \
-        --rotary "$rotary" --json "$report"
+        --rotary "$rotary" --json-file "$report"
 }
 
 free_gb() { # DIR: free space of its filesystem in GB (10^9 bytes)

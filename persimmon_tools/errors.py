@@ -11,6 +11,18 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_VERIFICATION_FAILED = 3
 
+#: Every exit status of the ``persimmon-tools`` commands, one table: (code, name, meaning). The CLI renders it
+#: into each command's ``--help`` and ``docs/cli.md``; the same situation gives the same code in every command
+#: (an output that exists and is not replaced is a failure, 1, with a hint naming ``--force`` where it exists).
+EXIT_CODES: tuple[tuple[int, str, str], ...] = (
+    (0, "ok", "success"),
+    (EXIT_FAILURE, "failure", "Error:/Hint: on stderr; includes an output that exists (see --force)"),
+    (EXIT_USAGE, "usage", "a flag, argument or value that cannot work"),
+    (EXIT_VERIFICATION_FAILED, "verification failed", "the converted model does not match the checkpoint"),
+    (130, "interrupted", "Ctrl-C or SIGTERM; temporary output was removed"),
+    (141, "stdout closed", "the reader of stdout went away (| head); no message"),
+)
+
 
 class PersimmonToolsError(Exception):
     """Base class of every error the toolkit raises on purpose."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -157,7 +158,7 @@ def convert_cmd(
     )
     if dry_run:
         plan = prepare(source, options)
-        _print_plan(plan.summary(), out_dir, as_json)
+        _print_plan(_plan_summary(plan, run_verify), out_dir, as_json)
         return
     total: dict[str, int] = {}
     with byte_progress(None, "convert") as advance:
@@ -175,39 +176,72 @@ def convert_cmd(
             )
 
         result = convert(source, out_dir, options, progress=advance, on_plan=on_plan)
+    convert_rss = peak_rss_bytes()  # before verify: ru_maxrss only grows, so this is convert's own peak
     summary = {
         "out_dir": str(out_dir),
         "tensors": result.stats.tensors,
         "bytes": result.stats.bytes_written,
-        "seconds": round(result.seconds, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "seconds": round(result.seconds, 2),  # the convert phase (as "convert" below)
+        "peak_rss_bytes": convert_rss,  # the process's peak at the end of convert (as "convert" below)
         "files": result.files,
+        "convert": {"seconds": round(result.seconds, 2), "peak_rss_bytes": convert_rss},
     }
+    verified = None
     if run_verify:
-        summary["verification"] = _auto_verify(result, source)
+        verified = _auto_verify(result, source, convert_rss)
+        summary["verification"] = verified["result"]
+        summary["verify"] = verified
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not is_quiet():
         click.echo(
             f"Converted {result.stats.tensors} tensors ({human_bytes(result.stats.bytes_written)}) to {out_dir} "
-            f"in {result.seconds:.2f} s, peak RSS {human_bytes(peak_rss_bytes())}.",
+            f"in {result.seconds:.2f} s, peak RSS {human_bytes(convert_rss)} (at the end of convert).",
             err=True,
         )
+        if verified is not None:
+            click.echo(_verify_line(verified), err=True)
 
 
-def _auto_verify(result, source: Path) -> str:
+def _verify_line(verified: dict) -> str:
+    """The human line of the automatic verify: its own time, and the process's peak RSS after it."""
+    if verified["seconds"] is None:
+        return f"Verify: {verified['result']}."
+    peak = human_bytes(verified["peak_rss_bytes"])
+    where = (
+        "reached during verify"
+        if verified["peak_rss_reached_in_verify"]
+        else "verify stayed at or below convert's peak"
+    )
+    return (
+        f"Verify: {verified['result']} in {verified['seconds']:.2f} s, "
+        f"peak RSS of the process {peak} (convert and verify together; {where})."
+    )
+
+
+def _auto_verify(result, source: Path, convert_rss: int) -> dict:
+    """Run verify on CPU when the model is small enough: ``{"result", "seconds", "peak_rss_bytes",
+    "peak_rss_reached_in_verify"}``. ``peak_rss_bytes`` is the process's peak after verify (``ru_maxrss``
+    only grows, so it covers convert too); ``peak_rss_reached_in_verify`` says whether verify raised it
+    above ``convert_rss``. Seconds and peak are None when verify did not run."""
+
+    def skipped(why: str) -> dict:
+        return {"result": why, "seconds": None, "peak_rss_bytes": None, "peak_rss_reached_in_verify": None}
+
     try:
         from persimmon_tools.verification.verify import VerifyOptions, should_auto_verify, verify
     except ImportError:
-        return "skipped (verify not available)"
+        return skipped("skipped (verify not available)")
     if not should_auto_verify(result.plan.dims, "cpu"):
         log.info(
             "model too large for the automatic CPU check; run `persimmon-tools verify %s --reference %s`",
             result.out_dir,
             source,
         )
-        return "skipped (model too large for the automatic check)"
+        return skipped("skipped (model too large for the automatic check)")
+    start = time.perf_counter()
     report = verify(result.out_dir, source, VerifyOptions(device="cpu"))
+    seconds, peak = time.perf_counter() - start, peak_rss_bytes()
     if not report.passed:
         from persimmon_tools.errors import VerificationError
 
@@ -216,7 +250,28 @@ def _auto_verify(result, source: Path) -> str:
             hint="see verification.json in OUT_DIR; re-run `persimmon-tools verify` for the full report",
         )
     log.info("verify: %s", report.summary_line())
-    return "pass"
+    return {
+        "result": "pass",
+        "seconds": round(seconds, 2),
+        "peak_rss_bytes": peak,
+        "peak_rss_reached_in_verify": peak > convert_rss,
+    }
+
+
+def _plan_summary(plan, run_verify: bool) -> dict:
+    """The plan's summary plus what the automatic verify would do (``verify``: runs, why, loader, estimated
+    peak memory and seconds; see :func:`persimmon_tools.verification.verify.estimate_auto_verify`)."""
+    summary = plan.summary()
+    if not run_verify:
+        summary["verify"] = {"runs": False, "why": "--no-verify"}
+        return summary
+    try:
+        from persimmon_tools.verification.verify import estimate_auto_verify
+    except ImportError:
+        summary["verify"] = {"runs": False, "why": "verify not available"}
+        return summary
+    summary["verify"] = estimate_auto_verify(plan.dims, plan.shards.total_size, "cpu").to_dict()
+    return summary
 
 
 def _print_plan(summary: dict, out_dir: Path, as_json: bool) -> None:
@@ -236,7 +291,20 @@ def _print_plan(summary: dict, out_dir: Path, as_json: bool) -> None:
         click.echo(f"  dropped (--drop-key): {', '.join(summary['dropped_keys'])}")
     for fname, shard in summary["shards"].items():
         click.echo(f"  {fname}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")
-    click.echo(f"  estimated peak memory: {human_bytes(summary['estimated_peak_memory_bytes'])}")
+    click.echo(
+        f"  estimated peak memory (convert): {human_bytes(summary['estimated_peak_memory_bytes'])}; "
+        "time not estimated (bound by the disks)"
+    )
+    ver = summary.get("verify") or {}
+    if ver.get("runs"):
+        click.echo(f"  automatic verify: would run ({ver['why']})")
+        click.echo(
+            f"  estimated peak memory (verify): {human_bytes(ver['estimated_peak_memory_bytes'])} "
+            f"(converted side loaded by {ver['loader']}; the process's peak is the larger of the two); "
+            f"time roughly {ver['estimated_seconds']:.0f} s ({ver['basis']})"
+        )
+    else:
+        click.echo(f"  automatic verify: would not run ({ver.get('why', 'unknown')})")
     click.echo("  config.json: " + json.dumps(summary["config"]))
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli import common_options, echo_json, is_quiet, json_option
 from persimmon_tools.cli.commands_convert import convert_cmd
 from persimmon_tools.cli.params import ITERATION, POSITIVE_INT, SEED, DType, SafePath
 from persimmon_tools.cli.progress import byte_progress, human_bytes
-from persimmon_tools.errors import UsageError
+from persimmon_tools.errors import PersimmonToolsError, UsageError
 
 _PATH = SafePath(path_type=Path)
 
@@ -25,8 +25,9 @@ _PATH = SafePath(path_type=Path)
 def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: bool) -> None:
     """Show what SOURCE holds: layout, iteration, TP/PP, args, pickle globals, tensors.
 
-    SOURCE may also be a converted folder (shows its config, shards and verification). Reads no tensor data
-    and runs nothing from the pickle.
+    SOURCE may also be a converted folder (shows its config, shards and verification; its files are hashed,
+    as push does, to tell whether it is still what was verified). Never parses tensor data and runs nothing
+    from the pickle.
 
     \b
     Examples:
@@ -39,7 +40,7 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
     if not tensors:
         info.pop("tensors", None)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        echo_json(info)
         return
     for key, value in info.items():
         if key == "tensors":
@@ -49,6 +50,8 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
                     f"  {t['name']:<70} {str(t['shape']):<16} {t['dtype']:<9} {human_bytes(t['bytes']):>11}"
                     f"  {t['parallel'] or '?'}"
                 )
+        elif key == "verification" and isinstance(value, dict) and "status" in value:
+            click.echo(f"verification: {value['status']} (report of {value.get('created')})")
         elif isinstance(value, (dict, list)):
             click.echo(f"{key}: {json.dumps(value)}")
         else:
@@ -59,8 +62,9 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
 @click.argument("release_tar", type=SafePath(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dest", type=_PATH)
 @click.option("--no-md5", is_flag=True, help="Skip the md5 check of known release names.")
+@json_option("Print what was extracted (dest, files, bytes, md5) as JSON on stdout.")
 @common_options
-def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool) -> None:
+def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> None:
     """Safely extract RELEASE_TAR into DEST (a new or empty folder).
 
     Refuses links, devices and paths escaping DEST; checks ADEPT's published md5 for
@@ -80,7 +84,17 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool) -> None:
         if result.md5_expected
         else f"md5 {result.md5} (no published value)"
     )
-    if not is_quiet():
+    if as_json:
+        echo_json(
+            {
+                "dest": str(dest),
+                "files": result.files,
+                "bytes": result.bytes,
+                "md5": result.md5,
+                "md5_expected": result.md5_expected,
+            }
+        )
+    elif not is_quiet():
         click.echo(
             f"Extracted {result.files} files ({human_bytes(result.bytes)}) into {dest}; {md5}.", err=True
         )
@@ -129,9 +143,18 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool) -> None:
     help="SentencePiece model to ship as adept_vocab.model (needs a |ENDOFTEXT| piece).",
 )
 @click.option("--force", is_flag=True, help="Overwrite OUT_TAR if it exists.")
+@json_option("Print what was written (out_tar, bytes, preset, tp, pp, dtype, seed) as JSON on stdout.")
 @common_options
 def make_release_cmd(
-    out_tar: Path, preset: str, tp: int, pp: int, dtype: str, seed: int, vocab: Path | None, force: bool
+    out_tar: Path,
+    preset: str,
+    tp: int,
+    pp: int,
+    dtype: str,
+    seed: int,
+    vocab: Path | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Write a random-weight release tarball in ADEPT's exact layout (for tests, demos, benchmarks).
 
@@ -146,9 +169,9 @@ def make_release_cmd(
     from persimmon_tools.synth.build import make_release
 
     _check_layout(preset, tp, pp)
-    if out_tar.exists() and (not force or out_tar.is_dir()):
+    if out_tar.exists() and (not force or out_tar.is_dir()):  # exit 1 like convert's non-empty OUT_DIR
         kind = "a directory" if out_tar.is_dir() else "a file"
-        raise UsageError(
+        raise PersimmonToolsError(
             f"OUT_TAR {out_tar} exists and is {kind}",
             hint="choose another path" + ("" if out_tar.is_dir() else ", or pass --force to overwrite it"),
         )
@@ -164,8 +187,21 @@ def make_release_cmd(
             vocab_model=vocab.read_bytes() if vocab else None,
             progress=advance,
         )
-    if not is_quiet():
-        click.echo(f"Wrote {out_tar} ({human_bytes(out_tar.stat().st_size)}).", err=True)
+    size = out_tar.stat().st_size
+    if as_json:
+        echo_json(
+            {
+                "out_tar": str(out_tar),
+                "bytes": size,
+                "preset": preset,
+                "tp": tp,
+                "pp": pp,
+                "dtype": dtype,
+                "seed": seed,
+            }
+        )
+    elif not is_quiet():
+        click.echo(f"Wrote {out_tar} ({human_bytes(size)}).", err=True)
 
 
 def _divisors(n: int) -> list[int]:

@@ -147,14 +147,9 @@ def _render_plan(result: PushResult) -> None:
     click.echo("Dry run: nothing was uploaded.")
     if unknown:
         click.echo(f"Remote:     unknown, the Hub was not reached ({unknown})")
-    state = "state unknown" if unknown else "exists" if plan.repo_exists else "would be created"
-    visibility = {True: ", private", False: ", public"}.get(plan.private, "")
-    click.echo(f"Repository: {plan.repo_id} ({plan.repo_url}; {state}{visibility})")
-    rev_state = (
-        "state unknown" if unknown else "exists" if plan.revision_exists else "would be created from main"
-    )
+    click.echo(f"Repository: {plan.repo_id} ({plan.repo_url}; {plan.describe_repo()})")
     pr = "; a pull request would be opened" if plan.create_pr else ""
-    click.echo(f"Revision:   {plan.revision} ({rev_state}{pr})")
+    click.echo(f"Revision:   {plan.revision} ({plan.describe_revision()}{pr})")
     click.echo(f"Verified:   {'yes' if plan.verified else 'NO (--allow-unverified)'}")
     click.echo(f"Commit:     {plan.commit_message}")
     if unknown:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli import common_options, echo_json, is_quiet
 from persimmon_tools.cli.params import SafePath
 from persimmon_tools.errors import TokenizerError, UsageError
 
@@ -46,6 +45,14 @@ def _read_corpus(paths: tuple[Path, ...]) -> list[str]:
     "--chat", is_flag=True, help="Add a chat_template for ADEPT's 'human: …\\n\\nadept:' prompt format."
 )
 @click.option(
+    "--model-max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="model_max_length in tokenizer_config.json (default: 16384, the 8B's max_position_embeddings; "
+    "convert takes it from the checkpoint's max_position_embeddings).",
+)
+@click.option(
     "--allow-tokenizer-mismatch",
     "--force",
     "force",
@@ -70,6 +77,7 @@ def tokenizer_cmd(
     check: bool,
     add_bos: bool,
     chat: bool,
+    model_max_length: int | None,
     force: bool,
     allow_ties: bool,
     as_json: bool,
@@ -91,11 +99,14 @@ def tokenizer_cmd(
       persimmon-tools tokenizer --check --allow-ties t5.model runs.txt  # float32 ties only: exit 0
     """
     from persimmon_tools.tokenizer.check import TIE_EXPLANATION
-    from persimmon_tools.tokenizer.write import check_parity, write_tokenizer
+    from persimmon_tools.tokenizer.write import MODEL_MAX_LENGTH, check_parity, write_tokenizer
 
     if check:
-        if chat or not add_bos:
-            raise UsageError("--chat and --no-add-bos only apply when writing", hint="drop them with --check")
+        if chat or not add_bos or model_max_length is not None:
+            raise UsageError(
+                "--chat, --no-add-bos and --model-max-length only apply when writing",
+                hint="drop them with --check",
+            )
         missing = [p for p in paths if not p.is_file()]
         if missing:
             what = "is a directory" if missing[0].is_dir() else "does not exist"
@@ -106,7 +117,7 @@ def tokenizer_cmd(
         texts = _read_corpus(paths) if paths else None
         report = check_parity(sp_model, texts, strict=not force)
         if as_json:
-            click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+            echo_json(report.to_dict(), ensure_ascii=False)  # on a mismatch (exit 1) too: "ok": false
         elif not is_quiet() or not report.ok:
             source = ", ".join(str(p) for p in paths) if paths else "built-in sample"
             click.echo(
@@ -137,12 +148,18 @@ def tokenizer_cmd(
         )
     out_dir = paths[0]
     if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a directory", hint="pass a directory for OUT_DIR")
+        raise TokenizerError(f"{out_dir} exists and is not a directory", hint="choose another OUT_DIR")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         written = write_tokenizer(
-            sp_model, out_dir, add_bos_token=add_bos, chat=chat, check=not force, allow_ties=allow_ties
+            sp_model,
+            out_dir,
+            add_bos_token=add_bos,
+            chat=chat,
+            check=not force,
+            allow_ties=allow_ties,
+            model_max_length=MODEL_MAX_LENGTH if model_max_length is None else model_max_length,
         )
     except BaseException:
         if created:  # leave no empty OUT_DIR behind a refused model
@@ -150,7 +167,7 @@ def tokenizer_cmd(
                 out_dir.rmdir()
         raise
     if as_json:
-        click.echo(json.dumps({"written": [str(p) for p in written]}, indent=2))
+        echo_json({"written": [str(p) for p in written]})
     elif not is_quiet():
         for path in written:
             click.echo(f"wrote {path}")

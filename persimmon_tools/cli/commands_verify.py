@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli import common_options, echo_json, is_quiet, json_option
 from persimmon_tools.cli.params import DEVICE, ITERATION, PROMPT, TOKEN_IDS, DType, SafePath
 from persimmon_tools.errors import UsageError
 
@@ -87,12 +87,13 @@ from persimmon_tools.errors import UsageError
 @click.option(
     "--no-source-hash", is_flag=True, help="Do not sha256 the checkpoint files (faster; JSON says so)."
 )
+@json_option("Print the report as JSON on stdout instead of the table (also when it failed: exit 3).")
 @click.option(
-    "--json",
+    "--json-file",
     "json_path",
-    type=SafePath(dir_okay=False, allow_dash=True, path_type=Path),
-    metavar="REPORT.json",
-    help="Also write the report there ('-': print it instead of the table).",
+    type=SafePath(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="Also write the report to PATH (the same JSON as OUT_DIR/verification.json).",
 )
 @common_options
 def verify_cmd(
@@ -110,6 +111,7 @@ def verify_cmd(
     iteration: int | None,
     vocab: Path | None,
     no_source_hash: bool,
+    as_json: bool,
     json_path: Path | None,
 ) -> None:
     """Prove that converted folder OUT_DIR computes what the original checkpoint SOURCE computes.
@@ -120,17 +122,18 @@ def verify_cmd(
     the checkpoint and (small models) every tensor by value. On failure it names the first diverging
     layer and the most likely tensor or config value. Writes OUT_DIR/verification.json either way.
 
-    Exit status: 0 pass, 3 verification failed, 2 usage error, 1 other failure.
-
     \b
     Examples:
       persimmon-tools verify ./persimmon-8b-chat-hf --reference 8b_chat_model_release.tar
-      persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json report.json
+      persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json-file report.json
+      persimmon-tools verify ./out -r release.tar --json > report.json  # printed on exit 3 too
       persimmon-tools verify ./out -r release.tar --prompt $'human: Hi\\n\\nadept:' --ids 71013,1,2  # $'...': real newlines
     """
     from persimmon_tools.verification.report import render_table, write_report
     from persimmon_tools.verification.verify import VerifyOptions, check_passed, verify
 
+    if json_path is not None and str(json_path) == "-":
+        raise UsageError("--json-file -: expected a file path", hint="--json prints the report on stdout")
     texts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
     options = VerifyOptions(
         device=device,
@@ -152,13 +155,12 @@ def verify_cmd(
         options,
         progress=(lambda s: click.echo(f"  {s}", err=True)) if show else (lambda s: None),
     )
-    if json_path is not None and str(json_path) == "-":
-        click.echo(report.to_json(), nl=False)
-    else:
-        if json_path is not None:
-            write_report(report, json_path)
-        if not is_quiet() or not report.passed:
-            click.echo(render_table(report))
+    if json_path is not None:
+        write_report(report, json_path)
+    if as_json:  # the report is the one JSON document, also when it failed (exit 3, no error object)
+        echo_json(report.to_json())
+    elif not is_quiet() or not report.passed:
+        click.echo(render_table(report))
     check_passed(report)
 
 

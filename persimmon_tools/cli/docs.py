@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from persimmon_tools.cli import main
+from persimmon_tools.errors import EXIT_CODES
 
 WIDTH = 100
 
@@ -39,9 +40,19 @@ def cli_reference_markdown() -> str:
         "Generated from `--help` by `python -m persimmon_tools.cli.docs > docs/cli.md`; "
         "`tests/cli/test_docs.py` fails when it is out of date.",
         "",
-        "Exit codes: 0 success, 1 failure (`Error:` / `Hint:` on stderr), 2 usage error, "
-        "3 verification failed, 130 interrupted (Ctrl-C / SIGTERM; temporary output removed), "
-        "141 stdout closed by its reader (`| head`; no message).",
+        "Exit codes, the same for every command (also at the end of each `--help`):",
+        "",
+        "| exit | name | meaning |",
+        "|---|---|---|",
+        *(
+            f"| {code} | {name} | {meaning.replace('|', chr(92) + '|')} |"
+            for code, name, meaning in EXIT_CODES
+        ),
+        "",
+        "`--json` is a flag of every command: one JSON document on stdout. On failure it is "
+        '`{"error": {"message": ..., "hint": ..., "exit_code": N, "type": ...}}` (`Error:` / `Hint:` still go '
+        "to stderr), except where the command printed its own report first: `verify` (exit 3) prints its report "
+        'with `"verdict": "fail"`, `tokenizer --check` (exit 1) its parity report with `"ok": false`.',
         "",
         "## persimmon-tools",
         "",

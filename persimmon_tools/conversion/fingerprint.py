@@ -2,13 +2,17 @@
 
 ``verification.json`` records every file of a converted folder except the files listed in
 :data:`UNFINGERPRINTED` (the report itself and the model card, which ``push`` may write later).
+:func:`verification_status` is the one judgement of whether a folder is still what was verified: ``push``
+refuses what it does not call verified, and ``inspect`` reports the same status.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from persimmon_tools.errors import ConversionError, PersimmonToolsError
 from persimmon_tools.safe_read import describe_irregular, open_regular, scan_folder
@@ -86,3 +90,66 @@ def fingerprint_mismatches(folder: Path, recorded: dict[str, dict[str, object]])
         elif sha256_file(path) != entry.get("sha256"):
             problems.append(f"{rel}: sha256 differs from the recorded one")
     return problems
+
+
+#: :attr:`VerificationStatus.state` values: the folder matches a passing report, or why it does not.
+VERIFICATION_STATES = ("verified", "missing", "failed", "unrecorded", "stale")
+_LISTED = 5
+
+
+@dataclass(frozen=True)
+class VerificationStatus:
+    """Whether a folder is still what a passing ``verification.json`` checked (:func:`verification_status`).
+
+    ``state``: ``verified`` (verdict pass, and every recorded file is there with its size and sha256, no
+    other file), ``missing`` (no report), ``failed`` (verdict not pass), ``unrecorded`` (the report records
+    no file fingerprints) or ``stale`` (files changed, were added or removed after verification).
+    ``problems``: one line per reason (empty when verified); ``recorded``: the recorded fingerprint when
+    verified.
+    """
+
+    state: str
+    problems: tuple[str, ...] = ()
+    recorded: dict[str, dict[str, object]] | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.state == "verified"
+
+    def describe(self) -> str:
+        """One line: ``pass (...)``, ``stale (files changed after verification: ...)``, ``fail (...)``, ..."""
+        listed = "; ".join(self.problems[:_LISTED])
+        if len(self.problems) > _LISTED:
+            listed += f" (and {len(self.problems) - _LISTED} more)"
+        return {
+            "verified": "pass (every file as verified)",
+            "missing": f"none ({listed})",
+            "failed": f"fail ({listed})",
+            "unrecorded": f"unusable ({listed})",
+            "stale": f"stale (files changed after verification: {listed})",
+        }[self.state]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "status": self.describe(), "problems": list(self.problems)}
+
+
+def verification_status(folder: Path, report: Any) -> VerificationStatus:
+    """Judge ``folder`` against ``report`` (``verification.json`` as read by the caller; ``None``: absent).
+
+    The callers read the report with their own error type (``push``: HubError; ``inspect``: ConversionError)
+    and both judge with this function, so ``inspect`` says stale exactly when ``push`` refuses a folder as
+    stale. Every recorded file of the right size is hashed (sha256), as ``push`` does.
+    """
+    if not isinstance(report, dict):
+        return VerificationStatus("missing", (f"{VERIFICATION_FILE} is missing or unreadable",))
+    if report.get("verdict") != "pass":
+        return VerificationStatus(
+            "failed", (f"{VERIFICATION_FILE} has verdict {report.get('verdict')!r}, not 'pass'",)
+        )
+    recorded = report.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return VerificationStatus("unrecorded", (f"{VERIFICATION_FILE} records no file fingerprints",))
+    problems = fingerprint_mismatches(Path(folder), recorded)
+    if problems:
+        return VerificationStatus("stale", tuple(problems))
+    return VerificationStatus("verified", (), recorded)

@@ -1,4 +1,8 @@
-"""``inspect``: what a release (or a converted folder) holds, as a JSON-able dict. Reads no tensor data."""
+"""``inspect``: what a release (or a converted folder) holds, as a JSON-able dict. Never parses tensor data.
+
+For a converted folder with ``verification.json``, its files are hashed (sha256, as ``push`` does) to tell
+whether the folder is still what was verified (:func:`~persimmon_tools.conversion.fingerprint.verification_status`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from persimmon_tools.conversion.config import derive_dims
-from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE
+from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, verification_status
 from persimmon_tools.errors import ConversionError, PersimmonToolsError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
@@ -112,14 +116,19 @@ def inspect_converted(folder: Path) -> dict[str, Any]:
         "config": _record(folder, "config.json"),
     }
     info["shards"] = [_safetensors_summary(folder / f) for f in scan.files if f.endswith(".safetensors")]
-    for name, key in ((CONVERSION_FILE, "conversion"), (VERIFICATION_FILE, "verification")):
-        data = _record(folder, name)
-        if data is not None:
-            info[key] = (
-                data
-                if key == "conversion"
-                else {"verdict": data.get("verdict"), "created": data.get("created")}
-            )
+    conversion = _record(folder, CONVERSION_FILE)
+    if conversion is not None:
+        info["conversion"] = conversion
+    report = _record(folder, VERIFICATION_FILE)
+    if report is not None:
+        # the same judgement as push's (hashes the recorded files): "stale" here exactly when push refuses
+        # the folder as stale
+        status = verification_status(folder, report)
+        info["verification"] = {
+            "verdict": report.get("verdict"),
+            "created": report.get("created"),
+            **status.to_dict(),
+        }
     info["files"] = scan.files
     if scan.irregular:
         info["not_regular_files"] = scan.irregular

@@ -23,7 +23,8 @@ from persimmon_tools.conversion.fingerprint import (
     CONVERSION_FILE,
     MODEL_CARD_FILE,
     VERIFICATION_FILE,
-    fingerprint_mismatches,
+    VerificationStatus,
+    verification_status,
 )
 from persimmon_tools.errors import HubError
 from persimmon_tools.hub.model_card import build_model_card, detect_variant, folder_digest, read_record
@@ -116,19 +117,17 @@ def check_verification(folder: Path) -> tuple[list[str], dict[str, dict[str, Any
     """Why ``folder`` is not verified (empty list: it is), and the recorded fingerprint when it is.
 
     Verified means: ``verification.json`` exists, its verdict is ``pass``, it records files, and the folder
-    still holds exactly those files with the recorded sizes and sha256. Call :func:`scan_folder` first: the
+    still holds exactly those files with the recorded sizes and sha256 (:func:`verification_state`). Call :func:`scan_folder` first: the
     fingerprint check then meets no link to follow.
     """
-    report = read_record(folder, VERIFICATION_FILE)
-    if report is None:
-        return [f"{VERIFICATION_FILE} is missing or unreadable"], None
-    if report.get("verdict") != "pass":
-        return [f"{VERIFICATION_FILE} has verdict {report.get('verdict')!r}, not 'pass'"], None
-    recorded = report.get("files")
-    if not isinstance(recorded, dict) or not recorded:
-        return [f"{VERIFICATION_FILE} records no file fingerprints"], None
-    problems = fingerprint_mismatches(folder, recorded)
-    return problems, (None if problems else recorded)
+    status = verification_state(folder)
+    return list(status.problems), status.recorded
+
+
+def verification_state(folder: Path) -> VerificationStatus:
+    """The folder's verification status, judged by the same function as ``inspect``'s
+    (:func:`persimmon_tools.conversion.fingerprint.verification_status`); the report is read as a HubError."""
+    return verification_status(folder, read_record(folder, VERIFICATION_FILE))
 
 
 def choose_card(

@@ -13,6 +13,7 @@ from persimmon_tools.conversion.fingerprint import MODEL_CARD_FILE, VERIFICATION
 from persimmon_tools.errors import HubError
 from persimmon_tools.safe_read import open_regular
 
+DEFAULT_REVISION = "main"  # huggingface_hub.constants.DEFAULT_REVISION (not imported here: plan is light)
 CARD_MODES = ("keep", "replace")  # push --card: keep the Hub's README.md, or replace it with ours
 
 _LFS_PATTERNS = ("*.safetensors", "*.bin", "*.model", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.npz")
@@ -47,6 +48,47 @@ class PushPlan:
     commit_message: str
     files: tuple[PlannedFile, ...]
     remote_unknown: str | None = None  # dry run without the Hub: why its state is unknown
+    remote_private: bool | None = None  # dry run: the existing repo's visibility on the Hub (None: not known)
+
+    @property
+    def is_default_revision(self) -> bool:
+        """The target is the repo's main branch: it exists, or comes with the repo (never "from main")."""
+        return self.revision == DEFAULT_REVISION
+
+    def describe_repo(self) -> str:
+        """The repository as the dry run found it: its visibility on the Hub when it exists, else the one
+        --private/--public would give it; ``state unknown (offline)`` when the Hub was not reached."""
+        asked = None if self.private is None else "private" if self.private else "public"
+        if self.remote_unknown:
+            return "state unknown (offline)" + (
+                f"; would be created {asked} if missing (--{asked})" if asked else ""
+            )
+        if not self.repo_exists:
+            if asked:
+                return f"would be created, {asked} (from --{asked})"
+            return "would be created, with the Hub's default visibility (neither --private nor --public)"
+        actual = None if self.remote_private is None else "private" if self.remote_private else "public"
+        if actual is None:
+            return "exists, visibility unknown"
+        if asked and asked != actual:
+            return f"exists, {actual} (--{asked} applies only when push creates the repo; it stays {actual})"
+        return f"exists, {actual}"
+
+    def describe_revision(self) -> str:
+        """The target revision as the dry run found it (main never "created from main")."""
+        if self.remote_unknown:
+            return "state unknown (offline)"
+        if self.revision_exists:
+            return "exists"
+        if self.is_default_revision:
+            if self.repo_exists:
+                return "would be made by this commit (the repository has no commit yet)"
+            return "would be created with the repository"
+        if self.revision.startswith("refs/"):
+            return "not found: push would refuse it (only a branch is created when missing)"
+        if self.repo_exists:
+            return "would be created from main"
+        return "would be created from main, once the repository is created"
 
     @property
     def to_upload(self) -> tuple[PlannedFile, ...]:

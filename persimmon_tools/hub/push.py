@@ -43,6 +43,7 @@ from persimmon_tools.hub.local import (
     default_message,
     read_verification_report,
     scan_folder,
+    verification_state,
 )
 from persimmon_tools.hub.network import (
     CONNECT_TIMEOUT,
@@ -61,7 +62,7 @@ from persimmon_tools.hub.plan import (
 )
 from persimmon_tools.hub.remote import dry_run_plan, remote_plan
 
-__all__ = ["PushResult", "check_verification", "push_folder"]
+__all__ = ["PushResult", "check_verification", "push_folder", "verification_state"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -186,11 +187,11 @@ def _push(
             hint="unset HF_HUB_OFFLINE to push; `push --dry-run` shows the local plan offline",
         )
     scan = scan_folder(folder)  # refuses links and special files before anything in the folder is read
-    problems, recorded = check_verification(folder)
+    status = verification_state(folder)  # the same judgement as `inspect`'s verification status
+    problems, recorded = list(status.problems), status.recorded
     if problems and not allow_unverified:
-        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
         raise HubError(
-            f"refusing to publish {folder}: it is not verified ({shown})",
+            f"refusing to publish {folder}: it is not verified (verification: {status.describe()})",
             hint="run `persimmon-tools verify` on the folder (again, if files changed), or pass "
             "--allow-unverified to publish anyway; the model card will then say it is unverified",
         )

@@ -31,13 +31,17 @@ def dry_run_plan(
         if offline:
             raise HubUnreachable(offline)
         exists = call("look up the repository", lambda: api.repo_exists(repo_id))
+        # the visibility the repo has on the Hub (--private/--public apply only when push creates it)
+        private = call("look up the repository", lambda: api.repo_info(repo_id).private) if exists else None
         rev_exists = exists and call("look up the revision", lambda: api.revision_exists(repo_id, target))
         rev = target if rev_exists else constants.DEFAULT_REVISION
         planned = remote_plan(api, plan, local, rev, call) if exists else compare_with_remote(local, {})
     except HubUnreachable as err:
         logger.warning("Dry run without the Hub: %s", err.message)
         return replace(plan, files=compare_with_remote(local, {}), remote_unknown=err.message)
-    return replace(plan, repo_exists=exists, revision_exists=rev_exists, files=planned)
+    return replace(
+        plan, repo_exists=exists, revision_exists=rev_exists, remote_private=private, files=planned
+    )
 
 
 def remote_plan(

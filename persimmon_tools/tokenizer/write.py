@@ -29,6 +29,7 @@ __all__ = [
     "ParityReport",
     "build_fast_tokenizer",
     "builtin_sample",
+    "chat_template",
     "check_parity",
     "special_tokens",
     "write_tokenizer",
@@ -48,6 +49,19 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{%- if messages -%}{{ '\\n\\n' }}{%- endif -%}{{ 'adept:' }}{%- endif -%}"
 )
+
+
+def chat_template(bos: bool) -> str:
+    """The ``chat_template`` written into ``tokenizer_config.json``: :data:`CHAT_TEMPLATE`, led by
+    ``{{ bos_token }}`` when the tokenizer prepends BOS.
+
+    ``apply_chat_template(tokenize=True)`` (and ``pipeline("text-generation")(messages)``) encodes the
+    rendered text with ``add_special_tokens=False``, so BOS must come from the template for chat ids to equal
+    ``tok(prompt)``'s; with ``split_special_tokens`` false the rendered ``|ENDOFTEXT|`` is the BOS id. The
+    choice is made when the files are written (``add_bos_token``), not passed to the template.
+    """
+    return ("{{ bos_token }}" + CHAT_TEMPLATE) if bos else CHAT_TEMPLATE
+
 
 #: ``model_max_length`` when no checkpoint says otherwise (``tokenizer`` command): the 8B's max_position_embeddings.
 MODEL_MAX_LENGTH = 16384
@@ -115,7 +129,8 @@ def write_tokenizer(
             the same name is replaced by the file, its target is never written).
         add_bos_token: prepend ``|ENDOFTEXT|`` on encode (the published ``adept/persimmon-8b-*`` configs do;
             ADEPT's own inference code does not).
-        chat: add a ``chat_template`` producing ADEPT's ``human: …\\n\\nadept:`` prompt format.
+        chat: add a ``chat_template`` producing ADEPT's ``human: …\\n\\nadept:`` prompt format, led by
+            ``bos_token`` when BOS is prepended (:func:`chat_template`).
         check: first compare with SentencePiece on :func:`builtin_sample` and raise
             :class:`TokenizerError` (writing nothing) on any mismatch. ``False`` also builds models whose
             options cannot be expressed exactly (with a logged warning).
@@ -170,13 +185,15 @@ def write_tokenizer(
         "add_eos_token": False,
         # The whole pipeline is in tokenizer.json; `legacy` only matters to Llama classes, which are not used.
         "legacy": False,
-        # Literal "|ENDOFTEXT|" in text is text, as in SentencePiece and ADEPT's inference code.
-        "split_special_tokens": True,
+        # transformers' default: the chat template's rendered bos_token is the BOS id. Literal special-token
+        # text ("|ENDOFTEXT|", "<unk>") is then that token in tok(text); split_special_tokens=True per call
+        # encodes it as SentencePiece does (docs/tokenizer.md).
+        "split_special_tokens": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     }
     if chat:
-        config["chat_template"] = CHAT_TEMPLATE
+        config["chat_template"] = chat_template(bool(add_bos_token and specials["bos"]))
     special_map: dict[str, object] = {f"{k}_token": v for k, v in names.items() if v is not None}
     if names["eos"] is not None:
         special_map["pad_token"] = names["eos"]

@@ -52,8 +52,13 @@ def test_known_errors_become_error_and_hint_with_exit_1(releases, tmp_path):
 def test_usage_errors_exit_2(releases, tmp_path):
     result = run("convert", releases["tar"], tmp_path / "out", "--dtype", "int4")
     assert result.exit_code == 2
+
+
+def test_an_existing_output_is_a_failure_not_a_usage_error(releases, tmp_path):
+    """make-release onto an existing file gives 1 like convert into a non-empty folder (tests/cli/
+    test_json_and_exit_codes.py checks every command)."""
     result = run("make-release", releases["tar"])
-    assert result.exit_code == 2 and "exists" in result.stderr
+    assert result.exit_code == 1 and "exists" in result.stderr and "--force" in result.stderr
 
 
 def test_debug_shows_the_traceback(releases, tmp_path):

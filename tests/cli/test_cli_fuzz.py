@@ -188,11 +188,11 @@ OPTIONS = {
         ("--allow-ties", flag), ("--no-add-bos", flag), ("--chat", flag), ("--json", flag), ("-q", flag),
     ),
     "inspect": _opts(("--iteration", _value(["1251"])), ("--json", flag), ("--no-tensors", flag)),
-    "unpack": _opts(("--no-md5", flag), ("-q", flag)),
+    "unpack": _opts(("--no-md5", flag), ("-q", flag), ("--json", flag)),
     "make-release": _opts(
         ("--preset", _value(["tiny"])), ("--tp", _value(["1", "2", "4"])), ("--pp", _value(["1", "2", "3"])),
         ("--dtype", _value(["bf16", "fp16", "fp32"])), ("--seed", _value(["0", "7"])), ("--vocab", path_recipe),
-        ("--force", flag),
+        ("--force", flag), ("--json", flag),
     ),
     "tokenizer": _opts(
         ("--no-add-bos", flag), ("--chat", flag), ("--force", flag), ("--allow-ties", flag), ("--json", flag),
@@ -203,7 +203,7 @@ OPTIONS = {
         ("--ids", _value(["1,2,3", "71013,1"])), ("--no-default-prompts", flag),
         ("--loader", _value(["auto", "persimmon-tools"])), ("--no-check-weights", flag),
         ("--iteration", _value(["1251"])), ("--vocab", path_recipe), ("--no-source-hash", flag),
-        ("--json", out_recipe),
+        ("--json", flag), ("--json-file", out_recipe),
     ),
     "push": _opts(
         ("--revision", junk), ("--endpoint", junk), ("--card", _value(["keep", "replace"])),

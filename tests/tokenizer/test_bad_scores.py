@@ -163,7 +163,7 @@ def test_files_that_load_but_encode_differently_are_refused(tmp_path, monkeypatc
     def eos_adding(folder):
         auto = original(folder)
         calls.append(auto)
-        return lambda texts: {"input_ids": [[*ids, 7] for ids in auto(texts)["input_ids"]]}
+        return lambda texts, **kw: {"input_ids": [[*ids, 7] for ids in auto(texts, **kw)["input_ids"]]}
 
     monkeypatch.setattr(reload, "_load_auto", eos_adding)
     model = tmp_path / "tiny.model"

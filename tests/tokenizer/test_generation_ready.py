@@ -106,23 +106,64 @@ def test_pipeline_batches_plain_prompts_and_chats(loaded):
     assert [len(c[0]["generated_text"]) for c in chats] == [2, 2]  # the user turn and the model's answer
 
 
+PLAIN = "human: hi\n\nadept:"  # CHATS[0] as a plain prompt
+
+
 def test_recommended_chat_call_has_exactly_one_bos(loaded):
-    """``tok(apply_chat_template(..., tokenize=False))`` (docs/tokenizer.md) equals the plain prompt's ids."""
+    """``apply_chat_template(..., tokenize=True, return_dict=True)`` (docs/tokenizer.md) equals the plain
+    prompt's ids; the rendered text starts with the BOS text, so ``tok(text)`` would add a second BOS."""
     tok, _ = loaded
+    with no_warnings():
+        enc = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=True, return_dict=True)
+    plain = tok(PLAIN)["input_ids"]
+    assert enc["input_ids"] == plain
+    assert plain[0] == tok.bos_token_id and plain.count(tok.bos_token_id) == 1
     text = tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
-    assert text == "human: hi\n\nadept:"
-    ids = tok(text)["input_ids"]
-    assert ids == tok("human: hi\n\nadept:")["input_ids"]
-    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert text == tok.bos_token + PLAIN
+    assert tok(text, add_special_tokens=False)["input_ids"] == plain
+    assert tok(text)["input_ids"].count(tok.bos_token_id) == 2  # the mistake the docs warn about
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply_chat_template(tokenize=True) encodes with add_special_tokens=False, and with "
-    "split_special_tokens=True a bos_token rendered by the template would be text, not the BOS id",
-)
 def test_chat_template_tokenize_true_agrees_with_plain_prompt_on_bos(loaded):
+    from transformers import pipeline
+
+    tok, model = loaded
+    plain = tok(PLAIN)["input_ids"]
+    with no_warnings():
+        ids = tok.apply_chat_template(CHATS[0], tokenize=True, add_generation_prompt=True)
+        pipe = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
+        out = pipe(CHATS[0], max_new_tokens=2, do_sample=False, return_tensors=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5.23 returns a BatchEncoding
+    assert ids == plain
+    assert list(out[0]["generated_token_ids"][: len(plain)]) == plain  # what pipeline(messages) encoded
+    multi = [*CHATS[0], {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+    enc = tok.apply_chat_template(multi, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert enc["input_ids"] == tok(PLAIN + " hello\n\nhuman: more\n\nadept:")["input_ids"]
+    assert enc["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_literal_endoftext_in_chat_content(chat_folder, loaded):
+    """``|ENDOFTEXT|`` is a user-defined piece of ADEPT's vocabulary: SentencePiece itself encodes the literal
+    text as that id, so ``sanitize_control_tokens=True`` refuses it; ``bos_token=""`` and
+    ``split_special_tokens=True`` encode the content exactly as SentencePiece does (docs/tokenizer.md)."""
+    import sentencepiece as spm
+
     tok, _ = loaded
-    ids = tok.apply_chat_template(CHATS[0], tokenize=True, add_generation_prompt=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    assert ids == tok("human: hi\n\nadept:")["input_ids"]
+    sp = spm.SentencePieceProcessor(model_file=str(chat_folder / "tokenizer.model"))
+    clean = tok.apply_chat_template(
+        CHATS[0], tokenize=True, add_generation_prompt=True, return_dict=True, sanitize_control_tokens=True
+    )
+    assert clean["input_ids"] == tok(PLAIN)["input_ids"]
+    messages = [{"role": "user", "content": "a |ENDOFTEXT| b"}]
+    with pytest.raises(ValueError, match="produces it from plain text"):
+        tok.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            sanitize_control_tokens=True,
+        )
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, bos_token="")
+    assert text == "human: a |ENDOFTEXT| b\n\nadept:"
+    assert tok(text, split_special_tokens=True)["input_ids"] == [tok.bos_token_id, *sp.encode(text)]
+    assert tok(text)["input_ids"] != [tok.bos_token_id, *sp.encode(text)]  # the default drops a "▁"

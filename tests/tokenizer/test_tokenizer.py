@@ -15,6 +15,7 @@ from persimmon_tools.tokenizer.write import (
     CHAT_TEMPLATE,
     build_fast_tokenizer,
     builtin_sample,
+    chat_template,
     check_parity,
     write_tokenizer,
 )
@@ -231,11 +232,20 @@ def test_autotokenizer_loads_and_matches(trained, tmp_path, name):
     eot = sp.piece_to_id("|ENDOFTEXT|")
     assert tok.bos_token_id == tok.eos_token_id == eot
     assert tok.unk_token_id == sp.unk_id()
+    specials = ("|ENDOFTEXT|", "<unk>")
     for text in _texts_for(model):
         ids = sp.encode(text)
-        assert tok(text, add_special_tokens=False)["input_ids"] == ids, text
-        assert tok(text)["input_ids"] == [eot, *ids], text
+        # split_special_tokens=True: literal special-token text encodes as SentencePiece encodes it
+        assert tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ids, text
+        assert tok(text, split_special_tokens=True)["input_ids"] == [eot, *ids], text
+        if not any(
+            s in text for s in specials
+        ):  # the default call agrees wherever no special token is spelled
+            assert tok(text)["input_ids"] == [eot, *ids], text
         assert tok.decode(ids) == sp.decode_ids(ids), text
+    # The default (transformers' split_special_tokens=False): literal special-token text is that token.
+    assert tok("x <unk> y|ENDOFTEXT|")["input_ids"].count(eot) == 2
+    assert sp.unk_id() in tok("x <unk> y")["input_ids"]
 
 
 def test_no_add_bos(trained, tmp_path):
@@ -249,20 +259,48 @@ def test_no_add_bos(trained, tmp_path):
     assert tok("hello world")["input_ids"] == sp.encode("hello world")
 
 
+def test_reload_check_encodes_literal_special_tokens_like_sentencepiece(trained, tmp_path):
+    """check_reload compares with split_special_tokens=True, the call that equals SentencePiece on any text."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from persimmon_tools.tokenizer.reload import check_reload
+
+    write_tokenizer(trained["unigram_user_control"], tmp_path)
+    written = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    check_reload(tmp_path, written, ["a |ENDOFTEXT| b", "x <unk> y", "plain"], origin="test")
+
+
+def test_no_add_bos_chat_template_renders_no_bos(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer(trained["unigram_user_control"], tmp_path, add_bos_token=False, chat=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE == chat_template(False)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "human: hi\n\nadept:"
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert ids["input_ids"] == tok(text)["input_ids"]
+    assert tok.bos_token_id not in ids["input_ids"]
+
+
 def test_chat_template_reproduces_adept_prompt(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
     write_tokenizer(trained["unigram_user_control"], tmp_path, chat=True)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     one = [{"role": "user", "content": "What is a persimmon?"}]
+    bos = "|ENDOFTEXT|"  # add_bos_token is on: the template renders bos_token first
     assert (
         tok.apply_chat_template(one, tokenize=False, add_generation_prompt=True)
-        == "human: What is a persimmon?\n\nadept:"
+        == bos + "human: What is a persimmon?\n\nadept:"
     )
     multi = [*one, {"role": "assistant", "content": "A fruit."}, {"role": "user", "content": "Which colour?"}]
-    assert (
-        tok.apply_chat_template(multi, tokenize=False, add_generation_prompt=True)
-        == "human: What is a persimmon?\n\nadept: A fruit.\n\nhuman: Which colour?\n\nadept:"
-    )
+    prompt = "human: What is a persimmon?\n\nadept: A fruit.\n\nhuman: Which colour?\n\nadept:"
+    assert tok.apply_chat_template(multi, tokenize=False, add_generation_prompt=True) == bos + prompt
+    ids = tok.apply_chat_template(multi, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert ids["input_ids"] == tok(prompt)["input_ids"]
+    assert ids["input_ids"].count(tok.bos_token_id) == 1
     with pytest.raises(Exception, match="only user and assistant"):
         tok.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
     assert "chat_template" not in json.loads(

@@ -67,6 +67,29 @@ def test_no_add_bos_flag(models, tmp_path):
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["add_bos_token"] is False
 
 
+def test_model_max_length_option(models, tmp_path):
+    from persimmon_tools.tokenizer.write import MODEL_MAX_LENGTH
+
+    runner = CliRunner()
+    default, given = tmp_path / "default", tmp_path / "given"
+    assert runner.invoke(main, ["tokenizer", str(models["identity"]), str(default), "-q"]).exit_code == 0
+    result = runner.invoke(
+        main, ["tokenizer", str(models["identity"]), str(given), "--model-max-length", "2048", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    configs = [json.loads((f / "tokenizer_config.json").read_text()) for f in (default, given)]
+    assert [c["model_max_length"] for c in configs] == [MODEL_MAX_LENGTH, 2048]
+    help_text = " ".join(runner.invoke(main, ["tokenizer", "--help"]).output.split())
+    assert f"default: {MODEL_MAX_LENGTH}" in help_text  # the help states the write module's value
+    for bad in ("0", "-1", "x"):
+        result = runner.invoke(
+            main, ["tokenizer", str(models["identity"]), str(tmp_path / bad), "--model-max-length", bad]
+        )
+        assert result.exit_code == 2 and not (tmp_path / bad).exists(), result.output
+    result = runner.invoke(main, ["tokenizer", "--check", str(models["identity"]), "--model-max-length", "8"])
+    assert result.exit_code != 0 and "only apply when writing" in result.output
+
+
 def test_check_builtin_sample_passes(models):
     result = CliRunner().invoke(main, ["tokenizer", "--check", str(models["identity"])])
     assert result.exit_code == 0, result.output

@@ -101,7 +101,7 @@ def test_report_schema_and_fingerprints(converted, releases):
 
 @pytest.mark.parametrize("name", ["tp2", "pp2", "tp2pp3"])
 def test_sharded_releases_pass(converted, releases, name):
-    result = run_cli(converted[name], "-r", releases[name], "--no-source-hash", "--json", "-")
+    result = run_cli(converted[name], "-r", releases[name], "--no-source-hash", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     tp, pp = {"tp2": (2, 1), "pp2": (1, 2), "tp2pp3": (2, 3)}[name]
@@ -130,7 +130,7 @@ def test_low_precision_on_cpu_passes(converted, releases, dtype, loader):
 
 def test_adept_rotary_reports_drift_by_position(converted, releases, tmp_path):
     out = tmp_path / "report.json"
-    result = run_cli(converted["tar"], "-r", releases["tar"], "--rotary", "adept", "--json", out)
+    result = run_cli(converted["tar"], "-r", releases["tar"], "--rotary", "adept", "--json-file", out)
     assert result.exit_code == 0, result.output
     assert "ADEPT's bf16 rotary" in result.output
     drift = json.loads(out.read_text())["adept_drift"]
@@ -154,7 +154,6 @@ def test_user_prompts_and_ids(converted, releases, tmp_path):
         "--ids",
         "3,5,7,1023",
         "--json",
-        "-",
         "--no-source-hash",
     )
     assert result.exit_code == 0, result.output

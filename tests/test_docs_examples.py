@@ -1,0 +1,237 @@
+"""The examples in README.md and docs/*.md that are marked runnable run as written, on the bundled fixture.
+
+A fenced ```bash / ```sh / ```python block directly below a line ``<!-- runnable -->`` (or
+``<!-- runnable: needs=transformers -->``) is an example a reader can paste into a shell (or a Python file)
+at the checkout's root. Each document's runnable blocks run in order in one fresh scratch folder that holds a
+link ``fixtures`` to the checkout's ``fixtures/`` (so later blocks see what earlier ones wrote): shell blocks
+with ``bash -euo pipefail``, Python blocks with this interpreter and ``-W error``. HOME and TMPDIR point into
+the scratch folder, the Hub is offline and the proxies lead nowhere, so no block reaches the network.
+
+A block below ``<!-- not-runnable: REASON -->`` is skipped on purpose; in the documents of ``CHOOSING`` every
+bash/sh/python block must carry one of the two marks, so a new example has to choose.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "cli.md")]
+# Documents in which every bash/sh/python block must be marked runnable or not-runnable.
+CHOOSING = ["README.md", "docs/user-guide.md", "docs/tokenizer.md", "docs/verify.md"]
+SHELLS = {"bash", "sh", "shell", "console"}
+LANGS = SHELLS | {"python", "py"}
+KNOWN_NEEDS = {"transformers"}
+# Lower bounds, so that deleting markers cannot make the check pass with nothing to run.
+MIN_RUNNABLE = {"README.md": 1, "docs/user-guide.md": 2, "docs/tokenizer.md": 2, "docs/verify.md": 1}
+MIN_RUNNABLE_TOTAL = 7
+BLOCK_TIMEOUT_S = 300
+
+MARK = re.compile(r"^\s*<!--\s*(runnable|not-runnable)\s*(?::\s*(.*?))?\s*-->\s*$")
+FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    doc: str  # path relative to the repository
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    mark: str | None  # "runnable", "not-runnable" or None
+    note: str  # the text after "runnable:" / "not-runnable:"
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+    @property
+    def needs(self) -> set[str]:
+        return {n for m in re.finditer(r"needs=([\w,-]+)", self.note) for n in m.group(1).split(",") if n}
+
+
+def blocks_of(path: Path) -> list[Block]:
+    """Every fenced block of a Markdown file (plain fences too, lang ""), with the mark on the line above."""
+    lines = path.read_text().splitlines()
+    doc = path.relative_to(REPO).as_posix()
+    found: list[Block] = []
+    i = 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        indent, lang = opening.groups()
+        end = i + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        mark = MARK.match(lines[i - 1]) if i else None
+        body = textwrap.dedent(
+            "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : end])
+        )
+        found.append(
+            Block(
+                doc=doc,
+                line=i + 1,
+                lang=lang.lower(),
+                code=body + "\n",
+                mark=mark.group(1) if mark else None,
+                note=(mark.group(2) or "") if mark else "",
+            )
+        )
+        i = end + 1
+    return found
+
+
+ALL_BLOCKS = [b for path in DOCS for b in blocks_of(path)]
+RUNNABLE_DOCS = sorted({b.doc for b in ALL_BLOCKS if b.mark == "runnable"})
+
+
+def _env(scratch: Path) -> dict[str, str]:
+    home, tmp = scratch / "home", scratch / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PERSIMMON"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        HOME=str(home),
+        TMPDIR=str(tmp),
+        HF_HOME=str(home / "hf"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        # Anything that still tries the network fails at once.
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        NO_PROXY="",
+        no_proxy="",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env
+
+
+def _command(block: Block, script: Path) -> list[str]:
+    if block.lang in SHELLS:
+        return ["bash", "-euo", "pipefail", str(script)]
+    return [sys.executable, "-W", "error", str(script)]
+
+
+@pytest.mark.parametrize("doc", RUNNABLE_DOCS)
+def test_runnable_examples_run_as_written(doc, tmp_path):
+    blocks = [b for b in ALL_BLOCKS if b.doc == doc and b.mark == "runnable"]
+    missing = sorted({n for b in blocks for n in b.needs if importlib.util.find_spec(n) is None})
+    if missing:
+        pytest.skip(f"{doc}: runnable examples need {', '.join(missing)}, which is not installed")
+    work, scripts = tmp_path / "work", tmp_path / "scripts"
+    work.mkdir()
+    scripts.mkdir()
+    (work / "fixtures").symlink_to(REPO / "fixtures", target_is_directory=True)
+    env = _env(tmp_path)
+    for block in blocks:
+        assert block.lang in LANGS, (
+            f"{block.where}: a runnable block must be bash, sh or python, not {block.lang!r}"
+        )
+        unknown = block.needs - KNOWN_NEEDS
+        assert not unknown, f"{block.where}: unknown needs= {sorted(unknown)} (known: {sorted(KNOWN_NEEDS)})"
+        suffix = ".sh" if block.lang in SHELLS else ".py"
+        script = scripts / f"line{block.line}{suffix}"
+        script.write_text(block.code)
+        try:
+            done = subprocess.run(
+                _command(block, script),
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=BLOCK_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{block.where}: the {block.lang} example ran past {BLOCK_TIMEOUT_S} s")
+        assert done.returncode == 0, (
+            f"{block.where}: the {block.lang} example exited {done.returncode}\n"
+            f"--- example ---\n{block.code}--- stdout (tail) ---\n{done.stdout[-3000:]}\n"
+            f"--- stderr (tail) ---\n{done.stderr[-3000:]}"
+        )
+
+
+def test_markers_are_used():
+    counts = {
+        doc: sum(1 for b in ALL_BLOCKS if b.doc == doc and b.mark == "runnable") for doc in MIN_RUNNABLE
+    }
+    short = {doc: n for doc, n in counts.items() if n < MIN_RUNNABLE[doc]}
+    assert not short, f"fewer runnable examples than expected: {short} (minimum {MIN_RUNNABLE})"
+    total = sum(1 for b in ALL_BLOCKS if b.mark == "runnable")
+    assert total >= MIN_RUNNABLE_TOTAL, f"only {total} runnable examples in README.md and docs/"
+
+
+def test_every_example_chooses_runnable_or_says_why_not():
+    for doc in CHOOSING:
+        assert (REPO / doc).exists(), doc
+    unmarked = [b.where for b in ALL_BLOCKS if b.doc in CHOOSING and b.lang in LANGS and b.mark is None]
+    assert not unmarked, (
+        "mark each example with <!-- runnable --> (it then runs in tests/test_docs_examples.py) or "
+        f"<!-- not-runnable: REASON --> on the line directly above its fence: {unmarked}"
+    )
+    no_reason = [b.where for b in ALL_BLOCKS if b.mark == "not-runnable" and not b.note.strip()]
+    assert not no_reason, f"<!-- not-runnable: REASON --> needs a reason: {no_reason}"
+    misplaced = [b.where for b in ALL_BLOCKS if b.mark == "runnable" and b.lang not in LANGS]
+    assert not misplaced, f"<!-- runnable --> above a block that is not bash, sh or python: {misplaced}"
+
+
+def _code_without_comments(block: Block) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in block.code.splitlines())
+
+
+def test_python_examples_use_dtype_not_torch_dtype():
+    """transformers 5 deprecates from_pretrained(torch_dtype=...) (a logged warning, which -W error misses)."""
+    old = [
+        b.where
+        for b in ALL_BLOCKS
+        if b.lang in {"python", "py"} and re.search(r"\btorch_dtype\s*=", _code_without_comments(b))
+    ]
+    assert not old, f"use dtype= (transformers 5), not torch_dtype=: {old}"
+
+
+def test_shell_examples_do_not_put_backslash_n_in_double_quotes():
+    r"""In bash "a\nb" is a backslash and an n; a newline is $'a\nb'."""
+    bad = [
+        b.where
+        for b in ALL_BLOCKS
+        if b.lang in SHELLS and re.search(r'(?<![$\\])"[^"\n]*\\n[^"\n]*"', _code_without_comments(b))
+    ]
+    assert not bad, f"\"...\\n...\" passes a literal backslash-n in bash; use $'...\\n...': {bad}"
+
+
+def test_the_parser_sees_indented_and_marked_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    doc = tmp_path / "x.md"
+    doc.write_text(
+        "text\n\n<!-- runnable: needs=transformers -->\n```python\nprint(1)\n```\n\n"
+        "- item\n\n  <!-- not-runnable: a fragment -->\n  ```bash\n  echo hi\n    more\n  ```\n\n```\nplain\n```\n"
+    )
+    first, second, third = blocks_of(doc)
+    assert (first.line, first.lang, first.mark, first.needs, first.code) == (
+        4,
+        "python",
+        "runnable",
+        {"transformers"},
+        "print(1)\n",
+    )
+    assert (second.line, second.lang, second.mark, second.note, second.code) == (
+        11,
+        "bash",
+        "not-runnable",
+        "a fragment",
+        "echo hi\n  more\n",
+    )
+    assert (third.lang, third.mark) == ("", None)
