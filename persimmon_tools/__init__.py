@@ -31,6 +31,8 @@ _LAZY = {
     "open_release": "persimmon_tools.megatron.release",
     "load_release_checkpoint": "persimmon_tools.megatron.checkpoint",
     "make_release": "persimmon_tools.synth.build",
+    "export_release": "persimmon_tools.export.export",
+    "ExportOptions": "persimmon_tools.export.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -42,14 +42,29 @@ def merge(parts: list[torch.Tensor], kind: Parallel, name: str = "tensor") -> to
     return torch.cat(parts, dim=kind.concat_dim if parts[0].dim() > 1 else 0)
 
 
+def shard_bounds(shape: tuple[int, ...], kind: Parallel, tp: int, rank: int) -> tuple[int | None, int, int]:
+    """Where tensor-parallel rank ``rank`` of ``tp`` sits in the full tensor: ``(dim, start, stop)`` along
+    the split dimension (``dim`` None: replicated, the whole tensor). Inverse of :func:`merge`'s concatenation.
+
+    1-D tensors of a column or vocab kind are split along dim 0; a 1-D tensor of the row kind (never seen:
+    row-parallel biases are replicated) also along dim 0, as :func:`merge` concatenates it.
+    """
+    if kind.concat_dim is None or not shape:
+        return None, 0, shape[0] if shape else 1
+    dim = kind.concat_dim if len(shape) > 1 else 0
+    size = shape[dim]
+    if size % tp:
+        raise ValueError(f"dim {dim} of size {size} is not divisible by TP={tp}")
+    return dim, rank * size // tp, (rank + 1) * size // tp
+
+
 def split(tensor: torch.Tensor, kind: Parallel, tp: int) -> list[torch.Tensor]:
     """Cut one tensor into ``tp`` shards the way Megatron lays them out (inverse: :func:`merge`)."""
-    if kind.concat_dim is None:
-        return [tensor.clone() for _ in range(tp)]
-    dim = kind.concat_dim if tensor.dim() > 1 else 0
-    if tensor.shape[dim] % tp:
-        raise ValueError(f"dim {dim} of size {tensor.shape[dim]} is not divisible by TP={tp}")
-    return [c.contiguous() for c in torch.chunk(tensor, tp, dim=dim)]
+    out = []
+    for rank in range(tp):
+        dim, start, stop = shard_bounds(tuple(tensor.shape), kind, tp, rank)
+        out.append(tensor.clone() if dim is None else tensor.narrow(dim, start, stop - start).contiguous())
+    return out
 
 
 def check_replicated(parts: list[torch.Tensor], name: str) -> None:

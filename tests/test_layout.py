@@ -15,7 +15,7 @@ import persimmon_tools
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "persimmon_tools"
-WINGS = ("megatron", "conversion", "tokenizer", "verification", "hub", "synth", "cli", "testing")
+WINGS = ("megatron", "conversion", "tokenizer", "verification", "export", "hub", "synth", "cli", "testing")
 ROOT_MODULES = {
     "__init__.py",
     "errors.py",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from persimmon_tools import __version__
+from persimmon_tools.conversion.args_record import record_args
 from persimmon_tools.conversion.config import ModelDims, derive_dims, generation_config, hf_config
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.conversion.output_dir import (
@@ -250,12 +251,10 @@ def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]
         "dropped_keys": plan.dropped_keys,
         "drop_key_patterns": list(plan.drop_patterns),
         "num_parameters": plan.summary()["parameters"],
-        "args": {
-            k: v
-            for k, v in sorted(vars(plan.checkpoint.args).items())
-            if isinstance(v, (int, float, str, bool)) or v is None
-        }
-        if hasattr(plan.checkpoint.args, "__dict__")
+        # the source's args, exactly (export rebuilds ckpt["args"] from this: persimmon_tools.conversion.args_record)
+        **record_args(plan.checkpoint.args),
+        "checkpoint_version": plan.checkpoint.checkpoint_version
+        if isinstance(plan.checkpoint.checkpoint_version, (int, float, str))
         else None,
     }
 

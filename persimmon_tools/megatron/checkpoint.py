@@ -121,6 +121,24 @@ class MergedTensor:
             return
         yield from _part_rows(self.parts[0], max_bytes)
 
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (dim 0) of the merged tensor, reading only those rows of each part."""
+        if not self.shape:
+            return self.materialize()
+        if self.concat_dim == 1:
+            return torch.cat([p.read_rows(start, stop) for p in self.parts], dim=1)
+        if self.concat_dim is None:
+            return self.parts[0].read_rows(start, stop)
+        pieces, base = [], 0
+        for part in self.parts:
+            lo, hi = max(start, base), min(stop, base + part.shape[0])
+            if lo < hi:
+                pieces.append(part.read_rows(lo - base, hi - base))
+            base += part.shape[0]
+        if not pieces:
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def materialize(self) -> torch.Tensor:
         if self.concat_dim is None:
             return self.parts[0].materialize()
@@ -147,6 +165,7 @@ class Checkpoint:
     globals_seen: dict[str, str]
     top_level_keys: list[str]
     non_tensor_leaves: list[str] = field(default_factory=list)
+    checkpoint_version: Any = None  # ckpt["checkpoint_version"] of the first shard, when present
 
     def tensor(self, key: str) -> torch.Tensor:
         """Materialise one merged tensor by its Megatron key."""
@@ -267,6 +286,7 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
         globals_seen=globals_seen,
         top_level_keys=sorted(map(str, first)) if isinstance(first, dict) else [],
         non_tensor_leaves=odd,
+        checkpoint_version=first.get("checkpoint_version") if isinstance(first, dict) else None,
     )
 
 

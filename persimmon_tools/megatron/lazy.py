@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from persimmon_tools.errors import CheckpointError
@@ -30,12 +31,16 @@ def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
         got += n
 
 
-def pread_exact(path: Path, offset: int, size: int, origin: str) -> bytearray:
-    """Read exactly ``size`` bytes at ``offset`` of ``path`` into a new bytearray."""
-    buf = bytearray(size)
+def pread_exact(path: Path, offset: int, size: int, origin: str) -> memoryview:
+    """Read exactly ``size`` bytes at ``offset`` of ``path`` into a new buffer (a writable memoryview).
+
+    The buffer is not zero-filled first (``numpy.empty``, not ``bytearray(size)``): ``preadv`` overwrites
+    every byte or the read fails. On the 8B export that memset was about 0.4 s of CPU per GB read.
+    """
+    buf = memoryview(np.empty(size, dtype=np.uint8))
     fd = os.open(path, os.O_RDONLY)
     try:
-        preadv_exact(fd, memoryview(buf), offset, origin)
+        preadv_exact(fd, buf, offset, origin)
     finally:
         os.close(fd)
     return buf

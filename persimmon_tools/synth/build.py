@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import types
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -33,10 +33,19 @@ import numpy as np
 import torch
 
 from persimmon_tools.errors import UsageError
-from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, write_pt
+from persimmon_tools.megatron.ptwriter import TensorSpec, write_pt
+from persimmon_tools.megatron.release_writer import (
+    ReleaseFiles,
+    rank_dir,
+    stage_layers,
+    stage_model,
+    write_release_tar,
+)
+from persimmon_tools.megatron.release_writer import write_release_folder as write_folder
 from persimmon_tools.safe_write import atomic_file
 from persimmon_tools.synth.values import PRESETS, Preset, Values, logical_keys, shard_spec
 from persimmon_tools.tokenizer.spm import eod_piece, load_sp_bytes
+from persimmon_tools.tokenizer.spm import vocab_text as _vocab_text
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +129,6 @@ def _args(
     )
 
 
-def _stage_layers(layers: int, pp: int) -> list[range]:
-    if layers % pp:
-        raise UsageError(
-            f"--pp {pp} does not divide the preset's {layers} layers",
-            hint="Megatron splits layers evenly between pipeline stages",
-        )
-    per = layers // pp
-    return [range(s * per, (s + 1) * per) for s in range(pp)]
-
-
 def _shard_object(
     values: Values,
     keys: dict,
@@ -142,26 +141,12 @@ def _shard_object(
     vocab: int,
     iteration: int,
 ) -> dict:
-    layers = _stage_layers(p.layers, pp)[pp_rank]
-    encoder: OrderedDict[str, TensorSpec] = OrderedDict()
-    model: dict = {"language_model": {}}
-    for key, (shape, kind) in keys.items():
-
-        def spec(key=key, shape=shape, kind=kind) -> TensorSpec:
-            return shard_spec(values, key, shape, kind, tp, tp_rank, dtype, p)
-
-        if key.startswith("language_model.encoder.layers."):
-            i = int(key.split(".")[3])
-            if i in layers:
-                local = key.replace(f".layers.{i}.", f".layers.{i - layers.start}.", 1)
-                encoder[local.removeprefix("language_model.encoder.")] = spec()
-        elif key.startswith("language_model.encoder.") and pp_rank == pp - 1:
-            encoder[key.removeprefix("language_model.encoder.")] = spec()
-        elif key.startswith("language_model.embedding.") and pp_rank == 0:
-            model["language_model"]["embedding"] = {"word_embeddings": {"weight": spec()}}
-        elif key == "word_embeddings_for_head.weight" and pp_rank == pp - 1:
-            model["word_embeddings_for_head"] = {"weight": spec()}
-    model["language_model"]["encoder"] = encoder
+    specs = {
+        key: shard_spec(values, key, shape, kind, tp, tp_rank, dtype, p)
+        for key, (shape, kind) in keys.items()
+    }
+    layers = stage_layers(p.layers, pp)[pp_rank]
+    model = stage_model(specs, layers, first=pp_rank == 0, last=pp_rank == pp - 1)
     gen = torch.Generator().manual_seed(values.seed + 7 * tp_rank + 1000 * pp_rank)
     rng_state = [
         {
@@ -194,7 +179,12 @@ class SyntheticRelease:
     vocab_rows: int
 
     def rank_dir(self, tp_rank: int, pp_rank: int) -> str:
-        return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+        return rank_dir(tp_rank, pp_rank, self.pp)
+
+    def files(self, name: str) -> ReleaseFiles:
+        """The release as :class:`ReleaseFiles` under the top folder ``name``."""
+        small = {"adept_vocab.model": self.vocab_bytes, "adept_vocab.vocab": _vocab_text(self.vocab_bytes)}
+        return ReleaseFiles(name, self.iteration, self.tp, self.pp, self.objects, small)
 
 
 def build_release(
@@ -226,7 +216,7 @@ def build_release(
             f"TP={tp} does not divide heads {p.heads} / ffn {p.ffn} / vocab {vocab}, or the vocab "
             f"({vocab}) is smaller than the tokenizer ({sp.get_piece_size()})"
         )
-    _stage_layers(p.layers, pp)
+    stage_layers(p.layers, pp)
     values = Values(seed)
     keys = logical_keys(p, vocab)
     objects = {
@@ -257,28 +247,18 @@ def logical_tensors(
     return out
 
 
-def _vocab_text(vocab_bytes: bytes) -> bytes:
-    sp = load_sp_bytes(vocab_bytes, "vocabulary model")
-    return (
-        "\n".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size())) + "\n"
-    ).encode()
+def _dump(fh, obj, on_bytes) -> None:
+    """``write_pt`` with ADEPT's ``ModelBackend`` importable, so the pickle names it as ADEPT's files do."""
+    _with_adept_module(lambda: write_pt(fh, obj, on_bytes=on_bytes))
 
 
 def write_release_folder(
     rel: SyntheticRelease, folder: Path, *, progress: Callable[[int], None] = lambda n: None
 ) -> Path:
-    """Write ``rel`` as an extracted release folder (same layout as inside the tar)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adept_vocab.model").write_bytes(rel.vocab_bytes)
-    (folder / "adept_vocab.vocab").write_bytes(_vocab_text(rel.vocab_bytes))
-    (folder / "latest_checkpointed_iteration.txt").write_text(str(rel.iteration))
-    for (t, s), obj in rel.objects.items():
-        shard = folder / f"iter_{rel.iteration:07d}" / rel.rank_dir(t, s) / "model_optim_rng.pt"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        with open(shard, "wb") as fh:
-            _with_adept_module(lambda fh=fh, obj=obj: write_pt(fh, obj, on_bytes=progress))
-    return folder
+    """Write ``rel`` as an extracted release folder (same layout as inside the tar) at ``folder``."""
+    folder = Path(os.path.abspath(folder))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return write_folder(rel.files(folder.name), folder.parent, dump=_dump, progress=progress)
 
 
 def make_release(
@@ -303,18 +283,6 @@ def make_release(
     out.parent.mkdir(parents=True, exist_ok=True)
     # A private temp file beside OUT_TAR, renamed over it when complete; OUT_TAR as a symlink is refused.
     with atomic_file(out, "OUT_TAR", UsageError) as fh:
-        writer = TarWriter(fh)
-        writer.add_dir(name)
-        writer.add_bytes(f"{name}/adept_vocab.model", rel.vocab_bytes)
-        writer.add_bytes(f"{name}/adept_vocab.vocab", _vocab_text(rel.vocab_bytes))
-        writer.add_bytes(f"{name}/latest_checkpointed_iteration.txt", f"{rel.iteration}".encode())
-        for (t, s), obj in sorted(rel.objects.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            member = f"{name}/iter_{rel.iteration:07d}/{rel.rank_dir(t, s)}/model_optim_rng.pt"
-            _with_adept_module(
-                lambda m=member, o=obj: writer.add_stream(
-                    m, lambda fh, o=o: write_pt(fh, o, on_bytes=progress)
-                )
-            )
-        writer.close()
+        write_release_tar(rel.files(name), fh, dump=_dump, progress=progress)
     log.info("wrote %s (preset %s, TP=%d, PP=%d, %s, seed %d)", out, preset, tp, pp, dtype, seed)
     return out

@@ -15,7 +15,7 @@ import torch
 
 from persimmon_tools.mapping import RULES
 from persimmon_tools.megatron.ptwriter import TensorSpec
-from persimmon_tools.ops import Parallel
+from persimmon_tools.ops import Parallel, shard_bounds
 
 _POOL_SIZE = 4_194_301  # prime, so rows of power-of-two widths do not repeat with the pool
 _BLOCK_ELEMENTS = 8 << 20
@@ -115,13 +115,13 @@ def shard_spec(
     if key.endswith("rotary_emb.inv_freq"):
         return TensorSpec.of(inv_freq(p, dtype))
     transform = value_transform(key)
-    dim = kind.concat_dim if len(shape) > 1 or kind.concat_dim == 0 else None
+    dim, lo, hi = shard_bounds(shape, kind, tp, rank)
     rows, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
     r0, r1, c0, c1 = 0, rows, 0, cols
     if dim == 0:
-        r0, r1 = rank * rows // tp, (rank + 1) * rows // tp
+        r0, r1 = lo, hi
     elif dim == 1:
-        c0, c1 = rank * cols // tp, (rank + 1) * cols // tp
+        c0, c1 = lo, hi
     piece_shape = (r1 - r0, c1 - c0) if len(shape) > 1 else (r1 - r0,)
 
     def blocks() -> Iterator[torch.Tensor]:

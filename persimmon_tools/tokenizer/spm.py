@@ -81,3 +81,11 @@ def eod_piece(sp, origin: str) -> tuple[str, int] | None:
         return sp.id_to_piece(sp.eos_id()), sp.eos_id()
     log.warning("%s has neither %r nor an EOS piece; bos/eos ids are left unset", origin, ENDOFTEXT)
     return None
+
+
+def vocab_text(data: bytes) -> bytes:
+    """The release's plain-text ``adept_vocab.vocab`` for a SentencePiece model: ``piece<TAB>score`` per line,
+    in id order (what ``spm_train`` writes beside the model; ADEPT ships it "so you can browse the vocabulary")."""
+    sp = load_sp_bytes(data, "vocabulary model")
+    lines = (f"{sp.id_to_piece(i)}\t{sp.get_score(i)}" for i in range(sp.get_piece_size()))
+    return ("\n".join(lines) + "\n").encode()

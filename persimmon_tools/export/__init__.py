@@ -1,0 +1,8 @@
+"""Export: a Hugging Face Persimmon folder or a Megatron source → ADEPT's Megatron layout at any TP/PP.
+
+The inverse of ``conversion``: THE TABLE (:mod:`persimmon_tools.mapping`) read target → source, the merge
+ops run backwards (:func:`persimmon_tools.ops.shard_bounds`), the release layout written by
+:mod:`persimmon_tools.megatron.release_writer` (shared with ``make-release``).
+
+May import: conversion, megatron, tokenizer, mapping, ops, safe_read, safe_write, errors.
+"""

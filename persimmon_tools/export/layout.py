@@ -1,0 +1,309 @@
+"""The target layout of an export: checks that TP/PP divide the model, vocab padding, ``args``, and one
+``model_optim_rng.pt`` object per (tensor rank, pipeline stage) whose tensors stream from the source.
+
+Splitting is the inverse of ``convert``'s merge, driven by the same table (:mod:`persimmon_tools.mapping`,
+each rule's parallel kind) through :func:`persimmon_tools.ops.shard_bounds`:
+
+- vocab (embedding, untied head ``[V, H]``) and column (``query_key_value`` ``[3·nh·hd, H]``, per-head
+  ``[q|k|v]`` so that every rank holds whole heads; ``dense_h_to_4h`` ``[F, H]`` and their biases): rows
+  ``[r·n/tp, (r+1)·n/tp)``;
+- row (``dense`` ``[H, nh·hd]``, ``dense_4h_to_h`` ``[H, F]``): columns ``[r·m/tp, (r+1)·m/tp)``;
+- replicated (layernorms, row-parallel biases, ``inv_freq``): copied to every rank.
+
+Each shard tensor is a :class:`~persimmon_tools.megatron.ptwriter.TensorSpec` whose row blocks are read
+from the source when the file is written (about 64 MiB at a time), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from persimmon_tools.errors import ConversionError, UsageError
+from persimmon_tools.export.source import ExportSource, RowTensor
+from persimmon_tools.mapping import RULES
+from persimmon_tools.megatron.checkpoint import parallel_kind
+from persimmon_tools.megatron.ptwriter import TensorSpec
+from persimmon_tools.megatron.release_writer import EMBEDDING, HEAD, stage_layers, stage_model
+from persimmon_tools.ops import Parallel, shard_bounds
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 16 << 20
+MEGATRON_DEFAULT_DIVISIBLE_BY = 128  # megatron/arguments.py --make-vocab-size-divisible-by
+_INV_FREQ = "self_attention.rotary_emb.inv_freq"
+_LAYER_KEY = "language_model.encoder.layers.{i}."
+
+
+def inv_freq(base: float, rotary_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """ADEPT's buffer: ``1 / base ** (arange(0, rotary_dim, 2) / rotary_dim)`` in float32, then cast with the
+    module to the params dtype (``RotaryEmbedding.__init__``; ``Float16Module``). Shape ``[rotary_dim/2]``."""
+    return (1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))).to(dtype)
+
+
+def check_layout(source: ExportSource, tp: int, pp: int) -> None:
+    """Refuse a TP/PP that does not divide the model, naming the numbers."""
+    d = source.dims
+    problems = []
+    if tp < 1 or pp < 1:
+        raise UsageError(f"--tp {tp} / --pp {pp}: expected whole numbers >= 1", hint="e.g. --tp 2 --pp 2")
+    if d.num_heads % tp:
+        problems.append(
+            f"TP={tp} does not divide the {d.num_heads} attention heads (each rank holds whole heads)"
+        )
+    if d.intermediate_size % tp:
+        problems.append(f"TP={tp} does not divide the MLP width (ffn_hidden_size) {d.intermediate_size}")
+    if d.num_layers % pp:
+        problems.append(f"PP={pp} does not divide the {d.num_layers} layers (every stage holds as many)")
+    if not d.untied and pp > 1:
+        problems.append(
+            f"PP={pp} with tied embeddings: Megatron keeps a copy of the embedding on the last stage, which "
+            "ADEPT's release layout does not describe"
+        )
+    if problems:
+        divisors = [n for n in range(1, 9) if not d.num_heads % n and not d.intermediate_size % n]
+        raise UsageError(
+            "the requested layout does not fit the model:\n  - " + "\n  - ".join(problems),
+            hint=f"TP values that fit: {', '.join(map(str, divisors))}; PP values must divide {d.num_layers}; "
+            "nothing was written",
+        )
+
+
+def padded_vocab(rows: int, tp: int, divisible_by: int) -> int:
+    """Rows of the exported embedding: the source's rows when TP divides them, else Megatron's own padding
+    (``_vocab_size_with_padding``: the next multiple of ``make_vocab_size_divisible_by × TP``)."""
+    if rows % tp == 0:
+        return rows
+    multiple = divisible_by * tp
+    return -(-rows // multiple) * multiple
+
+
+@dataclass
+class ShardTensor:
+    """The rank-``rank`` piece of one logical tensor, produced in row blocks (cast to ``dtype``)."""
+
+    key: str
+    tensor: RowTensor | None  # None: computed (inv_freq)
+    kind: Parallel
+    full_shape: tuple[int, ...]  # after vocab padding
+    tp: int
+    rank: int
+    dtype: torch.dtype
+    computed: torch.Tensor | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def spec(self) -> TensorSpec:
+        if self.computed is not None:
+            return TensorSpec.of(self.computed)  # in its own dtype (see _inv_freqs)
+        dim, lo, hi = shard_bounds(self.full_shape, self.kind, self.tp, self.rank)
+        shape = list(self.full_shape)
+        if dim is not None:
+            shape[dim] = hi - lo
+        return TensorSpec(tuple(shape), self.dtype, lambda: read_ahead(self._blocks(dim, lo, hi)))
+
+    def _blocks(self, dim: int | None, lo: int, hi: int) -> Iterator[torch.Tensor]:
+        assert self.tensor is not None
+        full = self.full_shape
+        rows = full[0]
+        r0, r1 = (lo, hi) if dim == 0 else (0, rows)
+        row_bytes = max(1, math.prod(full[1:]) * self.tensor.dtype.itemsize)
+        step = max(1, BLOCK_BYTES // row_bytes)
+        have = self.tensor.shape[0]
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            block = self._read(a, b, have)
+            if dim == 1:
+                block = block[:, lo:hi]
+            yield self._cast(block)
+
+    def _read(self, a: int, b: int, have: int) -> torch.Tensor:
+        """Source rows ``[a, b)``; rows at or past the source's ``have`` are vocab padding (zeros)."""
+        assert self.tensor is not None
+        if b <= have:
+            return self.tensor.read_rows(a, b)
+        pad = torch.zeros((b - max(a, have), *self.full_shape[1:]), dtype=self.tensor.dtype)
+        return pad if a >= have else torch.cat([self.tensor.read_rows(a, have), pad])
+
+    def _cast(self, block: torch.Tensor) -> torch.Tensor:
+        if block.dtype == self.dtype:
+            return block.contiguous()
+        out = block.to(self.dtype)
+        if out.dtype.itemsize < block.dtype.itemsize or out.dtype in (torch.float16, torch.bfloat16):
+            bad = int((torch.isinf(out) & torch.isfinite(block)).sum())
+            if bad:
+                raise ConversionError(
+                    f"{self.key}: {bad} values overflow {str(self.dtype).removeprefix('torch.')} (become inf)",
+                    hint="choose a wider --dtype (fp32 or bf16); nothing was written",
+                )
+        return out.contiguous()
+
+
+def read_ahead(blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Produce the next block in a thread while the caller checksums and writes the current one.
+
+    Reading (``pread``), slicing and casting release the GIL, so on a cold page cache the disk read overlaps
+    the zip CRC32 and the write (one block ahead: memory grows by one block). An error in the reader is
+    raised here; closing the generator early stops the reader at its next block.
+    """
+    slot: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for block in blocks:
+                while not stop.is_set():
+                    try:
+                        slot.put(("block", block), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slot.put(("end", None))
+        except BaseException as err:  # handed to the consumer, which raises it
+            slot.put(("error", err))
+
+    reader = threading.Thread(target=run, name="export-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, item = slot.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                slot.get_nowait()
+        reader.join()
+
+
+def shard_args(
+    base: dict[str, Any], *, tp: int, pp: int, tp_rank: int, pp_rank: int, vocab_rows: int, iteration: int
+) -> argparse.Namespace:
+    """``ckpt["args"]`` of one shard: ``base`` with the new layout's sizes (and, where ``base`` has them,
+    the saving process's ranks: ``rank = tp_rank + tp · pp_rank``, Megatron's order with one data-parallel
+    replica, ``local_rank = rank % 8`` as on 8-GPU nodes)."""
+    fields = dict(base)
+    fields["tensor_model_parallel_size"] = tp
+    fields["pipeline_model_parallel_size"] = pp
+    fields["padded_vocab_size"] = vocab_rows
+    rank = tp_rank + tp * pp_rank
+    updates = {
+        "rank": rank,
+        "local_rank": rank % 8,
+        "world_size": tp * pp,
+        "tensor_model_parallel_rank": tp_rank,
+        "pipeline_model_parallel_rank": pp_rank,
+        "data_parallel_size": 1,
+        "data_parallel_rank": 0,
+        "iteration": iteration,
+    }
+    for name, value in updates.items():
+        if name in fields:
+            fields[name] = value
+    return argparse.Namespace(**fields)
+
+
+def shard_objects(
+    source: ExportSource,
+    *,
+    tp: int,
+    pp: int,
+    dtype: torch.dtype,
+    vocab_rows: int,
+    iteration: int,
+    base_args: dict[str, Any],
+    checkpoint_version: Any,
+    rope_base: float,
+) -> dict[tuple[int, int], dict]:
+    """One checkpoint object per (tp_rank, pp_rank): ``args``, ``checkpoint_version``, ``iteration`` and
+    ``model`` (no optimizer or RNG state: ADEPT loads with ``--no-load-optim --no-load-rng``)."""
+    d = source.dims
+    computed = _inv_freqs(source, dtype, rope_base)
+    objects = {}
+    stages = stage_layers(d.num_layers, pp)
+    for s in range(pp):
+        for t in range(tp):
+            specs: dict[str, TensorSpec] = {}
+            for key in _keys(source):
+                kind = parallel_kind(key) or Parallel.REPLICATED
+                tensor = source.tensors.get(key)
+                shape = tuple(tensor.shape) if tensor is not None else tuple(computed[key].shape)
+                if key in (EMBEDDING, HEAD):
+                    shape = (vocab_rows, *shape[1:])
+                piece = ShardTensor(key, tensor, kind, shape, tp, t, dtype, computed=computed.get(key))
+                specs[key] = piece.spec()
+            args = shard_args(
+                base_args, tp=tp, pp=pp, tp_rank=t, pp_rank=s, vocab_rows=vocab_rows, iteration=iteration
+            )
+            objects[(t, s)] = {
+                "args": args,
+                "checkpoint_version": checkpoint_version,
+                "iteration": iteration,
+                "model": stage_model(specs, stages[s], first=s == 0, last=s == pp - 1),
+            }
+    return objects
+
+
+def _keys(source: ExportSource) -> list[str]:
+    """Every Megatron key to write: the source's own order when it is a Megatron checkpoint with its
+    ``inv_freq`` buffers, else module order (embedding; per layer, the table's order; final norm; head)."""
+    inv = [(_LAYER_KEY + _INV_FREQ).format(i=i) for i in range(source.dims.num_layers)]
+    if all(k in source.tensors for k in inv):
+        return list(source.tensors)
+    keys = set(source.tensors) | set(inv)
+    ordered = [EMBEDDING] if EMBEDDING in keys else []
+    layered = [r.source for r in RULES if "{i}" in r.source]
+    for i in range(source.dims.num_layers):
+        ordered += [k for t in layered if (k := t.replace("{i}", str(i))) in keys]
+    ordered += [
+        r.source for r in RULES if "{i}" not in r.source and r.source != EMBEDDING and r.source in keys
+    ]
+    return ordered
+
+
+def _inv_freqs(source: ExportSource, dtype: torch.dtype, base: float) -> dict[str, torch.Tensor]:
+    """``inv_freq`` of every layer, as the release would store it.
+
+    A stored buffer is copied as it is (its bytes and dtype) unless the export changes the weights' dtype and
+    the buffer had followed it (a buffer is cast with the module: ``Float16Module``); then, and when the
+    source has none (HF folders), it is recomputed in the new dtype (:func:`inv_freq`). A stored buffer that
+    differs from the recomputed one is kept, with a warning.
+    """
+    d = source.dims
+    weights = next((t.dtype for k, t in source.tensors.items() if not k.endswith(_INV_FREQ)), dtype)
+    fresh = inv_freq(base, d.rotary_dim, dtype)
+    out = {}
+    differs = 0
+    for i in range(d.num_layers):
+        key = (_LAYER_KEY + _INV_FREQ).format(i=i)
+        stored = source.tensors.get(key)
+        if stored is not None and (dtype == weights or stored.dtype != weights):
+            value = stored.read_rows(0, stored.shape[0])
+            differs += not torch.equal(value, inv_freq(base, d.rotary_dim, value.dtype))
+            out[key] = value
+        else:
+            out[key] = fresh
+    if differs:
+        log.warning(
+            "%d layer(s) store an inv_freq that differs from 1/base**(arange(0, %d, 2)/%d) with base %s; "
+            "the stored buffers are kept",
+            differs,
+            d.rotary_dim,
+            d.rotary_dim,
+            base,
+        )
+    return out

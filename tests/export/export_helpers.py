@@ -1,0 +1,175 @@
+"""Helpers for the export tests: read releases (tar or folder) with plain torch, compare tensors by bytes,
+and ADEPT's expected shard layout computed independently of the toolkit (spec §B.2)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from persimmon_tools.synth.build import _with_adept_module
+from persimmon_tools.synth.values import PRESETS
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# The tiny preset, written out by hand (checked against PRESETS below); V: the bundled vocabulary padded
+# to a multiple of 1024.
+TINY = {"H": 64, "heads": 4, "F": 256, "L": 6, "V": 1024, "rot": 8}
+_p = PRESETS["tiny"]
+assert (_p.hidden, _p.heads, _p.ffn, _p.layers, int(_p.rotary_pct * _p.hidden // _p.heads)) == (
+    TINY["H"],
+    TINY["heads"],
+    TINY["F"],
+    TINY["L"],
+    TINY["rot"],
+)
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (for bit-exact comparison whatever the dtype)."""
+    return t.detach().contiguous().flatten().view(torch.uint8)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(raw(a), raw(b))
+
+
+def _load(data: bytes) -> Any:
+    box: list[Any] = []
+    _with_adept_module(lambda: box.append(torch.load(io.BytesIO(data), weights_only=False)))
+    return box[0]
+
+
+def read_release(path: Path) -> tuple[str, dict[str, Any], dict[str, bytes]]:
+    """``(NAME, {relative .pt path: object}, {relative small file: bytes})`` of a release tarball or of a
+    folder holding exactly one release folder NAME (plus, for an export, ``export.json``)."""
+    path = Path(path)
+    shards: dict[str, Any] = {}
+    small: dict[str, bytes] = {}
+    names = set()
+    if path.is_file():
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                if not m.isfile():
+                    continue
+                name, _, rel = m.name.partition("/")
+                names.add(name)
+                data = tf.extractfile(m).read()
+                if rel.endswith(".pt"):
+                    shards[rel] = _load(data)
+                else:
+                    small[rel] = data
+    else:
+        tops = [p for p in path.iterdir() if p.is_dir()]
+        assert len(tops) == 1, tops
+        names.add(tops[0].name)
+        for f in sorted(tops[0].rglob("*")):
+            if f.is_file():
+                rel = str(f.relative_to(tops[0]))
+                if rel.endswith(".pt"):
+                    shards[rel] = _load(f.read_bytes())
+                else:
+                    small[rel] = f.read_bytes()
+    assert len(names) == 1, names
+    return names.pop(), shards, small
+
+
+def flat(obj: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def structure(obj: Any) -> Any:
+    """Containers (type and keys) and tensor dtypes/shapes: what ``model`` looks like, without values.
+
+    Key order is not compared: the synthetic generator writes the encoder rule-major (every layer's
+    ``input_layernorm.weight``, then every layer's ``.bias``, ...) while export writes module order (layer by
+    layer, like ``state_dict``); ``load_state_dict`` does not depend on it."""
+    if isinstance(obj, dict):
+        return (type(obj).__name__, sorted((k, structure(v)) for k, v in obj.items()))
+    assert isinstance(obj, torch.Tensor), type(obj)
+    return ("tensor", str(obj.dtype), tuple(obj.shape))
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        part = load_file(f)
+        assert not set(part) & set(out)
+        out.update(part)
+    return out
+
+
+def assert_same_hf(a: Path, b: Path) -> None:
+    ta, tb = hf_tensors(a), hf_tensors(b)
+    assert sorted(ta) == sorted(tb), set(ta) ^ set(tb)
+    bad = [k for k in ta if not same_bits(ta[k], tb[k])]
+    assert not bad, bad
+
+
+def listing(folder: Path) -> list[str]:
+    """Everything under ``folder`` (hidden entries included), relative; links not followed."""
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in dirs + files]
+    return sorted(out)
+
+
+_LAYER = [
+    ("input_layernorm.weight", lambda d, tp: [d["H"]]),
+    ("input_layernorm.bias", lambda d, tp: [d["H"]]),
+    ("self_attention.query_key_value.weight", lambda d, tp: [3 * d["H"] // tp, d["H"]]),
+    ("self_attention.query_key_value.bias", lambda d, tp: [3 * d["H"] // tp]),
+    ("self_attention.q_layernorm.weight", lambda d, tp: [d["H"] // d["heads"]]),
+    ("self_attention.q_layernorm.bias", lambda d, tp: [d["H"] // d["heads"]]),
+    ("self_attention.k_layernorm.weight", lambda d, tp: [d["H"] // d["heads"]]),
+    ("self_attention.k_layernorm.bias", lambda d, tp: [d["H"] // d["heads"]]),
+    ("self_attention.dense.weight", lambda d, tp: [d["H"], d["H"] // tp]),
+    ("self_attention.dense.bias", lambda d, tp: [d["H"]]),
+    ("post_attention_layernorm.weight", lambda d, tp: [d["H"]]),
+    ("post_attention_layernorm.bias", lambda d, tp: [d["H"]]),
+    ("mlp.dense_h_to_4h.weight", lambda d, tp: [d["F"] // tp, d["H"]]),
+    ("mlp.dense_h_to_4h.bias", lambda d, tp: [d["F"] // tp]),
+    ("mlp.dense_4h_to_h.weight", lambda d, tp: [d["H"], d["F"] // tp]),
+    ("mlp.dense_4h_to_h.bias", lambda d, tp: [d["H"]]),
+    ("self_attention.rotary_emb.inv_freq", lambda d, tp: [d["rot"] // 2]),
+]
+
+
+def expected_shard(d: dict[str, int], tp: int, pp: int, stage: int) -> dict[str, list[int]]:
+    """Flat key -> shape of the shard ADEPT's model at TP/PP holds on pipeline stage ``stage``: stage-local
+    layer numbers, the embedding on the first stage, the final layernorm and head on the last."""
+    out: dict[str, list[int]] = OrderedDict()
+    if stage == 0:
+        out["language_model.embedding.word_embeddings.weight"] = [d["V"] // tp, d["H"]]
+    for j in range(d["L"] // pp):
+        for suffix, shape in _LAYER:
+            out[f"language_model.encoder.layers.{j}.{suffix}"] = shape(d, tp)
+    if stage == pp - 1:
+        out["language_model.encoder.final_layernorm.weight"] = [d["H"]]
+        out["language_model.encoder.final_layernorm.bias"] = [d["H"]]
+        out["word_embeddings_for_head.weight"] = [d["V"] // tp, d["H"]]
+    return out
+
+
+def shard_paths(iteration: int, tp: int, pp: int) -> dict[str, tuple[int, int]]:
+    """Relative ``.pt`` path (under NAME/) -> (tp rank, pp stage)."""
+    return {
+        f"iter_{iteration:07d}/mp_rank_{t:02d}" + (f"_{s:03d}" if pp > 1 else "") + "/model_optim_rng.pt": (
+            t,
+            s,
+        )
+        for t in range(tp)
+        for s in range(pp)
+    }
