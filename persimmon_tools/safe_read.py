@@ -235,6 +235,22 @@ def read_json(
     return parse_json(data, origin=f"{path} ({what})", error=error, expect=expect, hint=hint)
 
 
+def read_json_record(
+    path: Path | str,
+    *,
+    what: str,
+    error: ErrorType = PersimmonToolsError,
+    max_bytes: int = MAX_JSON_BYTES,
+    hint: str | None = None,
+) -> Any:
+    """A JSON object a folder may hold (``conversion.json``, ``verification.json``, ``config.json``): None
+    when nothing is there; otherwise :func:`read_json` without following a link (a link, FIFO, oversized or
+    garbled file raises ``error`` naming it)."""
+    if not os.path.lexists(path):
+        return None
+    return read_json(path, what=what, max_bytes=max_bytes, error=error, follow_symlinks=False, hint=hint)
+
+
 # ---- folders -----------------------------------------------------------------------------------------
 
 

@@ -229,7 +229,8 @@ def _auto_verify(result, source: Path, convert_rss: int) -> dict:
         return {"result": why, "seconds": None, "peak_rss_bytes": None, "peak_rss_reached_in_verify": None}
 
     try:
-        from persimmon_tools.verification.verify import VerifyOptions, should_auto_verify, verify
+        from persimmon_tools.verification.auto_check import should_auto_verify
+        from persimmon_tools.verification.verify import VerifyOptions, verify
     except ImportError:
         return skipped("skipped (verify not available)")
     if not should_auto_verify(result.plan.dims, "cpu"):
@@ -260,13 +261,13 @@ def _auto_verify(result, source: Path, convert_rss: int) -> dict:
 
 def _plan_summary(plan, run_verify: bool) -> dict:
     """The plan's summary plus what the automatic verify would do (``verify``: runs, why, loader, estimated
-    peak memory and seconds; see :func:`persimmon_tools.verification.verify.estimate_auto_verify`)."""
+    peak memory and seconds; see :func:`persimmon_tools.verification.auto_check.estimate_auto_verify`)."""
     summary = plan.summary()
     if not run_verify:
         summary["verify"] = {"runs": False, "why": "--no-verify"}
         return summary
     try:
-        from persimmon_tools.verification.verify import estimate_auto_verify
+        from persimmon_tools.verification.auto_check import estimate_auto_verify
     except ImportError:
         summary["verify"] = {"runs": False, "why": "verify not available"}
         return summary

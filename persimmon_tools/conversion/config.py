@@ -29,6 +29,10 @@ _LAYER0 = "language_model.encoder.layers.0."
 ADEPT_DEFAULT_EPS = 1e-5  # megatron/arguments.py --layernorm-epsilon default (not restored from checkpoints)
 ADEPT_DEFAULT_ROPE_BASE = 25000.0  # megatron/arguments.py --rotary-emb-base default
 HF_DEFAULT_MAX_POSITIONS = 16384
+#: What transformers (>= 5) uses when a Persimmon config.json names no rope_theta / partial_rotary_factor;
+#: verify's HF side and export read config.json the same way.
+TRANSFORMERS_DEFAULT_THETA = 10000.0
+TRANSFORMERS_DEFAULT_PARTIAL = 0.5  # PersimmonConfig's default
 
 
 @dataclass(frozen=True)

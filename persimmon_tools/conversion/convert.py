@@ -28,7 +28,7 @@ from persimmon_tools.conversion.output_dir import (
     refuse_unsafe_output,
 )
 from persimmon_tools.conversion.plan import PlannedTensor, drop_keys, plan_conversion, source_keys
-from persimmon_tools.conversion.values import WriteStats, dtype_name, refuse_bad_values
+from persimmon_tools.conversion.values import WriteStats, dtype_name, output_dtype, refuse_bad_values
 from persimmon_tools.conversion.writer import (
     CHUNK_BYTES,
     ShardPlan,
@@ -38,19 +38,13 @@ from persimmon_tools.conversion.writer import (
     write_json,
     write_shard,
 )
-from persimmon_tools.errors import ConversionError, UsageError
+from persimmon_tools.errors import ConversionError
 from persimmon_tools.megatron.checkpoint import Checkpoint, load_release_checkpoint
 from persimmon_tools.megatron.release import Release, open_release
 from persimmon_tools.tokenizer.spm import ENDOFTEXT, eod_piece, load_sp_bytes
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
 BASE_RSS_ESTIMATE = 400 << 20  # python + torch + tokenizers, measured at ~350 MB on CPU builds
 
 
@@ -134,21 +128,12 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)
 
 
-def _output_dtype(name: str) -> torch.dtype | None:
-    if name not in DTYPES:
-        raise UsageError(
-            f"--dtype {name!r} is not one of {', '.join(DTYPES)}",
-            hint="use --dtype auto to keep the checkpoint's own dtype bit for bit",
-        )
-    return DTYPES[name]
-
-
 def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> ConversionPlan:
     """Read the release (lazily), derive the config and map every tensor; writes nothing."""
     release = open_release(Path(source), iteration=options.iteration, vocab=options.vocab)
     ckpt = load_release_checkpoint(release)
     dims = derive_dims(ckpt)
-    out_dtype = _output_dtype(options.dtype)
+    out_dtype = output_dtype(options.dtype)
     tensors = plan_conversion(ckpt, dims, out_dtype, options.drop_keys)
     dropped = drop_keys(source_keys(ckpt), options.drop_keys)
     for key in sorted(dropped):

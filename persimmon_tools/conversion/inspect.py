@@ -21,7 +21,7 @@ from persimmon_tools.safe_read import (
     MAX_SAFETENSORS_HEADER_BYTES,
     open_regular,
     parse_json,
-    read_json,
+    read_json_record,
     scan_folder,
 )
 
@@ -101,10 +101,7 @@ def _safetensors_summary(path: Path) -> dict[str, Any]:
 
 
 def _record(folder: Path, name: str) -> dict[str, Any] | None:
-    path = folder / name
-    if not os.path.lexists(path):
-        return None
-    return read_json(path, what=name, error=ConversionError, follow_symlinks=False)
+    return read_json_record(folder / name, what=name, error=ConversionError)
 
 
 def inspect_converted(folder: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from persimmon_tools.errors import ConversionError
+from persimmon_tools.errors import ConversionError, UsageError
 
 #: The names ``--dtype`` uses, for messages (fp64 only ever appears as a source dtype).
 DTYPE_NAMES = {
@@ -25,6 +25,24 @@ DTYPE_NAMES = {
     torch.float64: "fp64",
 }
 _LISTED = 10
+
+#: ``--dtype`` of convert and export: a name → the dtype written (``auto``: None, each tensor's own).
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+def output_dtype(name: str) -> torch.dtype | None:
+    """The dtype ``--dtype name`` writes (None for ``auto``); an unknown name is a :class:`UsageError`."""
+    if name not in DTYPES:
+        raise UsageError(
+            f"--dtype {name!r} is not one of {', '.join(DTYPES)}",
+            hint="use --dtype auto to keep the checkpoint's own dtype bit for bit",
+        )
+    return DTYPES[name]
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from persimmon_tools import __version__
+from persimmon_tools.conversion.values import output_dtype
 from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.export.derive import derive_args, parse_sets
 from persimmon_tools.export.layout import (
@@ -49,7 +50,6 @@ from persimmon_tools.tokenizer.spm import vocab_text
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "persimmon_model_release"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -135,10 +135,9 @@ def _show(value: Any) -> Any:
 
 
 def _out_dtype(name: str, source: ExportSource) -> torch.dtype:
-    if name != "auto":
-        if name not in _DTYPES:
-            raise UsageError(f"--dtype {name!r}", hint="choose auto, bf16, fp16 or fp32")
-        return _DTYPES[name]
+    chosen = output_dtype(name)
+    if chosen is not None:
+        return chosen
     dtypes = {t.dtype for k, t in source.tensors.items() if not k.endswith("inv_freq")}
     if len(dtypes) != 1:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from persimmon_tools.conversion.values import count_overflow, narrows
 from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.export.source import ExportSource, RowTensor
 from persimmon_tools.mapping import RULES
@@ -137,8 +138,8 @@ class ShardTensor:
         if block.dtype == self.dtype:
             return block.contiguous()
         out = block.to(self.dtype)
-        if out.dtype.itemsize < block.dtype.itemsize or out.dtype in (torch.float16, torch.bfloat16):
-            bad = int((torch.isinf(out) & torch.isfinite(block)).sum())
+        if narrows(block.dtype, out.dtype):
+            bad = count_overflow(block, out)  # convert's check: values the cast turned into ±inf
             if bad:
                 raise ConversionError(
                     f"{self.key}: {bad} values overflow {str(self.dtype).removeprefix('torch.')} (become inf)",

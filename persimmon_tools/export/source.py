@@ -27,7 +27,12 @@ from typing import Any, Protocol
 import torch
 
 from persimmon_tools.conversion.args_record import args_fields, restore_args
-from persimmon_tools.conversion.config import ModelDims, derive_dims
+from persimmon_tools.conversion.config import (
+    TRANSFORMERS_DEFAULT_PARTIAL,
+    TRANSFORMERS_DEFAULT_THETA,
+    ModelDims,
+    derive_dims,
+)
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.conversion.plan import expected_targets
 from persimmon_tools.conversion.safetensors_read import SafetensorsFolder
@@ -35,11 +40,10 @@ from persimmon_tools.errors import ConfigError, ConversionError, MappingError, U
 from persimmon_tools.mapping import RULES, Rule
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
-from persimmon_tools.safe_read import read_json, read_small
+from persimmon_tools.safe_read import read_json, read_json_record, read_small
 
 log = logging.getLogger(__name__)
 
-TRANSFORMERS_DEFAULT_THETA = 10000.0  # PersimmonConfig / transformers >= 5 when config.json names none
 _VOCAB_FILES = ("tokenizer.model", "adept_vocab.model")
 _MAX_VOCAB_BYTES = 64 << 20
 
@@ -191,7 +195,9 @@ def hf_dims(config: dict[str, Any], path: Path) -> ModelDims:
     head_dim = hidden // heads
     rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
     theta = rope.get("rope_theta", config.get("rope_theta", TRANSFORMERS_DEFAULT_THETA))
-    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
+    partial = rope.get(
+        "partial_rotary_factor", config.get("partial_rotary_factor", TRANSFORMERS_DEFAULT_PARTIAL)
+    )
     act = config.get("hidden_act", "relu2")
     if act not in ("relu2", "gelu"):
         raise ConfigError(
@@ -210,7 +216,9 @@ def hf_dims(config: dict[str, Any], path: Path) -> ModelDims:
             hint="this model cannot be expressed in ADEPT's layout",
         )
     theta = _config_float({"rope_theta": theta}, "rope_theta", path, TRANSFORMERS_DEFAULT_THETA)
-    partial = _config_float({"partial_rotary_factor": partial}, "partial_rotary_factor", path, 0.5)
+    partial = _config_float(
+        {"partial_rotary_factor": partial}, "partial_rotary_factor", path, TRANSFORMERS_DEFAULT_PARTIAL
+    )
     return ModelDims(
         vocab_size=_config_int(config, "vocab_size", path),
         hidden_size=hidden,
@@ -261,11 +269,8 @@ def _hf_tensors(folder: Path, dims: ModelDims) -> dict[str, RowTensor]:
 
 
 def _conversion_record(folder: Path) -> dict[str, Any] | None:
-    path = folder / CONVERSION_FILE
-    if not os.path.lexists(path):
-        return None
-    record = read_json(path, what="conversion record", error=ConversionError, follow_symlinks=False)
-    return record if record.get("tool") == "persimmon-tools" else None
+    record = read_json_record(folder / CONVERSION_FILE, what="conversion record", error=ConversionError)
+    return record if record is not None and record.get("tool") == "persimmon-tools" else None
 
 
 def _hf_vocab(folder: Path, vocab: Path | None) -> bytes:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,7 +24,7 @@ from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
 from persimmon_tools.errors import HubError, UsageError
 from persimmon_tools.megatron.variant import name_says
-from persimmon_tools.safe_read import MAX_JSON_BYTES, read_json
+from persimmon_tools.safe_read import read_json_record
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +41,10 @@ def read_record(folder: Path, name: str) -> dict[str, Any] | None:
     :data:`~persimmon_tools.safe_read.MAX_JSON_BYTES`, not UTF-8 JSON or not a JSON object raises
     :class:`~persimmon_tools.errors.HubError` naming the file (it is never read through a link).
     """
-    path = Path(folder) / name
-    if not os.path.lexists(path):
-        return None
-    return read_json(
-        path,
+    return read_json_record(
+        Path(folder) / name,
         what=f"the {name} record",
-        max_bytes=MAX_JSON_BYTES,
         error=HubError,
-        follow_symlinks=False,
         hint=f"{name} is damaged; convert (or verify) again to re-create it",
     )
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from persimmon_tools.conversion.config import TRANSFORMERS_DEFAULT_PARTIAL, TRANSFORMERS_DEFAULT_THETA
 from persimmon_tools.conversion.safetensors_read import SafetensorsFolder
 from persimmon_tools.errors import VerificationError
 from persimmon_tools.safe_read import read_json
@@ -48,8 +49,6 @@ HF_GLOBALS = {
     "final_ln_b": "model.final_layernorm.bias",
     "head": "lm_head.weight",
 }
-TRANSFORMERS_DEFAULT_THETA = 10000.0  # transformers >= 5 when config.json names no rope_theta
-TRANSFORMERS_DEFAULT_PARTIAL = 0.5  # PersimmonConfig's default partial_rotary_factor
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -14,16 +14,14 @@ from typing import Any
 
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.errors import VerificationError
-from persimmon_tools.safe_read import read_json
+from persimmon_tools.safe_read import read_json_record
 
 log = logging.getLogger(__name__)
 
 
 def _record(path: Path) -> dict[str, Any] | None:
-    if not path.exists() and not path.is_symlink():
-        return None
     try:
-        return read_json(path, what=path.name, error=VerificationError, follow_symlinks=False)
+        return read_json_record(path, what=path.name, error=VerificationError)
     except VerificationError as err:
         log.warning("%s", err.message)
         return None

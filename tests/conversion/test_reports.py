@@ -35,7 +35,7 @@ def test_dry_run_estimates_convert_and_the_automatic_verify(releases, tmp_path):
 
 def test_estimate_says_an_8b_model_is_not_verified_automatically():
     from persimmon_tools.conversion.config import ModelDims
-    from persimmon_tools.verification.verify import estimate_auto_verify
+    from persimmon_tools.verification.auto_check import estimate_auto_verify
 
     dims = ModelDims(262144, 4096, 16384, 36, 64, 64, 32, 25000.0, 1e-5, 16384, True)
     est = estimate_auto_verify(dims, 18_794_350_592)

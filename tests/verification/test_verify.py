@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE, fingerprint_folder
-from persimmon_tools.verification.verify import VerifyOptions, should_auto_verify, verify
+from persimmon_tools.verification.auto_check import should_auto_verify
+from persimmon_tools.verification.verify import VerifyOptions, verify
 
 pytest.importorskip("transformers")
 
