@@ -113,8 +113,7 @@ def main() -> None:
     print()
     for command, r in results.items():
         for key, (count, argv, text) in sorted(r["problems"].items(), key=lambda kv: -kv[1][0]):
-            known = " (known)" if key in fz.KNOWN_LIBRARY_BUGS else ""
-            print(f"{command}: {count} x {':'.join(key)}{known}\n    e.g. {argv}")
+            print(f"{command}: {count} x {':'.join(key)}\n    e.g. {argv}")
             if args.show_tracebacks:
                 print("    " + text.replace("\n", "\n    "))
 

@@ -1,4 +1,4 @@
-"""THE TABLE: Megatron key templates ↔ Hugging Face Persimmon key templates (data only; spec §D).
+"""THE TABLE: Megatron key templates ↔ Hugging Face Persimmon key templates (spec §D), and its one lookup.
 
 ``{i}`` is the layer index. Shapes are written with symbols evaluated against the model's dimensions:
 ``V`` vocab rows (padded), ``H`` hidden, ``F`` ffn, ``A`` heads × head_dim, ``QKV`` 3 × A, ``D`` head_dim,
@@ -8,15 +8,33 @@ Layouts (all ``[out, in]`` like ``nn.Linear``):
 - ``query_key_value.weight``: ``[n_heads*3*head_dim, hidden]``, per-head ``[q|k|v]`` (spec §C), copied as is.
 - ``dense.weight``: ``[hidden, n_heads*head_dim]``; ``dense_h_to_4h.weight``: ``[ffn, hidden]``;
   ``dense_4h_to_h.weight``: ``[hidden, ffn]``; embeddings and head ``[vocab, hidden]``.
+
+:data:`RULES` is data. The lookup below it is the only place the templates become patterns, in both
+directions and one dialect (anchored; ``{i}`` = a canonical ASCII decimal, no leading zeros), compiled once:
+:func:`match_source` / :func:`source_matches` (Megatron key → rule and layer), :func:`match_target`
+(HF key → rule and layer), :func:`expand` and :meth:`Rule.source_key` / :meth:`Rule.target_key` (rule and
+layer → key), :func:`parallel_kind`.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from persimmon_tools.ops import Parallel
 
 C, R, V, P = Parallel.COLUMN, Parallel.ROW, Parallel.VOCAB, Parallel.REPLICATED
+LAYER = "{i}"
+
+
+def expand(template: str, layer: int | None) -> str:
+    """``template`` with ``{i}`` replaced by ``layer`` (None for a template without ``{i}``)."""
+    if (LAYER in template) != (layer is not None):
+        raise ValueError(
+            f"{template!r} needs {'a' if LAYER in template else 'no'} layer index, got {layer!r}"
+        )
+    return template if layer is None else template.replace(LAYER, str(layer))
 
 
 @dataclass(frozen=True)
@@ -26,6 +44,21 @@ class Rule:
     parallel: Parallel
     shape: tuple[str, ...]
     when: str | None = None  # "qk_layernorm" | "untied" | None (always)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the rule holds one tensor per layer (its templates contain ``{i}``)."""
+        return LAYER in self.source
+
+    def source_key(self, layer: int | None = None) -> str:
+        return expand(self.source, layer)
+
+    def target_key(self, layer: int | None = None) -> str | None:
+        return None if self.target is None else expand(self.target, layer)
+
+    def shape_for(self, symbols: Mapping[str, int]) -> tuple[int, ...]:
+        """The tensor's shape for the model whose shape symbols are ``symbols`` (``ModelDims.symbols()``)."""
+        return tuple(symbols[s] for s in self.shape)
 
 
 _L = "language_model.encoder.layers.{i}."
@@ -73,3 +106,65 @@ RULES: tuple[Rule, ...] = (
     # HF recomputes inv_freq from rope_theta / partial_rotary_factor (a non-persistent buffer).
     Rule(_L + "self_attention.rotary_emb.inv_freq", None, P, ("R",)),
 )
+
+
+#: The one buffer the table drops on purpose (``inv_freq``, shape ``[R]``, replicated).
+INV_FREQ: Rule = next(r for r in RULES if r.target is None)
+
+
+@dataclass(frozen=True)
+class Match:
+    """A key matched by a rule: the rule and the layer index (None for a rule without ``{i}``)."""
+
+    rule: Rule
+    layer: int | None
+
+    @property
+    def source(self) -> str:
+        """The Megatron key."""
+        return self.rule.source_key(self.layer)
+
+    @property
+    def target(self) -> str | None:
+        """The HF key (None: the rule drops the tensor)."""
+        return self.rule.target_key(self.layer)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape(LAYER), r"(?P<i>0|[1-9][0-9]*)"))
+
+
+_SOURCES = tuple((_pattern(r.source), r) for r in RULES)
+_TARGETS = tuple((_pattern(r.target), r) for r in RULES if r.target is not None)
+
+
+def _matches(patterns: tuple[tuple[re.Pattern[str], Rule], ...], key: str) -> tuple[Match, ...]:
+    out = []
+    for pattern, rule in patterns:
+        if m := pattern.fullmatch(key):
+            layer = m.groupdict().get("i")
+            out.append(Match(rule, None if layer is None else int(layer)))
+    return tuple(out)
+
+
+def source_matches(key: str) -> tuple[Match, ...]:
+    """Every rule whose Megatron template matches ``key`` (the engine reports none or several as errors)."""
+    return _matches(_SOURCES, key)
+
+
+def match_source(key: str) -> Match | None:
+    """The one rule (and layer) THE TABLE has for Megatron ``key``; None when no rule, or several, match."""
+    found = _matches(_SOURCES, key)
+    return found[0] if len(found) == 1 else None
+
+
+def match_target(name: str) -> Match | None:
+    """The one rule (and layer) that produces HF key ``name`` (the inverse direction); None if none does."""
+    found = _matches(_TARGETS, name)
+    return found[0] if len(found) == 1 else None
+
+
+def parallel_kind(key: str) -> Parallel | None:
+    """The tensor-parallel kind of Megatron ``key`` per THE TABLE (None for keys no rule names)."""
+    found = match_source(key)
+    return None if found is None else found.rule.parallel

@@ -1,4 +1,4 @@
-"""Bounded work on object graphs a pickle built (both unpicklers, and whatever walks their results).
+"""Bounded work on object graphs a pickle built (the restricted unpickler, and whatever walks its results).
 
 - :func:`check_tree` bounds the work a pickled object graph can cause: shared sub-structures (``b = [a, a]``,
   ``c = [b, b]``, ...) unfold exponentially under any naive walk (``repr``, ``==``, ``json.dumps``,
@@ -7,8 +7,9 @@
 - :func:`guard_pickle_hashing` checks dict keys and set members before an unpickler hashes them (hashing a
   tuple of shared tuples takes exponential time).
 
-Only :mod:`persimmon_tools.errors` and the standard library are imported (both the conversion readers and
-verify's independent reader use this module).
+Only :mod:`persimmon_tools.errors` and the standard library are imported (the byte layer in
+:mod:`persimmon_tools.megatron`, the shard checks, ``inspect`` and verify's own interpretation of the source
+use this module).
 """
 
 from __future__ import annotations

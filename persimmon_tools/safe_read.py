@@ -10,8 +10,8 @@
   FIFO, device or socket found (reported, never read).
 - Bounded work on pickled object graphs is :mod:`persimmon_tools.safe_graph`.
 
-Only :mod:`persimmon_tools.errors` and the standard library are imported (both the conversion readers and
-verify's independent reader use this module).
+Only :mod:`persimmon_tools.errors` and the standard library are imported (the byte layer in
+:mod:`persimmon_tools.megatron` and the other readers of the toolkit use this module).
 """
 
 from __future__ import annotations
@@ -56,11 +56,18 @@ def file_kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else _KIND.get(stat.S_IFMT(mode), "a special file")
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
+def format_size(n: float | None, *, digits: int = 1) -> str:
+    """A byte count in binary units, the one formatter of the toolkit: ``1536 -> '1.5 KiB'``,
+    ``5 * 2**30 -> '5.0 GiB'``, ``0 -> '0 B'``, ``None -> 'unknown'``; ``digits`` after the point
+    (the CLI's summaries use 2)."""
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} B" if unit == "B" else f"{value:.{digits}f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 def open_regular_fd(
@@ -107,7 +114,7 @@ def open_regular_fd(
             )
         if max_bytes is not None and st.st_size > max_bytes:
             raise error(
-                f"{path} ({what}) is {_size(st.st_size)}; at most {_size(max_bytes)} is expected, so it was "
+                f"{path} ({what}) is {format_size(st.st_size)}; at most {format_size(max_bytes)} is expected, so it was "
                 "not read",
                 hint=hint or "the file is not what its name says (or is damaged); pass the right file",
             )
@@ -151,7 +158,7 @@ def read_small(
         except OSError as err:
             raise error(f"cannot read {path} ({what}): {err.strerror or err}", hint=hint) from None
     if len(data) > max_bytes:  # grew after the fstat
-        raise error(f"{path} ({what}) is larger than {_size(max_bytes)}; it was not read", hint=hint)
+        raise error(f"{path} ({what}) is larger than {format_size(max_bytes)}; it was not read", hint=hint)
     return data
 
 

@@ -11,9 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import os
-import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,33 +197,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-_RECORD_LIMIT = 4 << 20  # a conversion record lists a few dozen files; anything bigger is not one
-
-
-def recorded_outputs(folder: Path, record: str) -> set[str] | None:
-    """The file names that ``record`` (``conversion.json``) in ``folder`` lists as written by persimmon-tools
-    (``output_files``), or None when the record is missing, not a regular file, too big or garbled: then
-    nothing in the folder is known to be the toolkit's own, and nothing there may be replaced. Shared by
-    ``convert --force`` and the ``tokenizer`` command."""
-    try:
-        fd = os.open(folder / record, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = fh.read(_RECORD_LIMIT + 1)
-    try:
-        parsed = json.loads(data) if len(data) <= _RECORD_LIMIT else None
-    except ValueError:
-        return None
-    if not isinstance(parsed, dict) or parsed.get("tool") != "persimmon-tools":
-        return None
-    files = parsed.get("output_files")
-    if not isinstance(files, list) or record not in files:
-        return None
-    if not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..") for f in files):
-        return None
-    return set(files)

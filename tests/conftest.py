@@ -1,13 +1,30 @@
-"""Shared fixtures: synthetic releases built once per session with the toolkit's own generator."""
+"""Shared fixtures: synthetic releases built once per session with the toolkit's own generator, and the
+session's ``background``: work that runs in child processes beside the tests."""
 
 from __future__ import annotations
 
+import os
+
+# The suite runs child processes beside the tests (``background`` below) and many tests start a converter
+# child of their own: two processes on two cores. torch's default of one OpenMP thread per core makes each
+# process's workers spin against the other's; one thread each costs a fifth less CPU for the whole suite
+# (docs/performance.md, "Test suite"). Set before torch is imported, so that children inherit it too; an
+# OMP_NUM_THREADS set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import contextlib  # noqa: E402
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
-from persimmon_tools.synth.build import build_release, make_release, write_release_folder
+from persimmon_tools.synth.build import ReleaseOptions, build_release, make_release, write_release_folder
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_TAR = REPO / "fixtures" / "tiny_release.tar"
@@ -21,7 +38,7 @@ def releases(tmp_path_factory) -> dict[str, Path]:
     out = {"tar": base / "tiny_release.tar"}
     shutil.copy(FIXTURE_TAR, out["tar"])
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("tp2pp3", 2, 3)):
-        out[name] = make_release(base / f"{name}_release.tar", tp=tp, pp=pp, seed=0)
+        out[name] = make_release(base / f"{name}_release.tar", ReleaseOptions(tp=tp, pp=pp, seed=0))
     out["folder"] = write_release_folder(build_release(seed=0), base / "tiny_folder_release")
     return out
 
@@ -34,6 +51,165 @@ def converted_tiny(releases, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "tiny-hf"
     convert(releases["tar"], out, ConvertOptions())
     return out
+
+
+class Background:
+    """Jobs that spend their time in child processes, run by worker threads beside the tests.
+
+    pytest runs the tests in one process, on one core; on a machine with two, the other one idles except
+    while a test waits for a child. A job ``fn(background, *args)`` (``submit``) runs in a worker thread
+    and starts its children with ``run``: a child is a fresh process, in its own process group (so ``close``
+    kills whatever it started), given an absolute ``cwd`` (a test may chdir meanwhile) and, as its
+    environment, what the job builds from ``environ``: ``os.environ`` as it was when the session began, so
+    that what a test sets with monkeypatch meanwhile does not leak into it. Nothing else of a job should touch
+    the process's shared state. The tests wait for the job's future, then check its answer as before.
+
+    One worker takes the jobs in the order they were submitted; a test that waits for a job raises the
+    number of workers (``add_workers``), since pytest's own process then waits too."""
+
+    def __init__(self) -> None:
+        self.environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Future, Callable, tuple]] = []
+        self._running: set[subprocess.Popen] = set()
+        self._workers: list[threading.Thread] = []
+        self._closed = False
+        self.started: dict[str, object] = {}  # what was started at session start, by name
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._queue.append((future, fn, args))
+        return future
+
+    def add_workers(self, total: int) -> Background:
+        """Let up to ``total`` jobs run at a time (a worker ends when it finds no job: call this again after
+        ``submit``, before waiting for the job)."""
+        with self._lock:
+            self._workers = [w for w in self._workers if w.is_alive()]
+            while len(self._workers) < total:
+                worker = threading.Thread(target=self._work, name="tests-background", daemon=True)
+                self._workers.append(worker)
+                worker.start()
+        return self
+
+    def run(
+        self, args: list[str], *, cwd: Path, env: dict[str, str], timeout: float
+    ) -> subprocess.CompletedProcess:
+        """``subprocess.run(args, capture_output=True, text=True, ...)``, killed with its process group on
+        timeout (``subprocess.TimeoutExpired``) or when the session ends first (``RuntimeError``)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"not run, the test session ended first: {args}")
+            proc = subprocess.Popen(
+                args,
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            self._running.add(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        """No further job or child starts; running children are killed; the workers are waited for."""
+        with self._lock:
+            self._closed = True
+            for proc in self._running:
+                _kill_group(proc)
+        for worker in self._workers:
+            worker.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed or not self._queue:
+                    return
+                future, fn, args = self._queue.pop(0)
+            try:
+                future.set_result(fn(self, *args))
+            except BaseException as err:  # the test that waits for it raises it
+                future.set_exception(err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.returncode is None:  # not reaped yet, so its pid (and group id) is still its own
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _selected(item: pytest.Item) -> bool:
+    """False for a test that a ``skipif(True)`` mark (e.g. no CUDA) will skip."""
+    return not any(mark.args and mark.args[0] is True for mark in item.iter_markers("skipif"))
+
+
+_MAKE_MID = (
+    "import sys; from pathlib import Path; "
+    "from persimmon_tools.synth.build import ReleaseOptions, make_release; "
+    "make_release(Path(sys.argv[1]), ReleaseOptions(preset='mid', seed=0))"
+)
+
+
+def _make_mid(background: Background, path: Path) -> Path:
+    done = background.run(
+        [sys.executable, "-c", _MAKE_MID, str(path)], cwd=REPO, env=background.environ, timeout=600
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"building the mid release failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, tmp_path_factory) -> Iterator[Background]:
+    """The session's :class:`Background`, with what the selected tests will need started at once, in order:
+
+    - the ``mid`` release, when a test uses ``mid_release``;
+    - whatever a test module starts with its ``start_in_background(background, tmp_path_factory, items)``
+      (``items``: its selected tests), called for each such module in the order of the session's tests.
+
+    One worker runs them beside the tests from the first test on; it is all child processes."""
+    bg = Background()
+    items = [item for item in request.session.items if _selected(item)]
+    if any("mid_release" in item.fixturenames for item in items):
+        path = tmp_path_factory.mktemp("mid") / "mid_release.tar"
+        bg.started["mid_release"] = bg.submit(_make_mid, path)
+    modules: dict[str, tuple[object, list[pytest.Item]]] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_in_background"):
+            modules.setdefault(module.__name__, (module, []))[1].append(item)
+    for module, its in modules.values():
+        module.start_in_background(bg, tmp_path_factory, its)
+    yield bg.add_workers(1)
+    bg.close()
+
+
+@pytest.fixture(scope="session")
+def mid_release(background, tmp_path_factory) -> Path:
+    """The ``mid`` preset (seed 0) as a ~1 GiB release tar, built once per session (started in the
+    background when the session begins, see ``background``).
+
+    For the tests whose point is the size: a signal that reliably lands while a shard is being written, and
+    a streaming conversion's peak RSS far below the release. Read-only: every user converts it elsewhere."""
+    started = background.started.get("mid_release")
+    if started is None:  # not foreseen at the start (a test that asks for it by getfixturevalue)
+        return make_release(
+            tmp_path_factory.mktemp("mid") / "mid_release.tar", ReleaseOptions(preset="mid", seed=0)
+        )
+    return started.result()
 
 
 @pytest.fixture

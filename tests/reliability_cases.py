@@ -295,9 +295,9 @@ CASES: list[Case] = [
     Case("variant-renamed-tar", _X, "convert: `tp1.tar` holding `8b_chat_model_release/`",
          "converts; variant `chat`, decided by the folder inside", "release folder 8b_chat_model_release inside",
          "megatron/test_variant.py::test_renamed_tarball_is_decided_by_its_release_folder"),
-    Case("converter-reader-broken", _X, "convert + verify with the converter's reader broken on purpose (stages "
-         "swapped, a key dropped, bytes misread)", "VerificationError (exit 3): verify's own reader disagrees",
-         "the converter's reader",
+    Case("converter-reader-broken", _X, "convert + verify with the converter's interpretation broken on purpose "
+         "(stages swapped, a key dropped, wrong byte ranges copied, TP parts swapped)",
+         "VerificationError (exit 3): verify's own interpretation disagrees", "the converter's interpretation",
          "verification/test_independent_reader.py::test_a_broken_converter_reader_fails_convert_and_verify"),
     # ---- data loss, leaks and resource bounds --------------------------------------------------------
     Case("force-into-source-folder", _S, "`convert ./release.tar . --force` (OUT_DIR holds SOURCE; also --vocab, "

@@ -5,7 +5,9 @@ A fenced ```bash / ```sh / ```python block directly below a line ``<!-- runnable
 at the checkout's root. Each document's runnable blocks run in order in one fresh scratch folder that holds a
 link ``fixtures`` to the checkout's ``fixtures/`` (so later blocks see what earlier ones wrote): shell blocks
 with ``bash -euo pipefail``, Python blocks with this interpreter and ``-W error``. HOME and TMPDIR point into
-the scratch folder, the Hub is offline and the proxies lead nowhere, so no block reaches the network.
+the scratch folder, the Hub is offline and the proxies lead nowhere, so no block reaches the network. The
+documents are independent of each other: they run as jobs of the session's ``background`` (tests/conftest.py),
+started when the session begins, beside the tests that come first.
 
 A block below ``<!-- not-runnable: REASON -->`` is skipped on purpose; in the documents of ``CHOOSING`` every
 bash/sh/python block must carry one of the two marks, so a new example has to choose.
@@ -95,13 +97,13 @@ ALL_BLOCKS = [b for path in DOCS for b in blocks_of(path)]
 RUNNABLE_DOCS = sorted({b.doc for b in ALL_BLOCKS if b.mark == "runnable"})
 
 
-def _env(scratch: Path) -> dict[str, str]:
+def _env(scratch: Path, environ: dict[str, str]) -> dict[str, str]:
     home, tmp = scratch / "home", scratch / "tmp"
     home.mkdir()
     tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PERSIMMON"))}
+    env = {k: v for k, v in environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PERSIMMON"))}
     env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}",
         HOME=str(home),
         TMPDIR=str(tmp),
         HF_HOME=str(home / "hf"),
@@ -126,42 +128,80 @@ def _command(block: Block, script: Path) -> list[str]:
     return [sys.executable, "-W", "error", str(script)]
 
 
-@pytest.mark.parametrize("doc", RUNNABLE_DOCS)
-def test_runnable_examples_run_as_written(doc, tmp_path):
+def _missing_needs(doc: str) -> list[str]:
     blocks = [b for b in ALL_BLOCKS if b.doc == doc and b.mark == "runnable"]
-    missing = sorted({n for b in blocks for n in b.needs if importlib.util.find_spec(n) is None})
-    if missing:
-        pytest.skip(f"{doc}: runnable examples need {', '.join(missing)}, which is not installed")
-    work, scripts = tmp_path / "work", tmp_path / "scripts"
+    return sorted({n for b in blocks for n in b.needs if importlib.util.find_spec(n) is None})
+
+
+def _run_doc(background, doc: str, scratch: Path) -> str | None:
+    """Run ``doc``'s runnable blocks in order in ``scratch`` (a ``background`` job, see tests/conftest.py);
+    None when every block exited 0, else what went wrong."""
+    blocks = [b for b in ALL_BLOCKS if b.doc == doc and b.mark == "runnable"]
+    work, scripts = scratch / "work", scratch / "scripts"
     work.mkdir()
     scripts.mkdir()
     (work / "fixtures").symlink_to(REPO / "fixtures", target_is_directory=True)
-    env = _env(tmp_path)
+    env = _env(scratch, background.environ)
     for block in blocks:
-        assert block.lang in LANGS, (
-            f"{block.where}: a runnable block must be bash, sh or python, not {block.lang!r}"
-        )
+        if block.lang not in LANGS:
+            return f"{block.where}: a runnable block must be bash, sh or python, not {block.lang!r}"
         unknown = block.needs - KNOWN_NEEDS
-        assert not unknown, f"{block.where}: unknown needs= {sorted(unknown)} (known: {sorted(KNOWN_NEEDS)})"
+        if unknown:
+            return f"{block.where}: unknown needs= {sorted(unknown)} (known: {sorted(KNOWN_NEEDS)})"
         suffix = ".sh" if block.lang in SHELLS else ".py"
         script = scripts / f"line{block.line}{suffix}"
         script.write_text(block.code)
         try:
-            done = subprocess.run(
-                _command(block, script),
-                cwd=work,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=BLOCK_TIMEOUT_S,
-            )
+            done = background.run(_command(block, script), cwd=work, env=env, timeout=BLOCK_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{block.where}: the {block.lang} example ran past {BLOCK_TIMEOUT_S} s")
-        assert done.returncode == 0, (
-            f"{block.where}: the {block.lang} example exited {done.returncode}\n"
-            f"--- example ---\n{block.code}--- stdout (tail) ---\n{done.stdout[-3000:]}\n"
-            f"--- stderr (tail) ---\n{done.stderr[-3000:]}"
-        )
+            return f"{block.where}: the {block.lang} example ran past {BLOCK_TIMEOUT_S} s"
+        if done.returncode != 0:
+            return (
+                f"{block.where}: the {block.lang} example exited {done.returncode}\n"
+                f"--- example ---\n{block.code}--- stdout (tail) ---\n{done.stdout[-3000:]}\n"
+                f"--- stderr (tail) ---\n{done.stderr[-3000:]}"
+            )
+    return None
+
+
+def _key(doc: str) -> str:
+    return f"{__name__}: {doc}"
+
+
+def _start(background, tmp_path_factory, docs: list[str]) -> None:
+    runnable = [d for d in docs if not _missing_needs(d) and _key(d) not in background.started]
+    runnable.sort(key=lambda d: -sum(1 for b in ALL_BLOCKS if b.doc == d and b.mark == "runnable"))
+    for doc in runnable:  # most blocks first
+        scratch = tmp_path_factory.mktemp(re.sub(r"\W", "_", doc))
+        background.started[_key(doc)] = background.submit(_run_doc, doc, scratch)
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the selected documents' examples
+    (about a minute in bash and python children) run beside the tests that come before this module's."""
+    docs = {
+        item.callspec.params["doc"]
+        for item in items
+        if item.originalname == "test_runnable_examples_run_as_written"
+    }
+    _start(background, tmp_path_factory, sorted(docs))
+
+
+@pytest.fixture(scope="module")
+def doc_runs(background, tmp_path_factory):
+    """``background`` with every document's run started; as pytest's own process now waits for them, as many
+    documents run at a time as there are cores (at least two)."""
+    _start(background, tmp_path_factory, RUNNABLE_DOCS)  # those not started with the session
+    return background.add_workers(max(2, os.cpu_count() or 1))
+
+
+@pytest.mark.parametrize("doc", RUNNABLE_DOCS)
+def test_runnable_examples_run_as_written(doc, doc_runs):
+    missing = _missing_needs(doc)
+    if missing:
+        pytest.skip(f"{doc}: runnable examples need {', '.join(missing)}, which is not installed")
+    failure = doc_runs.started[_key(doc)].result()
+    assert failure is None, failure
 
 
 def test_markers_are_used():

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -86,14 +87,18 @@ def test_a_users_conftest_gets_the_fixtures(pytester):
     result.assert_outcomes(passed=2)
 
 
-def test_the_library_never_imports_pytest():
-    """pytest stays optional: convert, verify, synth and the testing wing's __init__ import without it."""
+def _imports_without_pytest(background) -> subprocess.CompletedProcess:
     code = (
         "import sys, persimmon_tools.testing, persimmon_tools.conversion.convert, "
         "persimmon_tools.verification.verify, persimmon_tools.synth.build; "
         "print('pytest' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return background.run([sys.executable, "-c", code], cwd=REPO, env=background.environ, timeout=120)
+
+
+def test_the_library_never_imports_pytest(started):
+    """pytest stays optional: convert, verify, synth and the testing wing's __init__ import without it."""
+    done = started["imports"].result()
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
@@ -111,32 +116,19 @@ def _recipe(*, skip_convert: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_recipe(tmp_path: Path, script: str, out: Path) -> subprocess.CompletedProcess:
-    (tmp_path / "recipe.sh").write_text(script)
+def _run_recipe(background, scratch: Path, script: str, out: Path) -> subprocess.CompletedProcess:
+    """The recipe, with ``scratch`` as its working directory, CHECKPOINT the fixture tar and OUT ``out``."""
+    (scratch / "recipe.sh").write_text(script)
     env = dict(
-        os.environ,
+        background.environ,
         CHECKPOINT=str(FIXTURE_TAR),
         OUT=str(out),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{background.environ.get('PATH', '')}",
     )
-    return subprocess.run(
-        ["bash", str(tmp_path / "recipe.sh")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_the_ci_recipe_converts_and_verifies_the_fixture(tmp_path):
-    done = _run_recipe(tmp_path, _recipe(), tmp_path / "converted-hf")
-    assert done.returncode == 0, done.stdout + done.stderr
-    summary = json.loads((tmp_path / "convert-summary.json").read_text())
-    assert "config.json" in summary["files"] and "verification" not in summary  # verify is its own step
-    report = json.loads((tmp_path / "verification-report.json").read_text())
-    assert report["verdict"] == "pass"
-    assert "::error::" not in done.stdout
+    try:
+        return background.run(["bash", str(scratch / "recipe.sh")], cwd=scratch, env=env, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the recipe in {scratch} ran past 300 s")
 
 
 def _edit_rope_theta(folder: Path) -> None:
@@ -153,11 +145,84 @@ def _swap_two_layers(folder: Path) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("breakage", [_edit_rope_theta, _swap_two_layers], ids=["rope_theta", "swapped"])
-def test_the_ci_recipe_exits_3_on_a_broken_folder(tmp_path, convert_persimmon, breakage):
-    broken = shutil.copytree(convert_persimmon(FIXTURE_TAR), tmp_path / "converted-hf")
-    breakage(broken)
-    done = _run_recipe(tmp_path, _recipe(skip_convert=True), broken)
+BREAKAGES = {"rope_theta": _edit_rope_theta, "swapped": _swap_two_layers}
+
+# convert_persimmon's conversion (the library's convert, default options), in a child process
+_CONVERT = (
+    "import sys; from pathlib import Path; from persimmon_tools.conversion.convert import ConvertOptions, "
+    "convert; convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions())"
+)
+
+
+def _recipe_on_the_fixture(background, scratch: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    return scratch, _run_recipe(background, scratch, _recipe(), scratch / "converted-hf")
+
+
+def _converted_fixture(background, scratch: Path) -> Path:
+    converted = scratch / "converted-hf"
+    done = background.run(
+        [sys.executable, "-c", _CONVERT, str(FIXTURE_TAR), str(converted)],
+        cwd=REPO,
+        env=background.environ,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return converted
+
+
+def _recipe_on_a_broken_folder(
+    background, scratch: Path, converted: Future, breakage: str
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """The recipe without its convert step, on a copy of the converted fixture broken by ``breakage``."""
+    broken = shutil.copytree(converted.result(), scratch / "converted-hf")  # submitted before this job
+    BREAKAGES[breakage](broken)
+    return scratch, _run_recipe(background, scratch, _recipe(skip_convert=True), broken)
+
+
+def _start(background, tmp_path_factory) -> dict[str, Future]:
+    key = f"{__name__}: the recipe and imports"
+    if key not in background.started:
+        started = {
+            "imports": background.submit(_imports_without_pytest),
+            "converts": background.submit(_recipe_on_the_fixture, tmp_path_factory.mktemp("recipe")),
+        }
+        converted = background.submit(_converted_fixture, tmp_path_factory.mktemp("recipe-converted"))
+        for name in BREAKAGES:
+            scratch = tmp_path_factory.mktemp(f"recipe-{name}")
+            started[name] = background.submit(_recipe_on_a_broken_folder, scratch, converted, name)
+        background.started[key] = started
+    return background.started[key]
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the recipe's three runs and the
+    import check are all child processes, which run beside the tests that come before them."""
+    if any("ci_recipe" in item.name or "never_imports" in item.name for item in items):
+        _start(background, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def started(background, tmp_path_factory) -> dict[str, Future]:
+    """The futures of this module's child-process work (started with the session, or now); pytest's own process
+    waits for them from here on, so two may run at a time."""
+    futures = _start(background, tmp_path_factory)
+    background.add_workers(2)
+    return futures
+
+
+def test_the_ci_recipe_converts_and_verifies_the_fixture(started):
+    tmp_path, done = started["converts"].result()
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "convert-summary.json").read_text())
+    assert "config.json" in summary["files"] and "verification" not in summary  # verify is its own step
+    report = json.loads((tmp_path / "verification-report.json").read_text())
+    assert report["verdict"] == "pass"
+    assert "::error::" not in done.stdout
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_the_ci_recipe_exits_3_on_a_broken_folder(started, breakage):
+    tmp_path, done = started[breakage].result()
     assert done.returncode == 3, done.stdout + done.stderr
     assert "::error::verification failed" in done.stdout
     assert json.loads((tmp_path / "verification-report.json").read_text())["verdict"] == "fail"

@@ -1,23 +1,26 @@
-"""Command ``convert``: parse and validate options, call the library, render the plan or summary."""
+"""Command ``convert``: parse and validate options, call :func:`persimmon_tools.workflow.convert` (or its
+``plan_summary`` for ``--dry-run``), render the plan or the summary."""
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option
 from persimmon_tools.cli.params import ITERATION, PATTERN, SIZE, DType, SafePath
-from persimmon_tools.cli.progress import byte_progress, human_bytes, peak_rss_bytes
+from persimmon_tools.cli.progress import byte_progress
+from persimmon_tools.safe_read import format_size
 
-log = logging.getLogger("persimmon_tools.cli")
+if TYPE_CHECKING:
+    from persimmon_tools.workflow import AutoVerify
+
 _DTYPE_CHOICES = DType("auto", "bf16", "fp16", "fp32")
 
 
-@click.command("convert")
+@click.command("convert", cls=Command)
 @click.argument("source", type=SafePath(exists=True, path_type=Path))
 @click.argument("out_dir", type=SafePath(path_type=Path))
 @click.option(
@@ -105,7 +108,7 @@ _DTYPE_CHOICES = DType("auto", "bf16", "fp16", "fp32")
     show_default=True,
     help="Run `verify` on CPU at the end (small models only; 8B: run `verify` yourself).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON on stdout.")
+@json_option("Print the plan/summary as JSON on stdout.")
 @common_options
 def convert_cmd(
     source: Path,
@@ -139,7 +142,8 @@ def convert_cmd(
       persimmon-tools convert ./my_finetune/iter_0002000 ./ft-hf --dtype bf16 --max-shard-size 2GB
       persimmon-tools convert fixtures/tiny_release.tar /tmp/tiny-hf --dry-run
     """
-    from persimmon_tools.conversion.convert import ConvertOptions, convert, prepare
+    from persimmon_tools.conversion.convert import ConvertOptions
+    from persimmon_tools.workflow import convert, plan_summary
 
     options = ConvertOptions(
         dtype=dtype,
@@ -156,128 +160,50 @@ def convert_cmd(
         force_tokenizer=allow_tokenizer_mismatch,
         allow_tokenizer_ties=allow_ties,
     )
+    verify = "auto" if run_verify else "off"
     if dry_run:
-        plan = prepare(source, options)
-        _print_plan(_plan_summary(plan, run_verify), out_dir, as_json)
+        _print_plan(plan_summary(source, options, verify=verify), out_dir, as_json)
         return
-    total: dict[str, int] = {}
-    with byte_progress(None, "convert") as advance:
-
-        def on_plan(plan) -> None:
-            total["bytes"] = plan.shards.total_size
-            log.info(
-                "converting %s: %d tensors, %s, TP=%d PP=%d, iteration %s",
-                plan.release.source,
-                len(plan.tensors),
-                human_bytes(plan.shards.total_size),
-                plan.release.tp,
-                plan.release.pp,
-                plan.checkpoint.iteration,
-            )
-
-        result = convert(source, out_dir, options, progress=advance, on_plan=on_plan)
-    convert_rss = peak_rss_bytes()  # before verify: ru_maxrss only grows, so this is convert's own peak
-    summary = {
-        "out_dir": str(out_dir),
-        "tensors": result.stats.tensors,
-        "bytes": result.stats.bytes_written,
-        "seconds": round(result.seconds, 2),  # the convert phase (as "convert" below)
-        "peak_rss_bytes": convert_rss,  # the process's peak at the end of convert (as "convert" below)
-        "files": result.files,
-        "convert": {"seconds": round(result.seconds, 2), "peak_rss_bytes": convert_rss},
-    }
-    verified = None
-    if run_verify:
-        verified = _auto_verify(result, source, convert_rss)
-        summary["verification"] = verified["result"]
-        summary["verify"] = verified
+    with byte_progress(None, "convert") as bar:
+        report = convert(
+            source,
+            out_dir,
+            options,
+            verify=verify,
+            progress=bar,
+            on_plan=lambda plan: bar.set_total(plan.shards.total_size),
+        )
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        echo_json(report.summary())
     elif not is_quiet():
+        res = report.conversion
         click.echo(
-            f"Converted {result.stats.tensors} tensors ({human_bytes(result.stats.bytes_written)}) to {out_dir} "
-            f"in {result.seconds:.2f} s, peak RSS {human_bytes(convert_rss)} (at the end of convert).",
+            f"Converted {res.stats.tensors} tensors ({format_size(res.stats.bytes_written, digits=2)}) to {out_dir} "
+            f"in {res.seconds:.2f} s, peak RSS {format_size(report.peak_rss_bytes, digits=2)} (at the end of convert).",
             err=True,
         )
-        if verified is not None:
-            click.echo(_verify_line(verified), err=True)
+        if report.verify is not None:
+            click.echo(_verify_line(report.verify), err=True)
 
 
-def _verify_line(verified: dict) -> str:
+def _verify_line(verified: AutoVerify) -> str:
     """The human line of the automatic verify: its own time, and the process's peak RSS after it."""
-    if verified["seconds"] is None:
-        return f"Verify: {verified['result']}."
-    peak = human_bytes(verified["peak_rss_bytes"])
+    if verified.seconds is None:
+        return f"Verify: {verified.result}."
     where = (
         "reached during verify"
-        if verified["peak_rss_reached_in_verify"]
+        if verified.peak_rss_reached_in_verify
         else "verify stayed at or below convert's peak"
     )
     return (
-        f"Verify: {verified['result']} in {verified['seconds']:.2f} s, "
-        f"peak RSS of the process {peak} (convert and verify together; {where})."
+        f"Verify: {verified.result} in {verified.seconds:.2f} s, peak RSS of the process "
+        f"{format_size(verified.peak_rss_bytes, digits=2)} (convert and verify together; {where})."
     )
-
-
-def _auto_verify(result, source: Path, convert_rss: int) -> dict:
-    """Run verify on CPU when the model is small enough: ``{"result", "seconds", "peak_rss_bytes",
-    "peak_rss_reached_in_verify"}``. ``peak_rss_bytes`` is the process's peak after verify (``ru_maxrss``
-    only grows, so it covers convert too); ``peak_rss_reached_in_verify`` says whether verify raised it
-    above ``convert_rss``. Seconds and peak are None when verify did not run."""
-
-    def skipped(why: str) -> dict:
-        return {"result": why, "seconds": None, "peak_rss_bytes": None, "peak_rss_reached_in_verify": None}
-
-    try:
-        from persimmon_tools.verification.auto_check import should_auto_verify
-        from persimmon_tools.verification.verify import VerifyOptions, verify
-    except ImportError:
-        return skipped("skipped (verify not available)")
-    if not should_auto_verify(result.plan.dims, "cpu"):
-        log.info(
-            "model too large for the automatic CPU check; run `persimmon-tools verify %s --reference %s`",
-            result.out_dir,
-            source,
-        )
-        return skipped("skipped (model too large for the automatic check)")
-    start = time.perf_counter()
-    report = verify(result.out_dir, source, VerifyOptions(device="cpu"))
-    seconds, peak = time.perf_counter() - start, peak_rss_bytes()
-    if not report.passed:
-        from persimmon_tools.errors import VerificationError
-
-        raise VerificationError(
-            f"the converted model in {result.out_dir} does not match the original: {report.summary_line()}",
-            hint="see verification.json in OUT_DIR; re-run `persimmon-tools verify` for the full report",
-        )
-    log.info("verify: %s", report.summary_line())
-    return {
-        "result": "pass",
-        "seconds": round(seconds, 2),
-        "peak_rss_bytes": peak,
-        "peak_rss_reached_in_verify": peak > convert_rss,
-    }
-
-
-def _plan_summary(plan, run_verify: bool) -> dict:
-    """The plan's summary plus what the automatic verify would do (``verify``: runs, why, loader, estimated
-    peak memory and seconds; see :func:`persimmon_tools.verification.auto_check.estimate_auto_verify`)."""
-    summary = plan.summary()
-    if not run_verify:
-        summary["verify"] = {"runs": False, "why": "--no-verify"}
-        return summary
-    try:
-        from persimmon_tools.verification.auto_check import estimate_auto_verify
-    except ImportError:
-        summary["verify"] = {"runs": False, "why": "verify not available"}
-        return summary
-    summary["verify"] = estimate_auto_verify(plan.dims, plan.shards.total_size, "cpu").to_dict()
-    return summary
 
 
 def _print_plan(summary: dict, out_dir: Path, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         return
     click.echo(f"Plan for {summary['source']} -> {out_dir} (dry run: nothing written)")
     click.echo(
@@ -286,21 +212,21 @@ def _print_plan(summary: dict, out_dir: Path, as_json: bool) -> None:
     )
     click.echo(
         f"  tensors: {summary['tensors']} ({summary['parameters']:,} parameters), dtype {summary['dtype']}, "
-        f"{human_bytes(summary['bytes'])}"
+        f"{format_size(summary['bytes'], digits=2)}"
     )
     if summary.get("dropped_keys"):
         click.echo(f"  dropped (--drop-key): {', '.join(summary['dropped_keys'])}")
     for fname, shard in summary["shards"].items():
-        click.echo(f"  {fname}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")
+        click.echo(f"  {fname}: {shard['tensors']} tensors, {format_size(shard['bytes'], digits=2)}")
     click.echo(
-        f"  estimated peak memory (convert): {human_bytes(summary['estimated_peak_memory_bytes'])}; "
+        f"  estimated peak memory (convert): {format_size(summary['estimated_peak_memory_bytes'], digits=2)}; "
         "time not estimated (bound by the disks)"
     )
     ver = summary.get("verify") or {}
     if ver.get("runs"):
         click.echo(f"  automatic verify: would run ({ver['why']})")
         click.echo(
-            f"  estimated peak memory (verify): {human_bytes(ver['estimated_peak_memory_bytes'])} "
+            f"  estimated peak memory (verify): {format_size(ver['estimated_peak_memory_bytes'], digits=2)} "
             f"(converted side loaded by {ver['loader']}; the process's peak is the larger of the two); "
             f"time roughly {ver['estimated_seconds']:.0f} s ({ver['basis']})"
         )

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import common_options, echo_json, is_quiet, json_option
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option
 from persimmon_tools.cli.commands_convert import convert_cmd
 from persimmon_tools.cli.params import ITERATION, POSITIVE_INT, SEED, DType, SafePath
-from persimmon_tools.cli.progress import byte_progress, human_bytes
-from persimmon_tools.errors import PersimmonToolsError, UsageError
+from persimmon_tools.cli.progress import byte_progress
+from persimmon_tools.safe_read import format_size
 
 _PATH = SafePath(path_type=Path)
 
 
-@click.command("inspect")
+@click.command("inspect", cls=Command)
 @click.argument("source", type=SafePath(exists=True, path_type=Path))
 @click.option("--iteration", type=ITERATION, help="Which iter_XXXXXXX to inspect.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
@@ -34,11 +34,9 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
       persimmon-tools inspect 8b_base_model_release.tar --no-tensors
       persimmon-tools inspect ./persimmon-8b-chat-hf --json
     """
-    from persimmon_tools.conversion.inspect import inspect_source
+    from persimmon_tools.conversion.inspect import InspectOptions, inspect_source
 
-    info = inspect_source(source, iteration=iteration)
-    if not tensors:
-        info.pop("tensors", None)
+    info = inspect_source(source, InspectOptions(iteration=iteration, tensors=tensors))
     if as_json:
         echo_json(info)
         return
@@ -47,7 +45,7 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
             click.echo(f"tensors ({len(value)}):")
             for t in value:
                 click.echo(
-                    f"  {t['name']:<70} {str(t['shape']):<16} {t['dtype']:<9} {human_bytes(t['bytes']):>11}"
+                    f"  {t['name']:<70} {str(t['shape']):<16} {t['dtype']:<9} {format_size(t['bytes'], digits=2):>11}"
                     f"  {t['parallel'] or '?'}"
                 )
         elif key == "verification" and isinstance(value, dict) and "status" in value:
@@ -58,7 +56,7 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
             click.echo(f"{key}: {value}")
 
 
-@click.command("unpack")
+@click.command("unpack", cls=Command)
 @click.argument("release_tar", type=SafePath(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dest", type=_PATH)
 @click.option("--no-md5", is_flag=True, help="Skip the md5 check of known release names.")
@@ -75,10 +73,10 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> No
     Example:
       persimmon-tools unpack 8b_chat_model_release.tar ./releases/
     """
-    from persimmon_tools.megatron.unpack import unpack
+    from persimmon_tools.megatron.unpack import UnpackOptions, unpack
 
     with byte_progress(release_tar.stat().st_size, "unpack") as advance:
-        result = unpack(release_tar, dest, progress=advance, check_md5=not no_md5)
+        result = unpack(release_tar, dest, UnpackOptions(check_md5=not no_md5), progress=advance)
     md5 = (
         "md5 matches the published checksum"
         if result.md5_expected
@@ -96,11 +94,12 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> No
         )
     elif not is_quiet():
         click.echo(
-            f"Extracted {result.files} files ({human_bytes(result.bytes)}) into {dest}; {md5}.", err=True
+            f"Extracted {result.files} files ({format_size(result.bytes, digits=2)}) into {dest}; {md5}.",
+            err=True,
         )
 
 
-@click.command("make-release")
+@click.command("make-release", cls=Command)
 @click.argument("out_tar", type=_PATH)
 @click.option(
     "--preset",
@@ -142,7 +141,7 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> No
     type=SafePath(exists=True, dir_okay=False, path_type=Path),
     help="SentencePiece model to ship as adept_vocab.model (needs a |ENDOFTEXT| piece).",
 )
-@click.option("--force", is_flag=True, help="Overwrite OUT_TAR if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT_TAR if it is a tarball persimmon-tools wrote.")
 @json_option("Print what was written (out_tar, bytes, preset, tp, pp, dtype, seed) as JSON on stdout.")
 @common_options
 def make_release_cmd(
@@ -164,29 +163,12 @@ def make_release_cmd(
       persimmon-tools make-release /tmp/tp2pp3.tar --tp 2 --pp 3 --seed 0
       persimmon-tools make-release /data/8b_synthetic_release.tar --preset 8b
     """
-    import torch
+    from persimmon_tools.synth.build import ReleaseOptions, make_release
 
-    from persimmon_tools.synth.build import make_release
-
-    _check_layout(preset, tp, pp)
-    if out_tar.exists() and (not force or out_tar.is_dir()):  # exit 1 like convert's non-empty OUT_DIR
-        kind = "a directory" if out_tar.is_dir() else "a file"
-        raise PersimmonToolsError(
-            f"OUT_TAR {out_tar} exists and is {kind}",
-            hint="choose another path" + ("" if out_tar.is_dir() else ", or pass --force to overwrite it"),
-        )
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # an existing OUT_TAR is exit 1; --force replaces only a tarball the toolkit wrote
+    options = ReleaseOptions(preset=preset, tp=tp, pp=pp, dtype=dtype, seed=seed, vocab=vocab, force=force)
     with byte_progress(None, "make-release") as advance:
-        make_release(
-            out_tar,
-            preset=preset,
-            tp=tp,
-            pp=pp,
-            dtype=dtypes[dtype],
-            seed=seed,
-            vocab_model=vocab.read_bytes() if vocab else None,
-            progress=advance,
-        )
+        make_release(out_tar, options, progress=advance)
     size = out_tar.stat().st_size
     if as_json:
         echo_json(
@@ -201,32 +183,7 @@ def make_release_cmd(
             }
         )
     elif not is_quiet():
-        click.echo(f"Wrote {out_tar} ({human_bytes(size)}).", err=True)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_layout(preset: str, tp: int, pp: int) -> None:
-    """--tp must divide the preset's heads, FFN width and (padded) vocab; --pp its layers."""
-    from persimmon_tools.synth.values import PRESETS
-
-    p = PRESETS[preset]
-    vocab = p.vocab or 1024  # the tiny vocab is padded to a multiple of 1024 (128 x TP up to 8)
-    tps = [d for d in _divisors(p.heads) if p.ffn % d == 0 and vocab % d == 0]
-    if tp not in tps:
-        raise UsageError(
-            f"--tp {tp} does not divide the {preset} preset's {p.heads} heads, FFN width {p.ffn} and "
-            f"vocab {vocab}",
-            hint=f"choose --tp from {', '.join(map(str, tps))} (or another --preset)",
-        )
-    pps = _divisors(p.layers)
-    if pp not in pps:
-        raise UsageError(
-            f"--pp {pp} does not divide the {preset} preset's {p.layers} layers",
-            hint=f"choose --pp from {', '.join(map(str, pps))} (or another --preset)",
-        )
+        click.echo(f"Wrote {out_tar} ({format_size(size, digits=2)}).", err=True)
 
 
 COMMANDS = [convert_cmd, inspect_cmd, unpack_cmd, make_release_cmd]

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import common_options, echo_json, is_quiet, json_option
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option
 from persimmon_tools.cli.params import ITERATION, POSITIVE_INT, DType, SafePath, Text
-from persimmon_tools.cli.progress import byte_progress, human_bytes, peak_rss_bytes
+from persimmon_tools.cli.progress import byte_progress
+from persimmon_tools.safe_read import format_size
 
 log = logging.getLogger(__name__)
 
 SET_ITEM = Text("KEY=VALUE", "e.g. --set seq_length=16384")
 
 
-@click.command("export")
+@click.command("export", cls=Command)
 @click.argument("source", type=SafePath(exists=True, path_type=Path))
 @click.argument("out", type=SafePath(path_type=Path))
 @click.option("--tp", type=POSITIVE_INT, default=1, show_default=True, help="Tensor-parallel ranks to write.")
@@ -61,7 +62,8 @@ SET_ITEM = Text("KEY=VALUE", "e.g. --set seq_length=16384")
 @click.option(
     "--force",
     is_flag=True,
-    help="Replace OUT if it is an earlier export (folder: listed in its export.json; --tar: the file).",
+    help="Replace OUT if it is an earlier export (folder: every file listed in its export.json; with --tar, "
+    "only a tarball persimmon-tools wrote).",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Check and print the plan (layout, args and where each comes from)."
@@ -98,6 +100,7 @@ def export_cmd(
       persimmon-tools export ./tp4_run/ ./tp1_run --tp 1 --dry-run
     """
     from persimmon_tools.export.export import ExportOptions, check_destination, export_release, prepare
+    from persimmon_tools.workflow import peak_rss_bytes
 
     options = ExportOptions(
         tp=tp,
@@ -130,7 +133,7 @@ def export_cmd(
         click.echo(
             f"Exported {source} to {result.out} ({'tarball' if tar else 'folder'} {result.plan.name}/, "
             f"TP={tp} PP={pp}, iteration {result.plan.iteration}, {summary['dtype']}): "
-            f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s, peak RSS {human_bytes(peak_rss_bytes())}.",
+            f"{format_size(result.bytes_written, digits=2)} in {result.seconds:.2f} s, peak RSS {format_size(summary['peak_rss_bytes'], digits=2)}.",
             err=True,
         )
 
@@ -149,7 +152,7 @@ def _print_plan(summary: dict, out: Path, as_json: bool) -> None:
     click.echo(
         f"  release: {summary['name']}/, TP={summary['tp']} PP={summary['pp']}, iteration {summary['iteration']}, "
         f"{summary['dtype']}, checkpoint_version {summary['checkpoint_version']}, "
-        f"{summary['vocab_rows']} vocab rows, about {human_bytes(summary['bytes'])}"
+        f"{summary['vocab_rows']} vocab rows, about {format_size(summary['bytes'], digits=2)}"
     )
     for shard in summary["shards"]:
         click.echo(f"  {shard}")

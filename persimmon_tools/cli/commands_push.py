@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import asdict
@@ -11,15 +10,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from persimmon_tools.cli import common_options, is_quiet
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet
 from persimmon_tools.hub.network import CONNECT_TIMEOUT, DEADLINE, READ_TIMEOUT
 from persimmon_tools.hub.plan import CARD_MODES
+from persimmon_tools.safe_read import format_size
 
 if TYPE_CHECKING:
     from persimmon_tools.hub.push import PushResult
 
 
-@click.command("push")
+@click.command("push", cls=Command)
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo_id")
 @click.option(
@@ -112,11 +112,10 @@ def push_cmd(
     if logging.getLogger().level > logging.DEBUG:  # one INFO line per HTTP request is noise unless -v
         for name in ("httpx", "httpx2", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from persimmon_tools.hub.push import push_folder  # here: huggingface_hub's client costs 0.12 s to import
+    # imported here, not at the top: only push needs huggingface_hub's client (slow to import)
+    from persimmon_tools.hub.push import PushOptions, push_folder
 
-    result = push_folder(
-        out_dir,
-        repo_id,
+    options = PushOptions(
         private=private,
         revision=revision,
         create_pr=create_pr,
@@ -131,8 +130,9 @@ def push_cmd(
         timeout=timeout,
         deadline=deadline,
     )
+    result = push_folder(out_dir, repo_id, options)
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        echo_json(asdict(result))
     elif dry_run:
         _render_plan(result)
     else:
@@ -140,8 +140,6 @@ def push_cmd(
 
 
 def _render_plan(result: PushResult) -> None:
-    from persimmon_tools.hub.model_card import format_size
-
     plan = result.plan
     unknown = plan.remote_unknown
     click.echo("Dry run: nothing was uploaded.")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import common_options, echo_json, is_quiet, json_option
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option
 from persimmon_tools.cli.params import DEVICE, ITERATION, PROMPT, TOKEN_IDS, DType, SafePath
 from persimmon_tools.errors import UsageError
 
 
-@click.command("verify")
+@click.command("verify", cls=Command)
 @click.argument("out_dir", type=SafePath(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--reference",

@@ -1,10 +1,9 @@
-"""Progress bars (tqdm, stderr, off with --quiet or when stderr is not a terminal) and the summary line."""
+"""Progress bars: tqdm on stderr, off with --quiet or when stderr is not a terminal."""
 
 from __future__ import annotations
 
-import resource
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
@@ -12,9 +11,24 @@ from tqdm import tqdm
 from persimmon_tools.cli import is_quiet
 
 
+class ByteBar:
+    """A byte-counting bar: call it with the bytes just done; :meth:`set_total` once the size is known
+    (``convert`` learns it from its plan)."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self._bar = bar
+
+    def __call__(self, n_bytes: int) -> None:
+        self._bar.update(n_bytes)
+
+    def set_total(self, total: int) -> None:
+        self._bar.total = total
+        self._bar.refresh()
+
+
 @contextmanager
-def byte_progress(total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
-    """Yield a callback ``advance(n_bytes)`` driving a tqdm bar on stderr."""
+def byte_progress(total: int | None, desc: str) -> Iterator[ByteBar]:
+    """Yield a :class:`ByteBar` drawn on stderr (``total`` None: unknown until :meth:`ByteBar.set_total`)."""
     disable = is_quiet() or not sys.stderr.isatty()
     with tqdm(
         total=total,
@@ -27,17 +41,4 @@ def byte_progress(total: int | None, desc: str) -> Iterator[Callable[[int], None
         dynamic_ncols=True,
         mininterval=0.5,
     ) as bar:
-        yield bar.update
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+        yield ByteBar(bar)

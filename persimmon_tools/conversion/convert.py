@@ -2,6 +2,8 @@
 
 Data flows one way: release (find files) → checkpoint (lazy, merged) → config (dims from args + shapes)
 → plan (the mapping table) → writer (streamed shards; the tokenizer beside it) → atomic rename of the folder.
+This is the conversion alone; :func:`persimmon_tools.workflow.convert` (``persimmon_tools.convert``, the CLI's
+``convert``) runs it and then the automatic verify.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from persimmon_tools.conversion.args_record import record_args
 from persimmon_tools.conversion.config import ModelDims, derive_dims, generation_config, hf_config
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.conversion.output_dir import (
-    RUN_MARKER,
     OutputClaim,
     claim_output_dir,
+    recorded_files,
     refuse_unsafe_output,
 )
 from persimmon_tools.conversion.plan import PlannedTensor, drop_keys, plan_conversion, source_keys
@@ -42,6 +44,7 @@ from persimmon_tools.errors import ConversionError
 from persimmon_tools.megatron.checkpoint import Checkpoint, load_release_checkpoint
 from persimmon_tools.megatron.release import Release, open_release
 from persimmon_tools.tokenizer.spm import ENDOFTEXT, eod_piece, load_sp_bytes
+from persimmon_tools.tokenizer.write import TokenizerOptions, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +251,7 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
     sp_path = folder / "tokenizer.model"
     sp_path.write_bytes(plan.vocab_bytes or b"")
     chat = options.chat if options.chat is not None else plan.release.variant == "chat"
-    try:
-        from persimmon_tools.tokenizer.write import write_tokenizer
-    except ImportError:  # pragma: no cover - the fast tokenizer module is optional during development
-        log.warning("fast tokenizer support is not available; wrote tokenizer.model only")
-        return
-    write_tokenizer(
-        sp_path,
-        folder,
+    tokenizer_options = TokenizerOptions(
         add_bos_token=options.add_bos_token,
         chat=chat,
         check=not options.force_tokenizer,
@@ -263,6 +259,7 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
         replace_existing=True,  # the run's own temporary folder: tokenizer.model was just written there
         model_max_length=plan.dims.max_position_embeddings,
     )
+    write_tokenizer(sp_path, folder, tokenizer_options)
 
 
 def convert(
@@ -296,7 +293,7 @@ def _convert_into(
     # syscalls and torch kernels; a refusal stops the conversion at the next shard. The pool is left
     # (waiting for the thread) before the temp folder is, so nothing writes into a removed folder.
     # Each shard's fsync and read-back check run in a third thread while the next shard is written
-    # (measured: 4 x 0.2 s of stalls on the 8B release otherwise).
+    # (otherwise each shard stalls on its own fsync; docs/performance.md).
     with (
         claim.staging() as tmp,
         ThreadPoolExecutor(1, "tokenizer") as pool,
@@ -331,6 +328,6 @@ def _convert_into(
         if tokenizer is not None:
             tokenizer.result()
         # conversion.json lists every file written: `--force` later replaces only those
-        files = sorted([*(p.name for p in tmp.iterdir() if p.name != RUN_MARKER), CONVERSION_FILE])
+        files = recorded_files(tmp)
         write_json(tmp / CONVERSION_FILE, {**_provenance(plan, options), "output_files": files})
     return ConversionResult(out_dir, plan, stats, time.perf_counter() - start, files)

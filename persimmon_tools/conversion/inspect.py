@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +133,26 @@ def inspect_converted(folder: Path) -> dict[str, Any]:
     return info
 
 
-def inspect_source(source: Path, *, iteration: int | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class InspectOptions:
+    """Options of :func:`inspect_source` (the ``inspect`` command's flags).
+
+    Attributes:
+        iteration: which ``iter_XXXXXXX`` of a release to inspect (default: the one the release names).
+        tensors: list every tensor of a release (``"tensors"``); ``False`` leaves the list out.
+    """
+
+    iteration: int | None = None
+    tensors: bool = True
+
+
+def inspect_source(source: Path, options: InspectOptions = InspectOptions()) -> dict[str, Any]:
     """Inspect a release (tar / folder / iter_* / .pt) or a converted HF folder (has config.json)."""
     source = Path(source)
     if source.is_dir() and os.path.lexists(source / "config.json"):
-        return inspect_converted(source)
-    return inspect_release(source, iteration=iteration)
+        info = inspect_converted(source)
+    else:
+        info = inspect_release(source, iteration=options.iteration)
+    if not options.tensors:
+        info.pop("tensors", None)
+    return info

@@ -10,7 +10,6 @@ they are never reported as unknown; a target whose only source was dropped is st
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 
 from persimmon_tools.conversion.config import ModelDims
 from persimmon_tools.errors import MappingError, UsageError
-from persimmon_tools.mapping import RULES, Rule
+from persimmon_tools.mapping import RULES, match_source, source_matches
 from persimmon_tools.megatron.checkpoint import Checkpoint, MergedTensor
 
 _MAX_LISTED = 20
@@ -41,18 +40,6 @@ class PlannedTensor:
         for d in self.shape:
             n *= d
         return n * self.out_dtype.itemsize
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>[0-9]+)") + "$")
-
-
-_COMPILED = [(_compile(rule.source), rule) for rule in RULES]
-
-
-def _expected_shape(rule: Rule, dims: ModelDims) -> tuple[int, ...]:
-    symbols = dims.symbols()
-    return tuple(symbols[s] for s in rule.shape)
 
 
 def _leaf_key(leaf: str) -> str:
@@ -117,22 +104,19 @@ def plan_conversion(
             if target is not None:
                 lost[target] = f"{key} was dropped by --drop-key {dropped[key]!r}"
             continue
-        matches = [(m, rule) for pattern, rule in _COMPILED if (m := pattern.match(key))]
+        matches = source_matches(key)
         if not matches:
             problems.append(f"unknown source key {key} {list(merged.shape)} (no rule maps it)")
             continue
         if len(matches) > 1:
             problems.append(f"source key {key} matches {len(matches)} rules")
             continue
-        match, rule = matches[0]
-        layer = match.groupdict().get("i")
-        if layer is not None and int(layer) >= dims.num_layers:
+        rule, layer, target = matches[0].rule, matches[0].layer, matches[0].target
+        if layer is not None and layer >= dims.num_layers:
             problems.append(f"{key}: layer {layer} is beyond num_layers {dims.num_layers}")
             continue
-        expected = _expected_shape(rule, dims)
-        target = None
-        if rule.target is not None:
-            target = rule.target.replace("{i}", layer) if layer is not None else rule.target
+        expected = rule.shape_for(dims.symbols())
+        if target is not None:
             reported.add(target)
         if tuple(merged.shape) != expected:
             problems.append(f"{key}: shape {list(merged.shape)}, expected {list(expected)}")
@@ -174,20 +158,17 @@ def plan_conversion(
 
 def _target_of(key: str) -> str | None:
     """The HF target THE TABLE maps ``key`` to (None: no rule, several rules, or dropped by the table)."""
-    matches = [(m, rule) for pattern, rule in _COMPILED if (m := pattern.match(key))]
-    if len(matches) != 1 or matches[0][1].target is None:
-        return None
-    layer = matches[0][0].groupdict().get("i")
-    return matches[0][1].target.replace("{i}", layer) if layer is not None else matches[0][1].target
+    match = match_source(key)
+    return None if match is None else match.target
 
 
 def expected_targets(dims: ModelDims) -> list[str]:
     """Every HF key a complete conversion produces, in HF order (embeddings, layers, final norm, head)."""
     out: list[str] = []
-    layered = [r for r in RULES if r.target and "{i}" in r.target and dims.flag(r.when)]
-    flat = [r for r in RULES if r.target and "{i}" not in r.target and dims.flag(r.when)]
+    layered = [r for r in RULES if r.target and r.per_layer and dims.flag(r.when)]
+    flat = [r for r in RULES if r.target and not r.per_layer and dims.flag(r.when)]
     out += [r.target for r in flat if r.target.startswith("model.embed")]
     for i in range(dims.num_layers):
-        out += [r.target.replace("{i}", str(i)) for r in layered]
+        out += [r.target_key(i) for r in layered]
     out += [r.target for r in flat if not r.target.startswith("model.embed")]
     return out

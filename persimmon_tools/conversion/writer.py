@@ -59,7 +59,7 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_size: int | str) -> Shar
     """Group tensors into ``model-0000k-of-0000n.safetensors`` files with huggingface_hub's sharding helper.
 
     The generic ``split_state_dict_into_shards_factory`` is used with the planned sizes: its torch variant
-    imports ``torch.distributed.tensor`` (0.5-1.4 s measured here, 5-13 % of an 8B conversion) to size
+    imports ``torch.distributed.tensor`` (a noticeable start-up cost, see docs/performance.md) to size
     tensors we never materialise. File names and grouping are the same as ``save_pretrained``'s.
     """
     from huggingface_hub import constants, split_state_dict_into_shards_factory
@@ -120,7 +120,7 @@ class _CheckedCopier:
     (``aminmax``, run with one torch thread: OpenMP workers spinning against the writer thread cost more
     than they gain), while this thread writes chunk ``i``: reading + checking and writing run on both cores
     at once. Memory stays at ``_BUFFERS`` chunks whatever the tensor size. (Kernel-side ``copy_file_range``
-    with a separate check pass over an ``mmap`` measured slower here: 27 s vs 17 s for 17.5 GiB.)
+    with a separate check pass over an ``mmap`` is slower: benchmarks/results/HISTORY.md has the figures.)
     """
 
     _BUFFERS = 3

@@ -4,5 +4,8 @@ The inverse of ``conversion``: THE TABLE (:mod:`persimmon_tools.mapping`) read t
 ops run backwards (:func:`persimmon_tools.ops.shard_bounds`), the release layout written by
 :mod:`persimmon_tools.megatron.release_writer` (shared with ``make-release``).
 
-May import: conversion, megatron, tokenizer, mapping, ops, safe_read, safe_write, errors.
+May import: ``conversion``, ``synth``, ``megatron``, ``tokenizer`` and the root modules below them
+(``mapping``, ``ops``, ``staged_output``, ``staged_leftovers``, ``staged_record``, ``safe_read``,
+``safe_write``, ``safe_graph``, ``errors``). Never ``verification`` (its sibling), ``hub``, ``workflow``,
+``cli`` or ``testing``.
 """

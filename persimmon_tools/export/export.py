@@ -25,7 +25,7 @@ import torch
 
 from persimmon_tools import __version__
 from persimmon_tools.conversion.values import output_dtype
-from persimmon_tools.errors import ConversionError, UsageError
+from persimmon_tools.errors import UsageError
 from persimmon_tools.export.derive import derive_args, parse_sets
 from persimmon_tools.export.layout import (
     MEGATRON_DEFAULT_DIVISIBLE_BY,
@@ -33,9 +33,15 @@ from persimmon_tools.export.layout import (
     padded_vocab,
     shard_objects,
 )
-from persimmon_tools.export.output import check_export_dir, claim_export_dir, write_record
+from persimmon_tools.export.output import (
+    check_export_dir,
+    check_export_tar,
+    claim_export_dir,
+    claim_export_tar,
+    write_record,
+)
 from persimmon_tools.export.source import ExportSource, open_source
-from persimmon_tools.megatron.checkpoint import parallel_kind
+from persimmon_tools.mapping import parallel_kind
 from persimmon_tools.megatron.release_writer import (
     EMBEDDING,
     HEAD,
@@ -44,7 +50,6 @@ from persimmon_tools.megatron.release_writer import (
     write_release_tar,
 )
 from persimmon_tools.ops import Parallel
-from persimmon_tools.safe_write import atomic_file
 from persimmon_tools.tokenizer.spm import vocab_text
 
 log = logging.getLogger(__name__)
@@ -236,9 +241,7 @@ def export_release(
         progress(n)
 
     if options.tar:
-        _refuse_existing_tar(out, options.force)  # again: it may have appeared meanwhile
-        out.parent.mkdir(parents=True, exist_ok=True)  # as the folder mode does (claim_export_dir)
-        with atomic_file(out, "OUT", ConversionError) as fh:
+        with claim_export_tar(out, options.force) as fh:  # checked again: it may have appeared meanwhile
             write_release_tar(files, fh, progress=count)
         listed = [str(out)]
     else:
@@ -254,7 +257,7 @@ def check_destination(out: Path, source: Path, options: ExportOptions) -> Path:
     out = Path(os.path.abspath(out))
     _refuse_inside_source(out, Path(source))
     if options.tar:
-        _refuse_existing_tar(out, options.force)
+        check_export_tar(out, options.force)
     else:
         check_export_dir(out, options.force)
     return out
@@ -269,15 +272,3 @@ def _refuse_inside_source(out: Path, source: Path) -> None:
                 f"OUT {out} is, contains or is inside SOURCE {src}",
                 hint="choose a separate path for the exported release; nothing was written",
             )
-
-
-def _refuse_existing_tar(out: Path, force: bool) -> None:
-    if os.path.islink(out):
-        raise ConversionError(
-            f"OUT {out} is a symbolic link", hint="choose another path; links are never written through"
-        )
-    if os.path.lexists(out) and (not force or not out.is_file()):
-        raise ConversionError(
-            f"OUT {out} exists" + ("" if out.is_file() else " and is not a regular file"),
-            hint="choose another path" + (", or pass --force to replace it" if out.is_file() else ""),
-        )

@@ -2,7 +2,8 @@
 ``model_optim_rng.pt`` object per (tensor rank, pipeline stage) whose tensors stream from the source.
 
 Splitting is the inverse of ``convert``'s merge, driven by the same table (:mod:`persimmon_tools.mapping`,
-each rule's parallel kind) through :func:`persimmon_tools.ops.shard_bounds`:
+each rule's parallel kind) through :func:`persimmon_tools.ops.shard_rows` (bounds from
+:func:`~persimmon_tools.ops.shard_bounds`):
 
 - vocab (embedding, untied head ``[V, H]``) and column (``query_key_value`` ``[3·nh·hd, H]``, per-head
   ``[q|k|v]`` so that every rank holds whole heads; ``dense_h_to_4h`` ``[F, H]`` and their biases): rows
@@ -31,18 +32,15 @@ import torch
 from persimmon_tools.conversion.values import count_overflow, narrows
 from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.export.source import ExportSource, RowTensor
-from persimmon_tools.mapping import RULES
-from persimmon_tools.megatron.checkpoint import parallel_kind
+from persimmon_tools.mapping import INV_FREQ, RULES, match_source, parallel_kind
 from persimmon_tools.megatron.ptwriter import TensorSpec
 from persimmon_tools.megatron.release_writer import EMBEDDING, HEAD, stage_layers, stage_model
-from persimmon_tools.ops import Parallel, shard_bounds
+from persimmon_tools.ops import Parallel, shard_rows, shard_shape
 
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 16 << 20
 MEGATRON_DEFAULT_DIVISIBLE_BY = 128  # megatron/arguments.py --make-vocab-size-divisible-by
-_INV_FREQ = "self_attention.rotary_emb.inv_freq"
-_LAYER_KEY = "language_model.encoder.layers.{i}."
 
 
 def inv_freq(base: float, rotary_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -105,25 +103,22 @@ class ShardTensor:
     def spec(self) -> TensorSpec:
         if self.computed is not None:
             return TensorSpec.of(self.computed)  # in its own dtype (see _inv_freqs)
-        dim, lo, hi = shard_bounds(self.full_shape, self.kind, self.tp, self.rank)
-        shape = list(self.full_shape)
-        if dim is not None:
-            shape[dim] = hi - lo
-        return TensorSpec(tuple(shape), self.dtype, lambda: read_ahead(self._blocks(dim, lo, hi)))
+        shape = shard_shape(self.full_shape, self.kind, self.tp, self.rank)
+        return TensorSpec(shape, self.dtype, lambda: read_ahead(self._blocks(shape[0])))
 
-    def _blocks(self, dim: int | None, lo: int, hi: int) -> Iterator[torch.Tensor]:
+    def _blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The piece's ``rows`` rows in blocks of about BLOCK_BYTES of full-tensor rows
+        (:func:`persimmon_tools.ops.shard_rows`: column/vocab read the rank's rows, row the rank's columns)."""
         assert self.tensor is not None
-        full = self.full_shape
-        rows = full[0]
-        r0, r1 = (lo, hi) if dim == 0 else (0, rows)
-        row_bytes = max(1, math.prod(full[1:]) * self.tensor.dtype.itemsize)
-        step = max(1, BLOCK_BYTES // row_bytes)
         have = self.tensor.shape[0]
-        for a in range(r0, r1, step):
-            b = min(r1, a + step)
-            block = self._read(a, b, have)
-            if dim == 1:
-                block = block[:, lo:hi]
+        row_bytes = max(1, math.prod(self.full_shape[1:]) * self.tensor.dtype.itemsize)
+        step = max(1, BLOCK_BYTES // row_bytes)
+
+        def read(lo: int, hi: int) -> torch.Tensor:
+            return self._read(lo, hi, have)
+
+        for a in range(0, rows, step):
+            block = shard_rows(read, self.full_shape, self.kind, self.tp, self.rank, a, min(rows, a + step))
             yield self._cast(block)
 
     def _read(self, a: int, b: int, have: int) -> torch.Tensor:
@@ -262,17 +257,15 @@ def shard_objects(
 def _keys(source: ExportSource) -> list[str]:
     """Every Megatron key to write: the source's own order when it is a Megatron checkpoint with its
     ``inv_freq`` buffers, else module order (embedding; per layer, the table's order; final norm; head)."""
-    inv = [(_LAYER_KEY + _INV_FREQ).format(i=i) for i in range(source.dims.num_layers)]
+    inv = [INV_FREQ.source_key(i) for i in range(source.dims.num_layers)]
     if all(k in source.tensors for k in inv):
         return list(source.tensors)
     keys = set(source.tensors) | set(inv)
     ordered = [EMBEDDING] if EMBEDDING in keys else []
-    layered = [r.source for r in RULES if "{i}" in r.source]
+    layered = [r for r in RULES if r.per_layer]
     for i in range(source.dims.num_layers):
-        ordered += [k for t in layered if (k := t.replace("{i}", str(i))) in keys]
-    ordered += [
-        r.source for r in RULES if "{i}" not in r.source and r.source != EMBEDDING and r.source in keys
-    ]
+        ordered += [k for r in layered if (k := r.source_key(i)) in keys]
+    ordered += [r.source for r in RULES if not r.per_layer and r.source != EMBEDDING and r.source in keys]
     return ordered
 
 
@@ -285,12 +278,12 @@ def _inv_freqs(source: ExportSource, dtype: torch.dtype, base: float) -> dict[st
     differs from the recomputed one is kept, with a warning.
     """
     d = source.dims
-    weights = next((t.dtype for k, t in source.tensors.items() if not k.endswith(_INV_FREQ)), dtype)
+    weights = next((t.dtype for k, t in source.tensors.items() if not _is_inv_freq(k)), dtype)
     fresh = inv_freq(base, d.rotary_dim, dtype)
     out = {}
     differs = 0
     for i in range(d.num_layers):
-        key = (_LAYER_KEY + _INV_FREQ).format(i=i)
+        key = INV_FREQ.source_key(i)
         stored = source.tensors.get(key)
         if stored is not None and (dtype == weights or stored.dtype != weights):
             value = stored.read_rows(0, stored.shape[0])
@@ -308,3 +301,8 @@ def _inv_freqs(source: ExportSource, dtype: torch.dtype, base: float) -> dict[st
             base,
         )
     return out
+
+
+def _is_inv_freq(key: str) -> bool:
+    match = match_source(key)
+    return match is not None and match.rule is INV_FREQ

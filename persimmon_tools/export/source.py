@@ -8,7 +8,8 @@ it came with, its iteration and its SentencePiece model.
 - Megatron (release tar, folder, ``iter_*``, ``.pt``; any TP/PP): the converter's own reader
   (:mod:`persimmon_tools.megatron.checkpoint`) merges the shards; dims are derived and cross-checked by
   :func:`~persimmon_tools.conversion.config.derive_dims`.
-- Hugging Face: ``config.json`` + safetensors (sharded or single), read with ``pread``
+- Hugging Face: ``config.json`` (read and checked by :mod:`persimmon_tools.conversion.hf_config`, the reader
+  verify's converted side uses too) + safetensors (sharded or single), read with ``pread``
   (:mod:`persimmon_tools.conversion.safetensors_read`); names go back through THE TABLE
   (:mod:`persimmon_tools.mapping`, target → source). Every tensor must map, every expected one must exist,
   every shape must match ``config.json``. ``conversion.json``, when ``convert`` wrote the folder, supplies
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,25 +27,25 @@ from typing import Any, Protocol
 import torch
 
 from persimmon_tools.conversion.args_record import args_fields, restore_args
-from persimmon_tools.conversion.config import (
-    TRANSFORMERS_DEFAULT_PARTIAL,
-    TRANSFORMERS_DEFAULT_THETA,
-    ModelDims,
-    derive_dims,
-)
+from persimmon_tools.conversion.config import ModelDims, derive_dims
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
+from persimmon_tools.conversion.hf_config import parse_hf_config, read_config_json, short
 from persimmon_tools.conversion.plan import expected_targets
 from persimmon_tools.conversion.safetensors_read import SafetensorsFolder
 from persimmon_tools.errors import ConfigError, ConversionError, MappingError, UsageError
-from persimmon_tools.mapping import RULES, Rule
+from persimmon_tools.mapping import match_target
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
-from persimmon_tools.safe_read import read_json, read_json_record, read_small
+from persimmon_tools.safe_read import read_json_record, read_small
 
 log = logging.getLogger(__name__)
 
 _VOCAB_FILES = ("tokenizer.model", "adept_vocab.model")
 _MAX_VOCAB_BYTES = 64 << 20
+_CONFIG_HINT = (
+    "the folder's config.json is damaged or not a Persimmon config (only PersimmonForCausalLM folders can be "
+    "exported)"
+)
 
 
 class RowTensor(Protocol):
@@ -143,96 +143,29 @@ def _open_megatron(source: Path, iteration: int | None, vocab: Path | None) -> E
     )
 
 
-def _compile_target(rule: Rule) -> re.Pattern[str]:
-    assert rule.target is not None
-    return re.compile("^" + re.escape(rule.target).replace(r"\{i\}", r"(?P<i>0|[1-9][0-9]*)") + "$")
-
-
-_TARGETS = [(_compile_target(r), r) for r in RULES if r.target is not None]
-
-
-def megatron_key(hf_name: str) -> str | None:
-    """The Megatron key THE TABLE maps to ``hf_name`` (the inverse direction of ``convert``), or None."""
-    for pattern, rule in _TARGETS:
-        m = pattern.match(hf_name)
-        if m:
-            i = m.groupdict().get("i")
-            return rule.source.replace("{i}", i) if i is not None else rule.source
-    return None
-
-
-def _config_int(config: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if type(value) is not int or value < 1:
-        raise ConfigError(
-            f"{path / 'config.json'}: {key} = {value!r}; expected a whole number >= 1",
-            hint="the folder's config.json is damaged or not a Persimmon config",
-        )
-    return value
-
-
-def _config_float(config: dict[str, Any], key: str, path: Path, default: float) -> float:
-    value = config.get(key, default)
-    if type(value) not in (int, float) or not value > 0 or value != value or value == float("inf"):
-        raise ConfigError(
-            f"{path / 'config.json'}: {key} = {value!r}; expected a positive number",
-            hint="the folder's config.json is damaged",
-        )
-    return float(value)
-
-
 def hf_dims(config: dict[str, Any], path: Path) -> ModelDims:
-    """:class:`ModelDims` from a Persimmon ``config.json``, read the way transformers reads it."""
-    if config.get("model_type") not in (None, "persimmon"):
+    """:class:`ModelDims` from a Persimmon ``config.json``, read the way transformers reads it (the shared
+    reader, :func:`~persimmon_tools.conversion.hf_config.parse_hf_config`), refusing what ADEPT's layout
+    cannot express: another activation than squared ReLU / GeLU, no q/k layernorm, RoPE scaling."""
+    where = str(path / "config.json")
+    cfg = parse_hf_config(config, where=where, error=ConfigError, hint=_CONFIG_HINT)
+    cannot = "this model cannot be expressed in ADEPT's layout"
+    if cfg.hidden_act not in ("relu2", "gelu"):
         raise ConfigError(
-            f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'persimmon'",
-            hint="export writes ADEPT's Persimmon layout; only PersimmonForCausalLM folders can be exported",
+            f"{where}: hidden_act {short(cfg.hidden_act)}; ADEPT's MLP is squared ReLU (relu2) or GeLU",
+            hint=cannot,
         )
-    hidden = _config_int(config, "hidden_size", path)
-    heads = _config_int(config, "num_attention_heads", path)
-    if hidden % heads:
-        raise ConfigError(f"{path / 'config.json'}: hidden_size {hidden} is not a multiple of {heads} heads")
-    head_dim = hidden // heads
-    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
-    theta = rope.get("rope_theta", config.get("rope_theta", TRANSFORMERS_DEFAULT_THETA))
-    partial = rope.get(
-        "partial_rotary_factor", config.get("partial_rotary_factor", TRANSFORMERS_DEFAULT_PARTIAL)
-    )
-    act = config.get("hidden_act", "relu2")
-    if act not in ("relu2", "gelu"):
+    if not cfg.qk_layernorm:
         raise ConfigError(
-            f"{path / 'config.json'}: hidden_act {act!r}; ADEPT's MLP is squared ReLU (relu2) or GeLU",
-            hint="this model cannot be expressed in ADEPT's layout",
+            f"{where}: qk_layernorm is False; Persimmon's attention has a layernorm on queries and keys",
+            hint=cannot,
         )
-    if config.get("qk_layernorm", True) is not True:
+    if cfg.rope_scaling or cfg.rope_type != "default":
         raise ConfigError(
-            f"{path / 'config.json'}: qk_layernorm is {config.get('qk_layernorm')!r}; Persimmon's attention has "
-            "a layernorm on queries and keys",
-            hint="this model cannot be expressed in ADEPT's layout",
+            f"{where}: RoPE scaling {cfg.rope_scaling or cfg.rope_parameters}; ADEPT's rotary has none",
+            hint=cannot,
         )
-    if config.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") != "default":
-        raise ConfigError(
-            f"{path / 'config.json'}: RoPE scaling {config.get('rope_scaling') or rope}; ADEPT's rotary has none",
-            hint="this model cannot be expressed in ADEPT's layout",
-        )
-    theta = _config_float({"rope_theta": theta}, "rope_theta", path, TRANSFORMERS_DEFAULT_THETA)
-    partial = _config_float(
-        {"partial_rotary_factor": partial}, "partial_rotary_factor", path, TRANSFORMERS_DEFAULT_PARTIAL
-    )
-    return ModelDims(
-        vocab_size=_config_int(config, "vocab_size", path),
-        hidden_size=hidden,
-        intermediate_size=_config_int(config, "intermediate_size", path),
-        num_layers=_config_int(config, "num_hidden_layers", path),
-        num_heads=heads,
-        head_dim=head_dim,
-        rotary_dim=int(partial * head_dim),
-        rope_theta=theta,
-        layer_norm_eps=_config_float(config, "layer_norm_eps", path, 1e-5),
-        max_position_embeddings=_config_int(config, "max_position_embeddings", path, 16384),
-        untied=not bool(config.get("tie_word_embeddings", False)),
-        hidden_act=act,
-    )
+    return cfg.dims()
 
 
 def _hf_tensors(folder: Path, dims: ModelDims) -> dict[str, RowTensor]:
@@ -242,19 +175,18 @@ def _hf_tensors(folder: Path, dims: ModelDims) -> dict[str, RowTensor]:
     problems: list[str] = []
     tensors: dict[str, RowTensor] = {}
     for name in sorted(st.entries):
-        key = megatron_key(name)
-        if key is None:
+        match = match_target(name)
+        if match is None:
             problems.append(f"{name}: not a Persimmon weight (no rule of the mapping table names it)")
             continue
         if name not in expected:
             problems.append(f"{name}: not expected by config.json (layers, tie_word_embeddings)")
             continue
-        rule = next(r for p, r in _TARGETS if p.match(name))
-        want = tuple(symbols[s] for s in rule.shape)
+        want = match.rule.shape_for(symbols)
         if st.entry(name).shape != want:
             problems.append(f"{name}: shape {list(st.entry(name).shape)}, config.json implies {list(want)}")
             continue
-        tensors[key] = HFTensor(st, name)
+        tensors[match.source] = HFTensor(st, name)
     missing = sorted(expected - set(st.entries))
     problems += [f"missing: {name}" for name in missing[:20]]
     if len(missing) > 20:
@@ -295,8 +227,7 @@ def _hf_vocab(folder: Path, vocab: Path | None) -> bytes:
 
 
 def _open_hf(folder: Path, vocab: Path | None) -> ExportSource:
-    config = read_json(folder / "config.json", what="model config", error=ConfigError, follow_symlinks=False)
-    dims = hf_dims(config, folder)
+    dims = hf_dims(read_config_json(folder, error=ConfigError), folder)
     tensors = _hf_tensors(folder, dims)
     vocab_bytes = _hf_vocab(folder, vocab)
     record = _conversion_record(folder)

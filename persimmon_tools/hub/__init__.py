@@ -5,6 +5,8 @@ push would send compared with the remote (``plan``, ``remote``), the Hub URL and
 which Hub failures are retried and how the rest are explained (``errors``), and the model card
 (``model_card``).
 
-May import: ``conversion`` (the folder's records and fingerprints), ``verification``, ``tokenizer``,
-``megatron``, ``mapping``, ``ops``, ``safe_read``, ``errors``. Never ``synth`` or ``cli``.
+May import: ``verification``, ``export``, ``conversion`` (the folder's records and fingerprints), ``synth``,
+``megatron``, ``tokenizer`` and the root modules below them (``mapping``, ``ops``, ``staged_output``,
+``staged_leftovers``, ``staged_record``, ``safe_read``, ``safe_write``, ``safe_graph``, ``errors``). Never
+``workflow`` (its sibling), ``cli`` or ``testing``.
 """

@@ -24,7 +24,7 @@ from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
 from persimmon_tools.errors import HubError, UsageError
 from persimmon_tools.megatron.variant import name_says
-from persimmon_tools.safe_read import read_json_record
+from persimmon_tools.safe_read import format_size, read_json_record
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +75,6 @@ def folder_digest(files: dict[str, dict[str, Any]]) -> str:
     """One sha256 over the sorted ``{path: {sha256, size}}`` fingerprint: names the exact set of files."""
     canonical = json.dumps({k: [v.get("sha256"), v.get("size")] for k, v in sorted(files.items())})
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def format_size(n: int | float | None) -> str:
-    """``1536 -> '1.5 KiB'``."""
-    if n is None:
-        return "unknown"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _cell(value: Any, limit: int = 48) -> str:

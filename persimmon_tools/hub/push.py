@@ -62,7 +62,7 @@ from persimmon_tools.hub.plan import (
 )
 from persimmon_tools.hub.remote import dry_run_plan, remote_plan
 
-__all__ = ["PushResult", "check_verification", "push_folder", "verification_state"]
+__all__ = ["PushOptions", "PushResult", "check_verification", "push_folder", "verification_state"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,30 +82,11 @@ class PushResult:
     dry_run: bool
 
 
-def push_folder(
-    folder: Path,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-    endpoint: str | None = None,
-    dry_run: bool = False,
-    allow_unverified: bool = False,
-    license: str | None = None,  # noqa: A002 - the Hub's metadata key and the CLI flag are "license"
-    card: str = "keep",
-    max_retries: int = 5,
-    retry_base_delay: float = 1.0,
-    timeout: float = READ_TIMEOUT,
-    deadline: float | None = DEADLINE,
-) -> PushResult:
-    """Publish a converted folder to a Hub model repo in one commit.
+@dataclass(frozen=True)
+class PushOptions:
+    """Options of :func:`push_folder` (the ``push`` command's flags).
 
-    Args:
-        folder: Output of ``persimmon-tools convert`` (and ``verify``); only its own regular files are sent.
-        repo_id: ``namespace/name`` of the model repo; created if missing (``private`` applies then).
+    Attributes:
         private: ``True``/``False`` for a private/public repo when it is created; ``None``: the Hub's default.
         revision: Target branch (created from ``main`` when missing) or an existing ``refs/pr/N``.
         create_pr: Open a pull request against ``revision`` (default ``main``) instead of committing to it.
@@ -124,6 +105,31 @@ def push_folder(
         timeout: Seconds a request may wait for the Hub's next bytes (or to send the next block); opening a
             connection may take ``min(10, timeout)`` s.
         deadline: Seconds after which a step other than the upload starts no further retry (``None``: none).
+    """
+
+    private: bool | None = None
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+    token: str | None = None
+    endpoint: str | None = None
+    dry_run: bool = False
+    allow_unverified: bool = False
+    license: str | None = None  # the Hub's metadata key and the CLI flag are "license"
+    card: str = "keep"
+    max_retries: int = 5
+    retry_base_delay: float = 1.0
+    timeout: float = READ_TIMEOUT
+    deadline: float | None = DEADLINE
+
+
+def push_folder(folder: Path, repo_id: str, options: PushOptions = PushOptions()) -> PushResult:
+    """Publish a converted folder to a Hub model repo in one commit.
+
+    Args:
+        folder: Output of ``persimmon-tools convert`` (and ``verify``); only its own regular files are sent.
+        repo_id: ``namespace/name`` of the model repo; created if missing (``options.private`` applies then).
+        options: A :class:`PushOptions`.
 
     Returns:
         A :class:`PushResult`: the plan, commit and PR URLs, uploaded and skipped files, the card text.
@@ -135,25 +141,16 @@ def push_folder(
         Interrupted: SIGINT/SIGTERM; re-running finishes the push without re-sending what the Hub has.
 
     Example:
-        >>> push_folder(Path("persimmon-8b-chat-hf"), "me/persimmon-8b-chat", dry_run=True)  # doctest: +SKIP
+        >>> push_folder(Path("persimmon-8b-chat-hf"), "me/persimmon-8b-chat", PushOptions(dry_run=True))  # doctest: +SKIP
     """
-    timeouts = Timeouts(min(CONNECT_TIMEOUT, timeout), timeout, deadline)
+    timeouts = Timeouts(min(CONNECT_TIMEOUT, options.timeout), options.timeout, options.deadline)
     with signals_raise_interrupt(), hub_timeouts(timeouts):
         try:
             return _push(
                 Path(folder),
                 repo_id,
-                private=private,
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=commit_message,
-                token=token,
-                endpoint=endpoint,
-                dry_run=dry_run,
-                allow_unverified=allow_unverified,
-                license=license,
-                card=card,
-                call=Retry(max_retries, retry_base_delay, deadline=deadline),
+                options,
+                Retry(options.max_retries, options.retry_base_delay, deadline=options.deadline),
             )
         except KeyboardInterrupt as err:
             raise Interrupted(
@@ -162,26 +159,12 @@ def push_folder(
             ) from err
 
 
-def _push(
-    folder: Path,
-    repo_id: str,
-    *,
-    private: bool | None,
-    revision: str | None,
-    create_pr: bool,
-    commit_message: str | None,
-    token: str | None,
-    endpoint: str | None,
-    dry_run: bool,
-    allow_unverified: bool,
-    license: str | None,
-    card: str,
-    call: Retry,
-) -> PushResult:
-    _check_args(folder, repo_id, card, call.max_retries)
-    endpoint = call.endpoint = resolve_endpoint(endpoint, constants.ENDPOINT)
+def _push(folder: Path, repo_id: str, options: PushOptions, call: Retry) -> PushResult:
+    private, create_pr = options.private, options.create_pr
+    _check_args(folder, repo_id, options.card, call.max_retries)
+    endpoint = call.endpoint = resolve_endpoint(options.endpoint, constants.ENDPOINT)
     offline = constants.is_offline_mode()
-    if offline and not dry_run:  # before hashing gigabytes: this push cannot happen
+    if offline and not options.dry_run:  # before hashing gigabytes: this push cannot happen
         raise HubUnreachable(
             f"cannot push to {endpoint}: HF_HUB_OFFLINE is set",
             hint="unset HF_HUB_OFFLINE to push; `push --dry-run` shows the local plan offline",
@@ -189,7 +172,7 @@ def _push(
     scan = scan_folder(folder)  # refuses links and special files before anything in the folder is read
     status = verification_state(folder)  # the same judgement as `inspect`'s verification status
     problems, recorded = list(status.problems), status.recorded
-    if problems and not allow_unverified:
+    if problems and not options.allow_unverified:
         raise HubError(
             f"refusing to publish {folder}: it is not verified (verification: {status.describe()})",
             hint="run `persimmon-tools verify` on the folder (again, if files changed), or pass "
@@ -197,10 +180,14 @@ def _push(
         )
     verified = not problems
     files = recorded if recorded is not None else fingerprint_folder(folder)
-    card_text, card_source = choose_card(folder, repo_id, license, card, verified, problems, files)
+    card_text, card_source = choose_card(
+        folder, repo_id, options.license, options.card, verified, problems, files
+    )
     local = local_files(folder, files, card_text, read_verification_report(folder))
-    target = revision or constants.DEFAULT_REVISION
-    api = HfApi(endpoint=endpoint, token=token, library_name="persimmon-tools", library_version=__version__)
+    target = options.revision or constants.DEFAULT_REVISION
+    api = HfApi(
+        endpoint=endpoint, token=options.token, library_name="persimmon-tools", library_version=__version__
+    )
     plan = PushPlan(
         repo_id=repo_id,
         repo_url=f"{endpoint}/{repo_id}",
@@ -212,10 +199,10 @@ def _push(
         verified=verified,
         card_source=card_source,
         card=card_text,
-        commit_message=commit_message or default_message(folder, verified),
+        commit_message=options.commit_message or default_message(folder, verified),
         files=(),
     )
-    if dry_run:
+    if options.dry_run:
         plan = dry_run_plan(api, plan, local, call, "HF_HUB_OFFLINE is set" if offline else None)
         return PushResult(
             plan.repo_url, None, None, (), tuple(f.path for f in plan.skipped), card_text, plan, True

@@ -5,5 +5,7 @@ Reading: release discovery (tar read in place and checked to its end-of-archive,
 unpickler, lazy tensors, the shard consistency checks, the TP/PP merge and safe ``unpack``. Writing:
 ``.pt`` and tar files in ADEPT's layout (used by ``synth``).
 
-May import: ``persimmon_tools.mapping``, ``ops``, ``errors``. Never another wing.
+May import: the root modules below it (``persimmon_tools.mapping``, ``ops``, ``staged_output``,
+``staged_leftovers``, ``staged_record``, ``safe_read``, ``safe_write``, ``safe_graph``, ``errors``). Never
+another wing (``tokenizer`` is its sibling) or ``workflow``.
 """

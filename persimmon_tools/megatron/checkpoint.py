@@ -11,7 +11,7 @@ together (same iteration and args, stage roles, canonical layer numbers).
 from __future__ import annotations
 
 import logging
-import re
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from persimmon_tools.errors import CheckpointError
-from persimmon_tools.mapping import RULES
+from persimmon_tools.mapping import parallel_kind
 from persimmon_tools.megatron.consistency import (
     check_args,
     check_iterations,
@@ -30,30 +30,37 @@ from persimmon_tools.megatron.consistency import (
 from persimmon_tools.megatron.lazy import LazyTensor
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.megatron.torchzip import LoadedCheckpoint, load_checkpoint
-from persimmon_tools.ops import Parallel, check_replicated, layer_index, renumber_layer
+from persimmon_tools.ops import (
+    Parallel,
+    check_replicated,
+    layer_index,
+    merge_dim,
+    merge_rows,
+    merged_shape,
+    renumber_layer,
+    row_blocks,
+)
 
 log = logging.getLogger(__name__)
-
-_RULE_PATTERNS = [
-    (re.compile("^" + re.escape(r.source).replace(r"\{i\}", r"(?:0|[1-9][0-9]*)") + "$"), r) for r in RULES
-]
-
-
-def parallel_kind(key: str) -> Parallel | None:
-    """The tensor-parallel kind of a Megatron key per the mapping table (None for unknown keys)."""
-    for pattern, rule in _RULE_PATTERNS:
-        if pattern.match(key):
-            return rule.parallel
-    return None
 
 
 @dataclass(frozen=True)
 class MergedTensor:
-    """One logical tensor assembled from its tensor-parallel parts (rank order); read on demand."""
+    """One logical tensor assembled from its tensor-parallel parts (rank order); read on demand.
+
+    Layout: the parts joined along :func:`persimmon_tools.ops.merge_dim` of ``kind`` (column/vocab: dim 0,
+    e.g. ``query_key_value.weight`` ``[n_heads*3*head_dim, hidden]`` as whole heads per rank; row: dim 1,
+    e.g. ``dense.weight`` ``[hidden, n_heads*head_dim]``; replicated: rank 0's copy). Every read goes
+    through :func:`persimmon_tools.ops.merge_rows`, so only the rows asked for are read from each part.
+    """
 
     key: str
     parts: tuple[LazyTensor, ...]
     kind: Parallel | None  # None: unknown key (only valid with one part)
+
+    @property
+    def _shapes(self) -> list[tuple[int, ...]]:
+        return [p.shape for p in self.parts]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,30 +68,20 @@ class MergedTensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        first = self.parts[0].shape
-        dim = self.kind.concat_dim if self.kind is not None else None
-        if dim is None or len(self.parts) == 1:
-            return first
-        dim = min(dim, len(first) - 1)
-        return tuple(sum(p.shape[dim] for p in self.parts) if d == dim else n for d, n in enumerate(first))
+        return merged_shape(self._shapes, self.kind, self.key)
 
     @property
     def numel(self) -> int:
-        return sum(p.numel for p in self.parts) if self._concatenated else self.parts[0].numel
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.parts[0].storage.dtype.itemsize
 
     @property
-    def _concatenated(self) -> bool:
-        return self.kind is not None and self.kind.concat_dim is not None and len(self.parts) > 1
-
-    @property
     def concat_dim(self) -> int | None:
-        if not self._concatenated:
-            return None
-        return min(self.kind.concat_dim, len(self.shape) - 1)  # 1-D row-parallel: never happens (bias is P)
+        """The dimension the parts are joined along (None: one part or replicated: rank 0's copy is read)."""
+        return merge_dim(self.kind, len(self.parts[0].shape)) if len(self.parts) > 1 else None
 
     def byte_ranges(self) -> list[tuple[Any, int, int]] | None:
         """``[(path, offset, nbytes)]`` whose concatenation is this tensor's bytes, when that is possible
@@ -95,63 +92,38 @@ class MergedTensor:
         return [(p.storage.path, p.byte_offset, p.nbytes) for p in parts]
 
     def iter_rows(self, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
-        """Consecutive row blocks (dim 0) of the merged tensor, each at most ~``max_bytes``."""
+        """Consecutive row blocks (dim 0) of the merged tensor, each at most ~``max_bytes`` (and never across
+        two dim-0 parts, so each block is one read)."""
         shape = self.shape
         if not shape:
             yield self.materialize()
             return
+        row_bytes = max(1, self.nbytes // max(1, shape[0]))
+        step = max(1, max_bytes // row_bytes)
         if not all(p.is_contiguous for p in self.parts):
             # A strided view (never seen in Megatron checkpoints) cannot be read by row ranges: read it once
             # (memory: this one tensor) instead of once per block.
             whole = self.materialize()
-            step = max(1, max_bytes // max(1, whole[:1].numel() * whole.element_size()))
             for start in range(0, shape[0], step):
                 yield whole[start : start + step]
             return
-        if self.concat_dim == 0:
-            for part in self.parts:
-                yield from _part_rows(part, max_bytes)
-            return
-        if self.concat_dim == 1:
-            row_bytes = max(1, self.nbytes // max(1, shape[0]))
-            step = max(1, max_bytes // row_bytes)
-            for start in range(0, shape[0], step):
-                stop = min(shape[0], start + step)
-                yield torch.cat([p.read_rows(start, stop) for p in self.parts], dim=1)
-            return
-        yield from _part_rows(self.parts[0], max_bytes)
+        for start, stop in row_blocks(self._shapes, self.kind, step):
+            yield self.read_rows(start, stop)
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` (dim 0) of the merged tensor, reading only those rows of each part."""
         if not self.shape:
             return self.materialize()
-        if self.concat_dim == 1:
-            return torch.cat([p.read_rows(start, stop) for p in self.parts], dim=1)
-        if self.concat_dim is None:
-            return self.parts[0].read_rows(start, stop)
-        pieces, base = [], 0
-        for part in self.parts:
-            lo, hi = max(start, base), min(stop, base + part.shape[0])
-            if lo < hi:
-                pieces.append(part.read_rows(lo - base, hi - base))
-            base += part.shape[0]
-        if not pieces:
-            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return merge_rows(self._read_part, self._shapes, self.kind, start, stop)
+
+    def _read_part(self, part: int, start: int, stop: int) -> torch.Tensor:
+        return self.parts[part].read_rows(start, stop)
 
     def materialize(self) -> torch.Tensor:
-        if self.concat_dim is None:
+        shape = self.shape
+        if not shape or self.concat_dim is None:
             return self.parts[0].materialize()
-        return torch.cat([p.materialize() for p in self.parts], dim=self.concat_dim)
-
-
-def _part_rows(part: LazyTensor, max_bytes: int) -> Iterator[torch.Tensor]:
-    if not part.shape:
-        yield part.materialize()
-        return
-    step = max(1, max_bytes // max(1, part.row_nbytes))
-    for start in range(0, part.shape[0], step):
-        yield part.read_rows(start, min(part.shape[0], start + step))
+        return merge_rows(self._read_part, self._shapes, self.kind, 0, shape[0])
 
 
 @dataclass
@@ -301,17 +273,7 @@ def _merge(key: str, parts: tuple[LazyTensor, ...]) -> MergedTensor:
             )
         if kind is None:
             kind = Parallel.REPLICATED  # unknown keys are reported by the mapping step; compare them anyway
-        dim = kind.concat_dim
-        for rank, p in enumerate(parts):
-            same = [n for d, n in enumerate(p.shape) if d != dim] == [
-                n for d, n in enumerate(parts[0].shape) if d != dim
-            ]
-            if len(p.shape) != len(parts[0].shape) or not same:
-                raise CheckpointError(
-                    f"{key}: shard shapes do not fit together (rank 0 {list(parts[0].shape)}, rank {rank} "
-                    f"{list(p.shape)})",
-                    hint="the shards come from different checkpoints",
-                )
-        if dim is None:
+        merged_shape([p.shape for p in parts], kind, key)  # raises when the shard shapes do not fit
+        if kind.concat_dim is None:
             check_replicated([p.materialize() for p in parts], key)
     return MergedTensor(key, parts, kind)

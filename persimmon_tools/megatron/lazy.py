@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from persimmon_tools.errors import CheckpointError
+from persimmon_tools.safe_read import open_regular_fd
 
 
 def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
@@ -34,16 +36,22 @@ def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
 def pread_exact(path: Path, offset: int, size: int, origin: str) -> memoryview:
     """Read exactly ``size`` bytes at ``offset`` of ``path`` into a new buffer (a writable memoryview).
 
-    The buffer is not zero-filled first (``numpy.empty``, not ``bytearray(size)``): ``preadv`` overwrites
-    every byte or the read fails. On the 8B export that memset was about 0.4 s of CPU per GB read.
+    The file is opened as a regular file only (``O_NONBLOCK`` + ``fstat`` of the opened descriptor), so a
+    FIFO or device swapped in after the release was listed cannot hang or feed the read. The buffer is not
+    zero-filled first (``numpy.empty``, not ``bytearray(size)``): ``preadv`` overwrites every byte or the
+    read fails; that memset would cost about 0.4 s of CPU per GB read.
     """
     buf = memoryview(np.empty(size, dtype=np.uint8))
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular_fd(path, what=origin, max_bytes=None, error=CheckpointError)
     try:
         preadv_exact(fd, buf, offset, origin)
     finally:
         os.close(fd)
     return buf
+
+
+#: ``read(path, offset, size, origin)``: ``size`` bytes at ``offset`` of ``path``, as :func:`pread_exact`.
+Reader = Callable[[Path, int, int, str], memoryview]
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,17 @@ class StorageRef:
     dtype: torch.dtype
     key: str
     origin: str  # for messages: "<file>:archive/data/<key>"
+    #: How the bytes are read (``read(path, offset, size, origin) -> memoryview``); None: :func:`pread_exact`.
+    #: verify's reference side reads through a :class:`~persimmon_tools.megatron.hashing.HashingReader`.
+    reader: Reader | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
         return self.nbytes // self.dtype.itemsize
+
+    def read(self, offset: int, size: int) -> memoryview:
+        """``size`` bytes at absolute ``offset`` of :attr:`path`, through :attr:`reader`."""
+        return (self.reader or pread_exact)(self.path, offset, size, self.origin)
 
     def with_dtype(self, dtype: torch.dtype) -> StorageRef:
         return replace(self, dtype=dtype)
@@ -110,6 +125,10 @@ class LazyTensor:
     def dtype(self) -> torch.dtype:
         return self.storage.dtype
 
+    def through(self, reader: Reader | None) -> LazyTensor:
+        """The same view, its bytes read through ``reader`` (None: :func:`pread_exact`)."""
+        return replace(self, storage=replace(self.storage, reader=reader))
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -141,29 +160,28 @@ class LazyTensor:
         """Rows ``[start, stop)`` along dim 0 as a fresh CPU tensor (0-d/1-d: elements)."""
         if not self.shape:
             return self.materialize()
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(
+                f"{self.storage.origin}: rows [{start}, {stop}) of a tensor with {self.shape[0]} rows"
+            )
         if not self.is_contiguous:
             return self.materialize()[start:stop].clone()
         rows = stop - start
-        buf = pread_exact(
-            self.storage.path,
-            self.byte_offset + start * self.row_nbytes,
-            rows * self.row_nbytes,
-            self.storage.origin,
-        )
+        buf = self.storage.read(self.byte_offset + start * self.row_nbytes, rows * self.row_nbytes)
         if not buf:
-            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
+            return torch.empty((rows, *self.shape[1:]), dtype=self.dtype)
         return torch.frombuffer(buf, dtype=self.dtype).view(rows, *self.shape[1:])
 
     def materialize(self) -> torch.Tensor:
         """The whole tensor as a CPU tensor."""
+        if not self.numel:
+            return torch.empty(self.shape, dtype=self.dtype)
         if not self.shape:
-            buf = pread_exact(self.storage.path, self.byte_offset, self.dtype.itemsize, self.storage.origin)
+            buf = self.storage.read(self.byte_offset, self.dtype.itemsize)
             return torch.frombuffer(buf, dtype=self.dtype).reshape(())
         if self.is_contiguous:
             return self.read_rows(0, self.shape[0])
         span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
-        buf = pread_exact(
-            self.storage.path, self.byte_offset, span * self.dtype.itemsize, self.storage.origin
-        )
+        buf = self.storage.read(self.byte_offset, span * self.dtype.itemsize)
         flat = torch.frombuffer(buf, dtype=self.dtype)
         return torch.as_strided(flat, self.shape, self.stride).clone()

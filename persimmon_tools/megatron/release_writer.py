@@ -27,6 +27,7 @@ from persimmon_tools.errors import UsageError
 from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, write_pt
 from persimmon_tools.ops import layer_index
 from persimmon_tools.safe_write import open_new_file, write_new_file
+from persimmon_tools.staged_record import tar_record_header
 
 ENCODER = "language_model.encoder."
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
@@ -107,6 +108,10 @@ class ReleaseFiles:
         files["latest_checkpointed_iteration.txt"] = str(self.iteration).encode()
         return [(f"{self.name}/{fname}", data) for fname, data in files.items()]
 
+    def tar_members(self) -> list[str]:
+        """Every member of the tarball, in the order :func:`write_release_tar` writes them."""
+        return [self.name, *(m for m, _ in self.small_members()), *(m for m, _ in self.ordered_shards())]
+
 
 def default_dump(fh: BinaryIO, obj: Any, on_bytes: Callable[[int], None]) -> None:
     write_pt(fh, obj, on_bytes=on_bytes)
@@ -119,20 +124,26 @@ def write_release_folder(
     dump: Dump = default_dump,
     progress: Callable[[int], None] = lambda n: None,
     workers: int = 1,
+    top: bool = True,
 ) -> Path:
-    """Write ``files`` under ``root`` (``root/NAME/...``; ``root`` is the caller's private staging folder).
+    """Write ``files`` under ``root`` (``root/NAME/...``, or with ``top=False`` the content of ``NAME/``
+    straight into ``root``; ``root`` is the caller's private staging folder). Returns the release folder.
 
     ``workers`` > 1 writes that many shard files at once, in threads: reading, the zip CRC32 and writing all
     release the GIL, so two shards on two cores take about the time of one. An error (or Ctrl-C) in any
     shard stops the others at their next block and is raised here.
     """
-    root = Path(root)
+    base = Path(root) / files.name if top else Path(root)
+
+    def place(member: str) -> Path:
+        return base / member.split("/", 1)[1]  # members are NAME/...
+
     for member, data in files.small_members():
-        (root / member).parent.mkdir(parents=True, exist_ok=True)
-        write_new_file(root / member, data)
-    shards = files.ordered_shards()
-    for member, _ in shards:
-        (root / member).parent.mkdir(parents=True, exist_ok=True)
+        place(member).parent.mkdir(parents=True, exist_ok=True)
+        write_new_file(place(member), data)
+    shards = [(place(member), obj) for member, obj in files.ordered_shards()]
+    for path, _ in shards:
+        path.parent.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -142,18 +153,18 @@ def write_release_folder(
         with lock:
             progress(n)
 
-    def one(member: str, obj: Any) -> None:
-        with open_new_file(root / member) as fh:
+    def one(path: Path, obj: Any) -> None:
+        with open_new_file(path) as fh:
             dump(fh, obj, advance)
             fh.flush()
             os.fsync(fh.fileno())  # durable before the folder is renamed into place
 
     if workers <= 1 or len(shards) <= 1:
-        for member, obj in shards:
-            one(member, obj)
-        return root / files.name
+        for path, obj in shards:
+            one(path, obj)
+        return base
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-writer")
-    futures = [pool.submit(one, member, obj) for member, obj in shards]
+    futures = [pool.submit(one, path, obj) for path, obj in shards]
     try:
         for future in futures:
             future.result()
@@ -163,7 +174,7 @@ def write_release_folder(
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
-    return root / files.name
+    return base
 
 
 class _Stopped(Exception):
@@ -177,7 +188,13 @@ def write_release_tar(
     dump: Dump = default_dump,
     progress: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Write ``files`` as one uncompressed tarball into the open file ``fh`` (members ``NAME/...``)."""
+    """Write ``files`` as one uncompressed tarball into the open file ``fh`` (members ``NAME/...``).
+
+    The tarball starts with the toolkit's record, a pax global header listing the members
+    (:func:`~persimmon_tools.staged_record.tar_record_header`): tar readers skip it, and it is what lets
+    ``--force`` replace this tarball later and nothing else.
+    """
+    fh.write(tar_record_header(files.tar_members()))
     writer = TarWriter(fh)
     writer.add_dir(files.name)
     for member, data in files.small_members():

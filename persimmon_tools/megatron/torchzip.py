@@ -4,7 +4,13 @@ Layout: ``<prefix>/data.pkl`` (the pickled object; storages appear as persistent
 ``("storage", <Type>Storage, key, location, numel)``) and ``<prefix>/data/<key>`` records stored
 uncompressed. We parse the zip directory, check every record lies inside the file and that records do
 not overlap, unpickle ``data.pkl`` with :mod:`persimmon_tools.megatron.unpickle`, and hand out
-:class:`~persimmon_tools.megatron.lazy.LazyTensor` objects that point at the records' bytes.
+:class:`~persimmon_tools.megatron.lazy.LazyTensor` objects that point at the records' bytes. A storage is
+what ``torch.load`` builds: ``numel`` elements of its type (views are bounded by that, not by the record's
+size), one object per key (a key named again with another type is refused).
+
+This is the one byte layer of the toolkit: ``convert``, ``inspect``, ``export`` and ``verify``'s reference
+side all read checkpoints through it; ``tests/megatron/test_byte_layer_oracle.py`` proves it against
+``torch.load`` on every synthetic layout.
 
 Byte order: ``<prefix>/byteorder`` holds ``little`` or ``big`` (``torch.save`` writes the writer's
 ``sys.byteorder``); without it, ``torch.load`` assumes little-endian. Tensors are read as raw native
@@ -165,7 +171,19 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
             fh.seek(pkl_offset - src.offset)
             data = fh.read(pkl_size)
 
+    made: dict[str, StorageRef] = {}
+
     def resolve(key: str, dtype: torch.dtype | None, numel: int) -> StorageRef:
+        """The storage ``key`` as ``torch.load`` builds it: ``numel`` elements of ``dtype`` from its record;
+        a key named again gets the first storage (as in torch), and must name the same dtype."""
+        dtype = dtype or torch.uint8
+        if key in made:
+            if made[key].dtype != dtype:
+                raise CheckpointError(
+                    f"{src.name}: storage {key} is referenced as {made[key].dtype} and as {dtype}",
+                    hint="torch.save writes each storage with one type; the file is corrupt or was tampered with",
+                )
+            return made[key]
         name = f"{prefix}data/{key}"
         if name not in spans:
             raise CheckpointError(
@@ -173,13 +191,14 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
                 hint="the file is truncated or corrupt",
             )
         offset, size = spans[name]
-        dtype = dtype or torch.uint8
         if numel * dtype.itemsize > size:
             raise CheckpointError(
                 f"{src.name}: storage {key} claims {numel} x {dtype} but its record holds {size} bytes",
                 hint="the file is corrupt or was tampered with",
             )
-        return StorageRef(src.path, offset, size, dtype, key, f"{src.name}:{name}")
+        # Views are bounded by the storage torch would build (numel elements), not by the record's size.
+        made[key] = StorageRef(src.path, offset, numel * dtype.itemsize, dtype, key, f"{src.name}:{name}")
+        return made[key]
 
     obj, seen = restricted_loads(data, src.name, resolve)
     return LoadedCheckpoint(source=src, obj=obj, globals_seen=seen, records=len(spans))

@@ -2,21 +2,21 @@
 
 Safety rules: only regular files and folders are extracted; absolute paths, ``..`` components, symlinks,
 hard links, devices, FIFOs and sparse members make the whole extraction fail, as does a member bigger than
-the free space left; DEST may not be a symlink, and files are created with O_EXCL | O_NOFOLLOW. Files are written by our own code (never by
-``tarfile.extract``) into a temporary folder next to DEST, which becomes DEST by rename only when every
-member was extracted and the checksum matched; on any error nothing is left behind. The archive must end
+the free space left; DEST may not be a symlink, and files are created with O_EXCL | O_NOFOLLOW. Files are
+written by our own code (never by ``tarfile.extract``) into the shared staged output
+(:mod:`persimmon_tools.staged_output`: a marked temporary folder next to DEST, DEST locked), which becomes
+DEST by rename only when every member was extracted and the checksum matched; on any error nothing is left
+behind, and a killed run's leftover is removed by the next one. The archive must end
 with a valid end-of-archive marker: a damaged header in the middle (which ``tarfile`` would take for the
 end) fails the extraction instead of silently dropping every later member.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from persimmon_tools.errors import ReleaseError
 from persimmon_tools.megatron.tarlist import RecordingTarInfo, check_end_of_archive
 from persimmon_tools.safe_write import check_free_space, open_new_file, refuse_symlink
+from persimmon_tools.staged_output import RUN_MARKER, claim_output
+from persimmon_tools.staged_record import OutputKind
 
 #: md5 checksums published in ADEPT's README (spec §A).
 KNOWN_RELEASES = {
@@ -31,6 +33,21 @@ KNOWN_RELEASES = {
     "8b_chat_model_release.tar": "663aeace07269c44e90f4e8bcd07f32a",
 }
 _CHUNK = 8 << 20
+#: DEST: new or empty (``unpack`` has no --force); the shared staged output writes it (lock, marked temp
+#: folder beside DEST, recovery of a killed run's leftovers, rename into place).
+UNPACK_OUTPUT = OutputKind(label="DEST", error=ReleaseError, run="extraction")
+
+
+@dataclass(frozen=True)
+class UnpackOptions:
+    """Options of :func:`unpack` (the ``unpack`` command's flags).
+
+    Attributes:
+        check_md5: check ADEPT's published md5 for the known release names (:data:`KNOWN_RELEASES`); a
+            mismatch extracts nothing. ``False``: the md5 is computed and reported, never compared.
+    """
+
+    check_md5: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,94 +106,87 @@ def _refuse_sparse(member: tarfile.TarInfo, tar_path: Path) -> None:
 
 
 def unpack(
-    tar_path: Path, dest: Path, *, progress: Callable[[int], None] = lambda n: None, check_md5: bool = True
+    tar_path: Path,
+    dest: Path,
+    options: UnpackOptions = UnpackOptions(),
+    *,
+    progress: Callable[[int], None] = lambda n: None,
 ) -> UnpackResult:
     """Extract ``tar_path`` into ``dest`` (which must not exist, or be empty)."""
     tar_path, dest = Path(tar_path), Path(dest).absolute()
     refuse_symlink(dest, "DEST", ReleaseError)
     if not tar_path.is_file():
         raise ReleaseError(f"{tar_path} does not exist or is not a file", hint="check the path")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ReleaseError(
-            f"{dest} already exists and is not an empty folder; refusing to overwrite it",
-            hint="choose a new DEST folder",
-        )
-    expected = KNOWN_RELEASES.get(tar_path.name) if check_md5 else None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))
-    files = total = 0
-    try:
-        with open(tar_path, "rb") as raw:
-            reader = _HashingReader(raw, progress)
-            try:
-                with tarfile.open(fileobj=reader, mode="r|*", tarinfo=RecordingTarInfo) as tf:  # type: ignore[call-overload]
-                    for member in tf:
-                        rel = safe_member_path(member.name, str(tar_path))
-                        target = tmp / rel
-                        if member.isdir():
-                            target.mkdir(parents=True, exist_ok=True)
-                            continue
-                        if not member.isreg():
-                            kind = (
-                                "symlink"
-                                if member.issym()
-                                else "hard link"
-                                if member.islnk()
-                                else "device/FIFO"
-                            )
-                            raise ReleaseError(
-                                f"{tar_path}: member {member.name!r} is a {kind}; refusing to extract",
-                                hint="a genuine release holds regular files only; nothing was extracted",
-                            )
-                        _refuse_sparse(member, tar_path)
-                        if os.path.lexists(target):
-                            raise ReleaseError(
-                                f"{tar_path}: member {member.name!r} appears twice",
-                                hint="the archive is not a genuine release",
-                            )
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        check_free_space(
-                            dest.parent, member.size, f"{tar_path}: member {member.name!r}", ReleaseError
-                        )
-                        src = tf.extractfile(member)
-                        with open_new_file(target) as out:  # O_EXCL | O_NOFOLLOW
-                            shutil.copyfileobj(src, out, _CHUNK)
-                        if target.stat().st_size != member.size:
-                            raise ReleaseError(
-                                f"{tar_path}: member {member.name} is truncated",
-                                hint="download the release again",
-                            )
-                        os.chmod(target, 0o644)
-                        files += 1
-                        total += member.size
-                    # tarfile stops silently at a damaged header; the rest must be the end-of-archive marker
-                    head = getattr(tf, "last_header_block", b"")
-                    check_end_of_archive(tf.fileobj.read, tf.offset, str(tar_path), head=head)
-            except (tarfile.TarError, EOFError) as err:
-                raise ReleaseError(
-                    f"{tar_path} is not a readable tar archive ({err})",
-                    hint="the download is truncated or corrupt; download it again",
-                ) from err
-            reader.drain()
-        digest = reader.md5.hexdigest()
+    expected = KNOWN_RELEASES.get(tar_path.name) if options.check_md5 else None
+    protected = [("RELEASE_TAR", tar_path)]
+    with (
+        claim_output(dest, UNPACK_OUTPUT, force=False, protected=protected) as claim,
+        claim.staging() as tmp,
+    ):
+        files, total, digest = _extract(tar_path, tmp, dest, progress)
         if expected and digest != expected:
             raise ReleaseError(
                 f"{tar_path.name}: md5 {digest} does not match the published {expected}; nothing was extracted",
                 hint="the download is corrupt or incomplete; download it again",
             )
-        refuse_symlink(dest, "DEST", ReleaseError)
-        if dest.exists():
-            dest.rmdir()  # still empty, or this fails and nothing is replaced
-        os.rename(tmp, dest)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ReleaseError(
-                f"no space left on the device while extracting {tar_path} into {dest}; nothing was extracted",
-                hint=f"free space on {dest.parent} or choose a DEST on another disk",
-            ) from err
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return UnpackResult(dest, files, total, digest, expected)
+
+
+def _extract(tar_path: Path, tmp: Path, dest: Path, progress: Callable[[int], None]) -> tuple[int, int, str]:
+    """Extract every member into the staging folder ``tmp``; ``(files, bytes, md5 of the whole tar)``."""
+    files = total = 0
+    with open(tar_path, "rb") as raw:
+        reader = _HashingReader(raw, progress)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|*", tarinfo=RecordingTarInfo) as tf:  # type: ignore[call-overload]
+                for member in tf:
+                    rel = safe_member_path(member.name, str(tar_path))
+                    target = tmp / rel
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    if not member.isreg():
+                        kind = (
+                            "symlink" if member.issym() else "hard link" if member.islnk() else "device/FIFO"
+                        )
+                        raise ReleaseError(
+                            f"{tar_path}: member {member.name!r} is a {kind}; refusing to extract",
+                            hint="a genuine release holds regular files only; nothing was extracted",
+                        )
+                    _refuse_sparse(member, tar_path)
+                    if str(rel) == RUN_MARKER:
+                        raise ReleaseError(
+                            f"{tar_path}: member {member.name!r} has the name of persimmon-tools' own run "
+                            "marker; refusing to extract",
+                            hint="a genuine release holds no such file; nothing was extracted",
+                        )
+                    if os.path.lexists(target):
+                        raise ReleaseError(
+                            f"{tar_path}: member {member.name!r} appears twice",
+                            hint="the archive is not a genuine release",
+                        )
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    check_free_space(
+                        dest.parent, member.size, f"{tar_path}: member {member.name!r}", ReleaseError
+                    )
+                    src = tf.extractfile(member)
+                    with open_new_file(target) as out:  # O_EXCL | O_NOFOLLOW
+                        shutil.copyfileobj(src, out, _CHUNK)
+                    if target.stat().st_size != member.size:
+                        raise ReleaseError(
+                            f"{tar_path}: member {member.name} is truncated",
+                            hint="download the release again",
+                        )
+                    os.chmod(target, 0o644)
+                    files += 1
+                    total += member.size
+                # tarfile stops silently at a damaged header; the rest must be the end-of-archive marker
+                head = getattr(tf, "last_header_block", b"")
+                check_end_of_archive(tf.fileobj.read, tf.offset, str(tar_path), head=head)
+        except (tarfile.TarError, EOFError) as err:
+            raise ReleaseError(
+                f"{tar_path} is not a readable tar archive ({err})",
+                hint="the download is truncated or corrupt; download it again",
+            ) from err
+        reader.drain()
+    return files, total, reader.md5.hexdigest()

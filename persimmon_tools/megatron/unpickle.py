@@ -16,6 +16,9 @@ code (or anything else a hostile file names). Here every global goes through :me
   ``OrderedDict``: a pickle must not rewrite the fields of a validated tensor view or storage reference
   (e.g. point a tensor at ``/etc/passwd``).
 
+It is the toolkit's only unpickler of checkpoints: convert, inspect, export and verify's reference side all
+read through it (``tests/megatron/test_byte_layer_oracle.py`` compares what it gives with ``torch.load``).
+
 The pure-Python unpickler is used, not the C one: the C unpickler sizes its memo table by the largest
 ``LONG_BINPUT`` index, so a 4-byte index in a corrupt file makes it allocate and zero tens of GB. A
 checkpoint's ``data.pkl`` is small (about 150 kB for 8B), so the speed difference does not matter.
@@ -40,28 +43,13 @@ from persimmon_tools.safe_graph import MAX_KEY_NODES, check_tree, guard_pickle_h
 OPAQUE_PREFIXES = ("tool_use.", "megatron.", "apex.", "numpy.", "transformer_engine.")
 OPAQUE_MODULES = ("tool_use", "megatron", "apex", "numpy")
 
+#: torch dtypes a pickle may name (``torch.bfloat16``, ``torch.float``, ...).
 _DTYPES = {
     name: getattr(torch, name)
     for name in (
-        "float64",
-        "float32",
-        "float16",
-        "bfloat16",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint8",
-        "bool",
-        "complex64",
-        "complex128",
-        "double",
-        "float",
-        "half",
-        "long",
-        "int",
-        "short",
-    )
+        "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex64 complex128 "
+        "double float half long int short"
+    ).split()
 }
 _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64,
@@ -83,6 +71,9 @@ class Opaque:
     """Inert stand-in for a class we must not import: remembers its qualified name, args and state."""
 
     qualname = "?"
+    args: tuple = ()  # class defaults: NEWOBJ builds instances without calling __init__
+    kwargs: dict = {}  # noqa: RUF012 - never mutated
+    state: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
@@ -134,6 +125,12 @@ def _view(offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tu
     return offset, tuple(size), tuple(stride)
 
 
+def _storage(storage: Any) -> StorageRef:
+    if not isinstance(storage, StorageRef):
+        raise UnsafeCheckpointError(f"a tensor rebuild got a {type(storage).__name__}, not a storage")
+    return storage
+
+
 def _rebuild_tensor_v2(
     storage: StorageRef,
     storage_offset: int,
@@ -143,7 +140,7 @@ def _rebuild_tensor_v2(
     backward_hooks: Any = None,
     metadata: Any = None,
 ) -> LazyTensor:
-    return LazyTensor.from_storage(storage, *_view(storage_offset, size, stride))
+    return LazyTensor.from_storage(_storage(storage), *_view(storage_offset, size, stride))
 
 
 def _rebuild_tensor_v3(
@@ -156,7 +153,9 @@ def _rebuild_tensor_v3(
     dtype: torch.dtype,
     metadata: Any = None,
 ) -> LazyTensor:
-    return LazyTensor.from_storage(storage.with_dtype(dtype), *_view(storage_offset, size, stride))
+    if not isinstance(dtype, torch.dtype):
+        raise UnsafeCheckpointError(f"_rebuild_tensor_v3 got a {type(dtype).__name__}, not a torch dtype")
+    return LazyTensor.from_storage(_storage(storage).with_dtype(dtype), *_view(storage_offset, size, stride))
 
 
 def _rebuild_parameter(
@@ -251,11 +250,13 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise UnsafeCheckpointError(f"{self.origin}: unexpected persistent id {small_repr(pid)}")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
+        if not isinstance(storage_type, _StorageType) or storage_type.name == "Tensor":
             raise UnsafeCheckpointError(
-                f"{self.origin}: persistent id names {storage_type!r}, not a storage type"
+                f"{self.origin}: persistent id names {small_repr(storage_type)}, not a storage type"
             )
-        return self._resolve(str(key), storage_type.dtype, int(numel))
+        if type(key) is not str or type(numel) is not int or numel < 0:  # torch writes str and int
+            raise UnsafeCheckpointError(f"{self.origin}: malformed storage reference {small_repr(pid)}")
+        return self._resolve(key, storage_type.dtype, numel)
 
     def load_build(self) -> None:
         inst = self.stack[-2] if len(self.stack) >= 2 else None

@@ -3,6 +3,8 @@
 The presets and tensor values (``values``) and the release builder (``build``), written with the Megatron
 wing's ``.pt``/tar writer.
 
-May import: ``megatron``, ``tokenizer``, ``mapping``, ``ops``, ``errors``. Never ``conversion``,
-``verification``, ``hub`` or ``cli``.
+May import: ``megatron``, ``tokenizer`` and the root modules below them (``mapping``, ``ops``,
+``staged_output``, ``staged_leftovers``, ``staged_record``, ``safe_read``, ``safe_write``, ``safe_graph``,
+``errors``). Never ``conversion`` (its sibling), ``verification``, ``export``, ``hub``, ``workflow``, ``cli``
+or ``testing``.
 """

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from persimmon_tools.mapping import RULES
+from persimmon_tools.mapping import INV_FREQ, RULES, match_source
 from persimmon_tools.megatron.ptwriter import TensorSpec
-from persimmon_tools.ops import Parallel, shard_bounds
+from persimmon_tools.ops import Parallel, shard_rows, shard_shape
 
 _POOL_SIZE = 4_194_301  # prime, so rows of power-of-two widths do not repeat with the pool
 _BLOCK_ELEMENTS = 8 << 20
@@ -85,14 +85,19 @@ def logical_keys(p: Preset, vocab: int) -> dict[str, tuple[tuple[int, ...], Para
         "D": head_dim,
         "R": int(p.rotary_pct * head_dim) // 2,
     }
+    # Megatron's state-dict order, which is also the order of the records in its files: the embedding, then
+    # layer by layer (each layer's tensors in THE TABLE's order), then the final layernorm and the head.
+    layer_rules = [r for r in RULES if r.per_layer]
+    before = [r for r in RULES if not r.per_layer and RULES.index(r) < RULES.index(layer_rules[0])]
+    after = [r for r in RULES if not r.per_layer and r not in before]
     out: dict[str, tuple[tuple[int, ...], Parallel]] = {}
-    for rule in RULES:
-        shape = tuple(sym[s] for s in rule.shape)
-        if "{i}" in rule.source:
-            for i in range(p.layers):
-                out[rule.source.replace("{i}", str(i))] = (shape, rule.parallel)
-        else:
-            out[rule.source] = (shape, rule.parallel)
+    for rule in before:
+        out[rule.source] = (rule.shape_for(sym), rule.parallel)
+    for i in range(p.layers):
+        for rule in layer_rules:
+            out[rule.source_key(i)] = (rule.shape_for(sym), rule.parallel)
+    for rule in after:
+        out[rule.source] = (rule.shape_for(sym), rule.parallel)
     return out
 
 
@@ -111,27 +116,23 @@ def shard_spec(
     dtype: torch.dtype,
     p: Preset,
 ) -> TensorSpec:
-    """The ``rank``-th tensor-parallel piece of logical tensor ``key`` (see :func:`persimmon_tools.ops.split`)."""
-    if key.endswith("rotary_emb.inv_freq"):
+    """The ``rank``-th tensor-parallel piece of logical tensor ``key`` (``shape``: 1-D or ``[rows, cols]``),
+    cut by :func:`persimmon_tools.ops.shard_rows` (the inverse of convert's merge) from rows of the full
+    tensor generated on demand: blocks of about ``_BLOCK_ELEMENTS`` full-tensor elements."""
+    match = match_source(key)
+    if match is not None and match.rule is INV_FREQ:
         return TensorSpec.of(inv_freq(p, dtype))
     transform = value_transform(key)
-    dim, lo, hi = shard_bounds(shape, kind, tp, rank)
-    rows, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
-    r0, r1, c0, c1 = 0, rows, 0, cols
-    if dim == 0:
-        r0, r1 = lo, hi
-    elif dim == 1:
-        c0, c1 = lo, hi
-    piece_shape = (r1 - r0, c1 - c0) if len(shape) > 1 else (r1 - r0,)
+    cols = shape[1] if len(shape) > 1 else 1
+    piece_shape = shard_shape(shape, kind, tp, rank)
+
+    def full_rows(a: int, b: int) -> torch.Tensor:
+        return values.flat(key, a * cols, b * cols).view(b - a, *shape[1:])
 
     def blocks() -> Iterator[torch.Tensor]:
-        step = max(1, _BLOCK_ELEMENTS // (c1 - c0))
-        for a in range(r0, r1, step):
-            b = min(r1, a + step)
-            if c0 == 0 and c1 == cols:
-                block = values.flat(key, a * cols, b * cols)
-            else:
-                block = torch.cat([values.flat(key, r * cols + c0, r * cols + c1) for r in range(a, b)])
-            yield transform(block).to(dtype)
+        step = max(1, _BLOCK_ELEMENTS // cols)
+        for a in range(0, piece_shape[0], step):
+            block = shard_rows(full_rows, shape, kind, tp, rank, a, min(piece_shape[0], a + step))
+            yield transform(block.reshape(-1)).to(dtype)
 
     return TensorSpec(piece_shape, dtype, blocks)

@@ -7,6 +7,8 @@ helper, so a user's test suite can check the toolkit end to end after each fine-
 
 pytest is imported only by ``fixtures``; the rest of the library never needs it.
 
-May import: ``synth``, ``conversion``, ``verification``, ``megatron``, ``tokenizer``, ``mapping``, ``ops``,
-``errors`` (and the third-party ``pytest``). Never ``cli`` or ``hub``.
+May import: every other wing and root module (``hub``, ``workflow``, ``verification``, ``export``,
+``conversion``, ``synth``, ``megatron``, ``tokenizer``, ``mapping``, ``ops``, ``staged_output``,
+``staged_leftovers``, ``staged_record``, ``safe_read``, ``safe_write``, ``safe_graph``, ``errors``) and the
+third-party ``pytest``. Never ``cli`` (its sibling).
 """

@@ -100,7 +100,12 @@ class ReleaseFactory:
     ) -> Path:
         """Path of a random-weight release (``.tar`` or extracted folder) of this shape and seed."""
         from persimmon_tools.errors import UsageError
-        from persimmon_tools.synth.build import build_release, make_release, write_release_folder
+        from persimmon_tools.synth.build import (
+            ReleaseOptions,
+            build_release,
+            make_release,
+            write_release_folder,
+        )
 
         if layout not in LAYOUTS:
             raise UsageError(
@@ -115,15 +120,10 @@ class ReleaseFactory:
         )
         name = f"{preset}_tp{tp}_pp{pp}_{short}_seed{seed}_{len(self._cache)}_release"
         if layout == "tar":
-            path = make_release(
-                self.base / f"{name}.tar",
-                preset=preset,
-                tp=tp,
-                pp=pp,
-                dtype=torch_dtype,
-                seed=seed,
-                **overrides,
+            options = ReleaseOptions(
+                preset=preset, tp=tp, pp=pp, dtype=torch_dtype, seed=seed, overrides=overrides
             )
+            path = make_release(self.base / f"{name}.tar", options)
         else:
             rel = build_release(preset=preset, tp=tp, pp=pp, dtype=torch_dtype, seed=seed, **overrides)
             path = write_release_folder(rel, self.base / name)

@@ -4,5 +4,7 @@ The proto reader (``proto``), the pipeline builders (``build``, ``charsmap``, ``
 the parity check (``check``, ``corpus``), the files written (``write``) and small sentencepiece helpers
 (``spm``) that conversion, verification and synth share.
 
-May import: ``errors`` only. Never another wing.
+May import: the root modules below it (``mapping``, ``ops``, ``staged_output``, ``staged_leftovers``,
+``staged_record``, ``safe_read``, ``safe_write``, ``safe_graph``, ``errors``). Never another wing
+(``megatron`` is its sibling) or ``workflow``.
 """

@@ -1,13 +1,18 @@
-"""Parity check: encode and decode with SentencePiece and with the fast tokenizer, report every difference."""
+"""Parity check: encode and decode with SentencePiece and with the fast tokenizer, report every difference.
+
+:func:`require_parity` is the one gate over a :class:`ParityReport`: ``tokenizer --check``
+(:func:`check_tokenizer`) and every write of tokenizer files (``tokenizer``, ``convert``) pass or fail by it.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from persimmon_tools.errors import TokenizerError, UsageError
 from persimmon_tools.tokenizer.spm import load_sp
 
 log = logging.getLogger(__name__)
@@ -173,3 +178,109 @@ def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: 
 
     info = read_spm(Path(sp_model))
     return parity_report(load_sp(Path(sp_model)), info, build_from_info(info, strict=strict), texts)
+
+
+def require_parity(report: ParityReport, *, allow_ties: bool = False, before_writing: bool = False) -> None:
+    """The parity gate: pass when ``report.ok``, or when ``allow_ties`` and every mismatch is a float32 tie
+    (:attr:`ParityReport.only_ties`); raise :class:`TokenizerError` otherwise.
+
+    ``before_writing``: the gate of a write on the built-in sample (the outcome is logged; a refusal says
+    that nothing was written and shows the first difference). Otherwise the verdict of ``tokenizer --check``,
+    whose report (examples included) has been shown already.
+    """
+    if report.ok or (allow_ties and report.only_ties):
+        if before_writing and report.ok:
+            log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
+        elif before_writing:
+            log.warning(
+                "tokenizer parity: %d of %d texts differ from SentencePiece, all by float32 ties (allowed)",
+                report.encode_mismatches,
+                report.items,
+            )
+        return
+    if before_writing:
+        first = report.examples[0] if report.examples else "(no example recorded)"
+        hint = "nothing was written; " + (
+            f"all of them are float32 ties: {TIE_EXPLANATION} (docs/tokenizer.md); --allow-ties writes it with "
+            "every other check kept"
+            if report.only_ties
+            else "--allow-tokenizer-mismatch writes it anyway (check your own corpus with `persimmon-tools "
+            "tokenizer --check MODEL CORPUS`)"
+        )
+        raise TokenizerError(
+            f"the fast tokenizer disagrees with SentencePiece on the built-in sample: {report.encode_mismatches} "
+            f"encode and {report.decode_mismatches} decode mismatches in {report.items} texts; first: {first}",
+            hint=hint,
+        )
+    ties = report.tie_mismatches
+    raise TokenizerError(
+        f"{report.encode_mismatches + report.decode_mismatches} mismatches between the fast tokenizer and "
+        "SentencePiece" + (f" ({ties} of them float32 ties)" if ties else ""),
+        hint="see the differences above; docs/tokenizer.md lists what cannot be expressed exactly"
+        + (f" (a float32 tie: {TIE_EXPLANATION})" if ties else ""),
+    )
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """Options of :func:`check_tokenizer` (the ``tokenizer --check`` command's flags).
+
+    Attributes:
+        strict: build the fast tokenizer exactly or refuse (``build_from_info``); ``False`` checks the
+            approximation ``--allow-tokenizer-mismatch`` would write.
+        allow_ties: pass when every mismatch is a float32 tie (:attr:`ParityReport.only_ties`).
+    """
+
+    strict: bool = True
+    allow_ties: bool = False
+
+
+def check_tokenizer(
+    sp_model: Path,
+    corpus: Sequence[Path] = (),
+    options: ParityOptions = ParityOptions(),
+    *,
+    on_report: Callable[[ParityReport], None] = lambda report: None,
+) -> ParityReport:
+    """``tokenizer --check``: :func:`check_parity` on the corpus files (:func:`read_corpus`; none: the
+    built-in sample), then ``on_report`` (the report is shown before the verdict), then the gate
+    (:func:`require_parity`).
+
+    Returns:
+        The report, when it passes.
+
+    Raises:
+        TokenizerError: a mismatch (not all float32 ties with ``allow_ties``), a model that cannot be
+            converted, a corpus file that is not UTF-8.
+        UsageError: a corpus path that is not a file.
+    """
+    report = check_parity(sp_model, read_corpus(corpus) if corpus else None, strict=options.strict)
+    on_report(report)
+    require_parity(report, allow_ties=options.allow_ties)
+    return report
+
+
+def read_corpus(paths: Iterable[Path]) -> list[str]:
+    """The texts of corpus files for :func:`check_parity`: UTF-8, one text per line (a file's final newline
+    ends its last line). Raises :class:`UsageError` for a path that is no file, :class:`TokenizerError` for
+    a file that is not UTF-8."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise UsageError(
+                f"corpus file {path} {what}; expected a text file",
+                hint="pass UTF-8 text files, one item per line",
+            )
+    texts: list[str] = []
+    for path in paths:
+        try:
+            texts.extend(path.read_text(encoding="utf-8").split("\n"))
+        except UnicodeDecodeError as err:
+            raise TokenizerError(
+                f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                hint="pass UTF-8 files, one text per line",
+            ) from err
+        if texts and texts[-1] == "":
+            texts.pop()  # the file's final newline ends the last line, it is not an empty item
+    return texts

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+from persimmon_tools.safe_read import MAX_VOCAB_BYTES, read_small
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,23 @@ class SpmInfo:
         return max([FLT_MIN] + [s for s, t in zip(self.scores, self.types, strict=True) if t == NORMAL])
 
 
+def read_model_bytes(path: Path, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a SentencePiece model file: a regular file (never a FIFO or device) of at most
+    :data:`~persimmon_tools.safe_read.MAX_VOCAB_BYTES`; TokenizerError otherwise. ``follow_symlinks=False``
+    for a file found inside a folder (a link there is refused)."""
+    return read_small(
+        path,
+        what="SentencePiece model",
+        max_bytes=MAX_VOCAB_BYTES,
+        follow_symlinks=follow_symlinks,
+        error=TokenizerError,
+        hint="pass the release's adept_vocab.model (or any SentencePiece .model file)",
+    )
+
+
 def read_proto(sp_model: Path):
     """Parse ``sp_model`` into a ``ModelProto`` (TokenizerError when it is not one)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
-
-    from persimmon_tools.tokenizer.spm import read_model_bytes
 
     path = Path(sp_model)
     data = read_model_bytes(path)  # regular files only, size-bounded (TokenizerError)
@@ -124,6 +137,19 @@ def check_scores(pieces: list[str], scores: list[float], origin: str) -> None:
         hint="the model file is damaged or was edited; re-extract adept_vocab.model from the release "
         "(real scores are log-probabilities, about -2 to -30)",
     )
+
+
+def diagnose_scores(data: bytes, origin: str) -> None:
+    """Raise the precise :func:`check_scores` error when a score is why SentencePiece refused the model
+    ``data``; return quietly otherwise (also when ``data`` is no proto at all)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError: the caller reports the load failure itself
+        return
+    check_scores([str(p.piece) for p in proto.pieces], [float(p.score) for p in proto.pieces], origin)
 
 
 def read_spm(sp_model: Path) -> SpmInfo:

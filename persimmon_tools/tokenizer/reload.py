@@ -50,7 +50,7 @@ def check_reload(folder: Path, tok, texts: list[str], *, origin: str) -> None:
     config keeps transformers' default, false, under which literal special-token text such as
     ``|ENDOFTEXT|`` is that token), and also with its defaults on the texts that contain no special-token
     text, where both calls must agree with ``tok``. Loading the file a second time on its own would double
-    the cost (measured on 262,144 pieces: about 1.3 s to load and 1.2 s to free each copy) without testing
+    the cost (loading and freeing a large vocabulary's copy; see docs/performance.md) without testing
     anything more; it is done only to say which layer failed when ``AutoTokenizer`` fails, or when it
     returned a tokenizer without a fast backend.
 

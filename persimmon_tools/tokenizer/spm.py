@@ -1,4 +1,8 @@
-"""Small SentencePiece helpers shared by config (special ids) and tokenizer conversion."""
+"""Small SentencePiece helpers shared by config (special ids) and tokenizer conversion.
+
+The model file's bytes (and, for a precise error, its scores) are read by :mod:`persimmon_tools.tokenizer.proto`;
+this module loads them into a ``SentencePieceProcessor``. The import goes one way: proto never imports spm.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import logging
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.safe_read import MAX_VOCAB_BYTES, read_small
+from persimmon_tools.tokenizer.proto import diagnose_scores, read_model_bytes
 
 log = logging.getLogger(__name__)
 
@@ -21,41 +25,12 @@ def load_sp_bytes(data: bytes, origin: str):
     try:
         sp.LoadFromSerializedProto(data)
     except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ messages
-        _diagnose_scores(data, origin)  # "score is NaN or Inf": name the piece instead
+        diagnose_scores(data, origin)  # "score is NaN or Inf": name the piece instead
         raise TokenizerError(
             f"{origin} is not a valid SentencePiece model ({err})",
             hint="the release's adept_vocab.model may be truncated; re-download or pass --vocab",
         ) from err
     return sp
-
-
-def _diagnose_scores(data: bytes, origin: str) -> None:
-    """Raise the precise :func:`~persimmon_tools.tokenizer.proto.check_scores` error when a score is why
-    SentencePiece refused ``data``; return quietly otherwise (also when ``data`` is no proto at all)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    from persimmon_tools.tokenizer.proto import check_scores
-
-    proto = pb.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except Exception:  # protobuf's DecodeError: the caller reports the load failure itself
-        return
-    check_scores([str(p.piece) for p in proto.pieces], [float(p.score) for p in proto.pieces], origin)
-
-
-def read_model_bytes(path: Path, *, follow_symlinks: bool = True) -> bytes:
-    """The bytes of a SentencePiece model file: a regular file (never a FIFO or device) of at most
-    :data:`~persimmon_tools.safe_read.MAX_VOCAB_BYTES`; TokenizerError otherwise. ``follow_symlinks=False``
-    for a file found inside a folder (a link there is refused)."""
-    return read_small(
-        path,
-        what="SentencePiece model",
-        max_bytes=MAX_VOCAB_BYTES,
-        follow_symlinks=follow_symlinks,
-        error=TokenizerError,
-        hint="pass the release's adept_vocab.model (or any SentencePiece .model file)",
-    )
 
 
 def load_sp(path: Path, *, follow_symlinks: bool = True):

@@ -8,17 +8,18 @@ parity check lives in :mod:`persimmon_tools.tokenizer.check`; the built-in sampl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.safe_write import fsync_dir, recorded_outputs, refuse_symlink
+from persimmon_tools.staged_output import staged_files
+from persimmon_tools.staged_record import OutputKind
 from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_info
-from persimmon_tools.tokenizer.check import TIE_EXPLANATION, ParityReport, check_parity, parity_report
+from persimmon_tools.tokenizer.check import ParityReport, check_parity, parity_report, require_parity
 from persimmon_tools.tokenizer.corpus import builtin_sample
 from persimmon_tools.tokenizer.proto import read_spm
 from persimmon_tools.tokenizer.reload import check_reload
@@ -27,6 +28,7 @@ from persimmon_tools.tokenizer.spm import eod_piece, load_sp
 __all__ = [
     "CHAT_TEMPLATE",
     "ParityReport",
+    "TokenizerOptions",
     "build_fast_tokenizer",
     "builtin_sample",
     "chat_template",
@@ -96,37 +98,11 @@ def _post_processor(bos: tuple[str, int] | None, add_bos_token: bool):
     )
 
 
-def _parity_error(report: ParityReport) -> TokenizerError:
-    first = report.examples[0] if report.examples else "(no example recorded)"
-    hint = "nothing was written; " + (
-        f"all of them are float32 ties: {TIE_EXPLANATION} (docs/tokenizer.md); --allow-ties writes it with every other check kept"
-        if report.only_ties
-        else "--allow-tokenizer-mismatch writes it anyway (check your own corpus with `persimmon-tools tokenizer --check MODEL CORPUS`)"
-    )
-    return TokenizerError(
-        f"the fast tokenizer disagrees with SentencePiece on the built-in sample: {report.encode_mismatches} "
-        f"encode and {report.decode_mismatches} decode mismatches in {report.items} texts; first: {first}",
-        hint=hint,
-    )
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """Options of :func:`write_tokenizer` (the ``tokenizer`` command's flags when it writes).
 
-
-def write_tokenizer(
-    sp_model: Path,
-    out_dir: Path,
-    *,
-    add_bos_token: bool = True,
-    chat: bool = False,
-    check: bool = True,
-    allow_ties: bool = False,
-    replace_existing: bool = False,
-    model_max_length: int = MODEL_MAX_LENGTH,
-) -> list[Path]:
-    """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
-
-    Args:
-        sp_model: the release's ``adept_vocab.model`` (any SentencePiece model works).
-        out_dir: a directory (not a symlink); files in it with the same names are replaced (a symlink of
-            the same name is replaced by the file, its target is never written).
+    Attributes:
         add_bos_token: prepend ``|ENDOFTEXT|`` on encode (the published ``adept/persimmon-8b-*`` configs do;
             ADEPT's own inference code does not).
         chat: add a ``chat_template`` producing ADEPT's ``human: …\\n\\nadept:`` prompt format, led by
@@ -134,12 +110,36 @@ def write_tokenizer(
         check: first compare with SentencePiece on :func:`builtin_sample` and raise
             :class:`TokenizerError` (writing nothing) on any mismatch. ``False`` also builds models whose
             options cannot be expressed exactly (with a logged warning).
+        allow_ties: with ``check``, write anyway (with a logged warning) when every mismatch is a float32 tie
+            (:attr:`ParityReport.only_ties`), the one difference no ``tokenizer.json`` can avoid.
         replace_existing: replace files of the same names whatever they are (``convert`` writes into its own
             private temporary folder). False (the default): only files the folder's ``conversion.json`` lists
             as written by the toolkit are replaced; anything else is refused before writing.
-        allow_ties: with ``check``, write anyway (with a logged warning) when every mismatch is a float32 tie
-            (:attr:`ParityReport.only_ties`), the one difference no ``tokenizer.json`` can avoid.
-        model_max_length: the checkpoint's ``max_position_embeddings`` (``convert`` passes it).
+        model_max_length: ``model_max_length`` in ``tokenizer_config.json`` (``convert`` passes the
+            checkpoint's ``max_position_embeddings``); ``None``: :data:`MODEL_MAX_LENGTH`, the 8B's.
+        remove_created_out_dir: create ``out_dir`` first and, when it did not exist, remove it again if the
+            write is refused (the ``tokenizer`` command leaves no empty OUT_DIR behind). False (the default):
+            a missing ``out_dir`` is created when the files are staged and stays if a later step refuses.
+    """
+
+    add_bos_token: bool = True
+    chat: bool = False
+    check: bool = True
+    allow_ties: bool = False
+    replace_existing: bool = False
+    model_max_length: int | None = None
+    remove_created_out_dir: bool = False
+
+
+def write_tokenizer(sp_model: Path, out_dir: Path, options: TokenizerOptions | None = None) -> list[Path]:
+    """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
+
+    Args:
+        sp_model: the release's ``adept_vocab.model`` (any SentencePiece model works).
+        out_dir: a directory (not a symlink; an existing file is a :class:`TokenizerError`); files in it with
+            the same names are replaced (a symlink of the same name is replaced by the file, its target is
+            never written).
+        options: :class:`TokenizerOptions` (default: all defaults).
 
     The files are written into a hidden staging folder inside ``out_dir``, re-loaded from there
     (:func:`~persimmon_tools.tokenizer.reload.check_reload`: ``tokenizers`` and, when installed,
@@ -152,24 +152,33 @@ def write_tokenizer(
         TokenizerError: a piece score that is NaN/Inf or too large (:func:`~persimmon_tools.tokenizer.proto.
             check_scores`), an inexpressible option, a parity mismatch, or written files that do not load.
     """
+    options = options or TokenizerOptions()
     sp_model, out_dir = Path(sp_model), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TokenizerError(f"{out_dir} exists and is not a directory", hint="choose another OUT_DIR")
+    if not options.remove_created_out_dir:
+        return _write(sp_model, out_dir, options)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(sp_model, out_dir, options)
+    except BaseException:
+        if created:  # leave no empty OUT_DIR behind a refused model
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def _write(sp_model: Path, out_dir: Path, options: TokenizerOptions) -> list[Path]:
+    """:func:`write_tokenizer` once ``out_dir`` is known to be no file."""
+    add_bos_token, max_length = options.add_bos_token, options.model_max_length
     # The model and its proto are read once (0.27 s and 0.17 s for 262,144 pieces), the tokenizer built once:
     # the check encodes with the very object that is written. The proto first: it names a bad score.
     info = read_spm(sp_model)
     sp = load_sp(sp_model)
-    tok = build_from_info(info, strict=check)
-    if check:
-        report = parity_report(sp, info, tok)
-        if report.only_ties and allow_ties:
-            log.warning(
-                "tokenizer parity: %d of %d texts differ from SentencePiece, all by float32 ties (allowed)",
-                report.encode_mismatches,
-                report.items,
-            )
-        elif not report.ok:
-            raise _parity_error(report)
-        else:
-            log.info("tokenizer parity: %d texts, 0 mismatches", report.items)
+    tok = build_from_info(info, strict=options.check)
+    if options.check:  # the one parity gate (tokenizer --check passes or fails by it too)
+        require_parity(parity_report(sp, info, tok), allow_ties=options.allow_ties, before_writing=True)
     specials = _special_tokens(sp, str(sp_model))
     tok.post_processor = _post_processor(specials["bos"], add_bos_token)
     names = {k: (v[0] if v else None) for k, v in specials.items()}
@@ -190,9 +199,9 @@ def write_tokenizer(
         # encodes it as SentencePiece does (docs/tokenizer.md).
         "split_special_tokens": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
+        "model_max_length": MODEL_MAX_LENGTH if max_length is None else max_length,
     }
-    if chat:
+    if options.chat:
         config["chat_template"] = chat_template(bool(add_bos_token and specials["bos"]))
     special_map: dict[str, object] = {f"{k}_token": v for k, v in names.items() if v is not None}
     if names["eos"] is not None:
@@ -203,55 +212,25 @@ def write_tokenizer(
     special_map["add_bos_token"] = add_bos_token
     # Never through a link: OUT_DIR itself must be a real folder; the files are made in a private staging
     # folder and renamed into place, which replaces a link of the same name instead of writing to its target.
-    refuse_symlink(out_dir, "OUT_DIR", TokenizerError)
-    if not replace_existing:
-        _refuse_foreign_files(out_dir, TOKENIZER_FILES)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir))
-    try:
-        staged = [
-            stage / "tokenizer.json",
-            stage / "tokenizer_config.json",
-            stage / "special_tokens_map.json",
-            stage / "tokenizer.model",
-        ]
-        staged[0].write_text(tok.to_str(), encoding="utf-8")  # tok.save() hides ENOSPC in a bare Exception
-        staged[1].write_text(_dumps(config), encoding="utf-8")
-        staged[2].write_text(_dumps(special_map), encoding="utf-8")
-        shutil.copyfile(sp_model, staged[3])
+    # Only files OUT_DIR's conversion.json lists are replaced (the shared staged output's rule).
+    private = options.replace_existing
+    with staged_files(out_dir, TOKENIZER_OUTPUT, TOKENIZER_FILES, private=private) as stage:
+        (stage / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")  # tok.save() hides ENOSPC
+        (stage / "tokenizer_config.json").write_text(_dumps(config), encoding="utf-8")
+        (stage / "special_tokens_map.json").write_text(_dumps(special_map), encoding="utf-8")
+        shutil.copyfile(sp_model, stage / "tokenizer.model")
         check_reload(stage, tok, builtin_sample(), origin=str(sp_model))
-        written = [out_dir / p.name for p in staged]
-        for src, dst in zip(staged, written, strict=True):
-            os.replace(src, dst)
-        fsync_dir(out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    written = [out_dir / name for name in TOKENIZER_FILES]
     log.debug("wrote %s", ", ".join(p.name for p in written))
     return written
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-#: The record ``convert`` writes into a converted folder; its ``output_files`` names what the toolkit wrote.
-_CONVERSION_RECORD = "conversion.json"
-
-
-def _refuse_foreign_files(out_dir: Path, names: tuple[str, ...]) -> None:
-    """Replace only tokenizer files this toolkit wrote: files of these names already in ``out_dir`` must be
-    regular files that the folder's ``conversion.json`` lists in ``output_files`` (like ``git``, which
-    refuses to clobber files it does not track). Anything else is listed and refused before writing."""
-    present = [n for n in names if os.path.lexists(out_dir / n)]
-    if not present:
-        return
-    recorded = recorded_outputs(out_dir, _CONVERSION_RECORD) or set()
-    foreign = [
-        n for n in present if n not in recorded or (out_dir / n).is_symlink() or not (out_dir / n).is_file()
-    ]
-    if foreign:
-        raise TokenizerError(
-            f"{out_dir} already holds {', '.join(foreign)}, which no conversion recorded as its own "
-            f"({_CONVERSION_RECORD} output_files); refusing to replace {'it' if len(foreign) == 1 else 'them'}",
-            hint="choose another OUT_DIR, or move those files away first",
-        )
+#: Files of these names already in OUT_DIR are replaced only when its ``conversion.json`` (the record
+#: ``convert`` writes) lists them in ``output_files``; anything else is refused before writing.
+TOKENIZER_OUTPUT = OutputKind(
+    label="OUT_DIR", error=TokenizerError, run="tokenizer run", record="conversion.json"
+)
 
 
 def _dumps(obj: object) -> str:

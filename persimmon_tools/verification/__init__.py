@@ -7,11 +7,16 @@ metrics and tolerances, the two converted-side loaders (``hf_side`` without tran
 The public function is ``persimmon_tools.verify``; the package is named ``verification`` so that it does not
 shadow it.
 
-The reference side reads the source with its own reader (``source_layout``, ``source_pickle``,
-``source_tensor``, ``source_merge``), which shares no code with the converter's (``megatron``);
-``agreement`` checks that both readers see the same bytes before any forward pass.
+The reference side reads the source through the toolkit's one byte layer (``megatron``'s release
+discovery, torch zip reader, restricted unpickler, lazy tensors) and interprets it on its own
+(``source_merge``: shard grid, stage roles, renumbering, TP merge); ``agreement`` checks that this and the
+converter's interpretation (``megatron.checkpoint``) read the same byte ranges before any forward pass.
 
-May import: ``conversion`` (the folder's records), ``megatron``, ``tokenizer``, ``mapping``, ``ops``,
-``errors``; but ``reference`` and the ``source_*`` modules never ``megatron``, ``mapping``, ``ops`` or
-``conversion``. Never ``hub``, ``synth`` or ``cli``.
+May import: ``conversion`` (the folder's records), ``synth``, ``megatron``, ``tokenizer`` and the root
+modules below them (``mapping``, ``ops``, ``staged_output``, ``staged_leftovers``, ``staged_record``,
+``safe_read``, ``safe_write``, ``safe_graph``, ``errors``); but ``reference`` and ``source_merge`` only
+``megatron``'s byte layer, never its merge, consistency checks, writers or unpack (``megatron.checkpoint``,
+``megatron.consistency``, ``megatron.release_writer``, ``megatron.ptwriter``, ``megatron.unpack``),
+``mapping``, ``ops`` or ``conversion``. Never ``export`` (its sibling), ``hub``, ``workflow``, ``cli`` or
+``testing``.
 """

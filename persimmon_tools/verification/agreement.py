@@ -1,29 +1,41 @@
-"""Do the converter's reader and verify's own reader see the same checkpoint? Checked before any forward pass.
+"""Do the converter's and verify's interpretations of the source agree? Checked before any forward pass.
 
-``convert`` reads the source with :mod:`persimmon_tools.megatron`; verify's reference side reads it with
-its own, independent reader (:mod:`.source_layout`, :mod:`.source_pickle`, :mod:`.source_merge`). If the
-converter's reader has a bug (pipeline stages in the wrong order, a key dropped, bytes misread), the
-converted folder *and* a reference built on that reader would hold the same wrong weights, and the logits
-would agree. Comparing the two readers closes that hole: same iteration, same set of Megatron keys, and
-for every key the same shape, dtype and bytes.
+Both sides read the source through the one byte layer (:mod:`persimmon_tools.megatron`: tar listing, torch
+zip records, restricted unpickler, lazy tensors; proved against ``torch.load`` and ``tarfile`` by
+``tests/megatron/test_byte_layer_oracle.py``). What they make of those bytes is written twice: the
+converter's merge (:mod:`persimmon_tools.megatron.checkpoint`: stage renumbering, TP merge by the mapping
+table's parallel kinds) and verify's own (:mod:`persimmon_tools.verification.source_merge`). If the
+converter's interpretation has a bug (pipeline stages in the wrong order, a key dropped, TP parts joined in
+the wrong order or on the wrong dim, wrong byte ranges copied), the converted folder *and* a reference
+built on it would hold the same wrong weights, and the logits would agree. Comparing the two closes that
+hole: same iteration, same set of Megatron keys, and for every key the same shape, dtype and *read plan*.
 
-Bytes are compared as two streams of row blocks of about ``block_bytes`` (each reader cuts its own; the
-overlap of the current two blocks is compared), so at most one block per reader is held at once, whatever
-the tensor's size. Any difference is a
-failing :class:`~persimmon_tools.verification.findings.Finding` of kind ``"reader"`` naming the key and
-what each reader gives.
+A read plan is the list of ``(file, byte offset, length)`` ranges of the TP parts, in merge order, that an
+interpretation reads, and how they are joined (``concatenated``, or rows joined on ``dim 1``). For the
+converter it is :meth:`~persimmon_tools.megatron.checkpoint.MergedTensor.byte_ranges` (what its writer
+copies) or, for a dim-1 join, its parts' ranges; for verify, :meth:`SourceTensor.read_plans` (a replicated
+tensor may be read from any TP rank's copy: verify checked them byte-identical). Comparing plans reads no
+weights, so the check costs milliseconds even for 8B. Only a tensor stored as a strided view (never seen in
+Megatron files) has no plan; its bytes are compared instead, as two streams of row blocks of about
+``block_bytes`` (each side cuts its own; the overlap of the current two blocks is compared), so at most one
+block per side is held. Any difference is a failing :class:`~persimmon_tools.verification.findings.Finding`
+of kind ``"reader"`` naming the key and what each side reads.
 
 Both checkpoints are duck-typed: ``.iteration`` and ``.tensors: {key: X}`` where ``X`` has ``.shape``,
-``.dtype`` and ``.iter_rows(max_bytes)`` (row blocks along dim 0, in order).
+``.dtype`` and ``.iter_rows(max_bytes)`` (row blocks along dim 0, in order), and for plans
+``.byte_ranges()`` / ``.concat_dim`` / ``.parts`` (the converter's) or ``.read_plans()`` (verify's).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,15 +44,17 @@ from persimmon_tools.verification.findings import Finding
 
 log = logging.getLogger(__name__)
 
-CONVERTER = "the converter's reader (persimmon_tools.megatron)"
-OWN = "verify's own reader (persimmon_tools.verification.source_merge)"
+CONVERTER = "the converter's interpretation (persimmon_tools.megatron.checkpoint)"
+OWN = "verify's own interpretation (persimmon_tools.verification.source_merge)"
 BLOCK_BYTES = 32 << 20
 MAX_KEY_FINDINGS = 20  # per kind of difference; the rest are counted
 
 
 @dataclass(frozen=True)
 class Agreement:
-    """The result of :func:`compare_readers`; ``findings`` are empty when ``agree``."""
+    """The result of :func:`compare_readers`; ``findings`` are empty when ``agree``. ``tensors_compared``
+    counts the keys both sides hold (shape, dtype and read plan compared); ``bytes_compared`` the bytes
+    compared by value (tensors without a read plan only)."""
 
     agree: bool
     tensors_compared: int
@@ -137,8 +151,66 @@ def compare_bytes(
     ), pos
 
 
+Plan = tuple[str, tuple[tuple[str, int, int], ...]]
+_realpath = functools.lru_cache(maxsize=256)(os.path.realpath)
+
+
+def _normal(plan: Plan) -> Plan:
+    """One spelling per plan: real paths, and adjacent ranges of one file merged when concatenated."""
+    join, ranges = plan
+    out: list[tuple[str, int, int]] = []
+    for path, offset, length in ranges:
+        path = _realpath(path)
+        if join == "concatenated" and out and out[-1][0] == path and out[-1][1] + out[-1][2] == offset:
+            out[-1] = (path, out[-1][1], out[-1][2] + length)
+        else:
+            out.append((path, offset, length))
+    return join, tuple(out)
+
+
+def converter_plan(t: Any) -> Plan | None:
+    """What the converter reads for one merged tensor: its ``byte_ranges()`` (what its writer copies), else
+    its parts' rows joined on dim 1; None for strided views or objects without ranges."""
+    ranges = t.byte_ranges() if hasattr(t, "byte_ranges") else None
+    if ranges is not None:
+        return _normal(("concatenated", tuple((str(p), int(o), int(n)) for p, o, n in ranges)))
+    parts = getattr(t, "parts", ())
+    if getattr(t, "concat_dim", None) != 1 or not parts or not all(p.is_contiguous for p in parts):
+        return None
+    return _normal(("dim 1", tuple((str(p.storage.path), p.byte_offset, p.nbytes) for p in parts)))
+
+
+def own_plans(t: Any) -> list[Plan] | None:
+    """verify's read plans for one tensor (several for a replicated one: any verified copy will do)."""
+    plans = t.read_plans() if hasattr(t, "read_plans") else None
+    return None if plans is None else [_normal(p) for p in plans]
+
+
+def _show(plan: Plan, limit: int = 3) -> str:
+    join, ranges = plan
+    shown = [f"bytes {o}..{o + n} of {'/'.join(Path(p).parts[-3:])}" for p, o, n in ranges[:limit]]
+    more = f" and {len(ranges) - limit} more ranges" if len(ranges) > limit else ""
+    text = ", ".join(shown) + more
+    return f"the rows of [{text}] joined on dim 1" if join == "dim 1" else text
+
+
+def compare_plans(key: str, theirs: Any, ours: Any) -> tuple[bool, Finding | None]:
+    """Compare the read plans of one tensor: (whether both sides have one, a finding when they differ)."""
+    mine, yours = converter_plan(theirs), own_plans(ours)
+    if mine is None or yours is None:
+        return False, None
+    if mine in yours:
+        return True, None
+    return True, Finding(
+        "reader",
+        key,
+        f"{CONVERTER} reads {_show(mine)}; {OWN} reads {_show(yours[0])} (both {_describe(ours)})",
+    )
+
+
 def compare_readers(theirs: Any, ours: Any, *, block_bytes: int = BLOCK_BYTES) -> Agreement:
-    """Compare the converter's view ``theirs`` with verify's own ``ours``: iteration, keys, shapes, bytes."""
+    """Compare the converter's view ``theirs`` with verify's own ``ours``: iteration, keys, shapes, dtypes and
+    read plans (bytes where a side has no plan)."""
     start = time.perf_counter()
     findings: list[Finding] = []
     if theirs.iteration != ours.iteration:
@@ -173,8 +245,10 @@ def compare_readers(theirs: Any, ours: Any, *, block_bytes: int = BLOCK_BYTES) -
                 "reader", key, f"{CONVERTER} gives {_describe(x)}, {OWN} gives {_describe(y)}"
             )
         else:
-            found, n = compare_bytes(key, x, y, block_bytes)
-            read += n
+            planned, found = compare_plans(key, x, y)
+            if not planned:  # a strided view on a side: no byte ranges, so compare the bytes themselves
+                found, n = compare_bytes(key, x, y, block_bytes)
+                read += n
         if found is not None:
             odd += 1
             if odd <= MAX_KEY_FINDINGS:
@@ -183,7 +257,8 @@ def compare_readers(theirs: Any, ours: Any, *, block_bytes: int = BLOCK_BYTES) -
         findings.append(Finding("reader", "tensors", f"... and {odd - MAX_KEY_FINDINGS} more tensors differ"))
     seconds = time.perf_counter() - start
     log.info(
-        "readers: %d tensors, %d bytes compared in %.2f s; %d differences",
+        "readers: %d tensors compared by shape, dtype and byte ranges (%d bytes by value) in %.2f s; "
+        "%d differences",
         compared,
         read,
         seconds,

@@ -20,13 +20,10 @@ def should_auto_verify(dims, device: str = "cpu") -> bool:
     return n < AUTO_VERIFY_MAX_PARAMS if device == "cpu" else True
 
 
-# What the automatic verify (`convert` without --no-verify: CPU, fp32, the default prompts) was measured to
-# hold and take on 2026-11-29 (2 CPUs, 23.5 GiB; `benchmarks/peak_rss.py persimmon-tools verify OUT -r TAR
-# --device cpu`): tiny preset (431,488 parameters) 0.40 GiB, 13.9 s; mid preset (537,090,048 parameters,
-# 1.07 GB bf16) 3.38 GiB with transformers and 0.64 GiB layer by layer, 53 s either way. The 8B release
-# layer by layer: 1.40 GiB (one prompt; docs/performance.md).
-VERIFY_BASE_RSS = 400 << 20  # python, torch, transformers and tokenizers loaded (0.39 GiB left over at mid)
-VERIFY_FIXED_SECONDS = 14.0  # imports, tokenizer, two readers, hashing of a tiny model (tiny preset: 13.9 s)
+# Calibrated on the automatic verify (CPU, fp32, the default prompts) of the tiny and mid presets; the runs,
+# their figures and the command that repeats them are in docs/performance.md ("Other figures").
+VERIFY_BASE_RSS = 400 << 20  # python, torch, transformers and tokenizers loaded
+VERIFY_FIXED_SECONDS = 14.0  # imports, tokenizer, two readers, hashing of a tiny model (tiny preset)
 VERIFY_SECONDS_PER_PARAM = (53.0 - VERIFY_FIXED_SECONDS) / 537_090_048  # the rest, scaled from the mid preset
 
 
@@ -58,8 +55,8 @@ def estimate_auto_verify(dims, stored_bytes: int, device: str = "cpu") -> Verify
     ``stored_bytes``: the converted folder's weight bytes. The converted side is loaded whole by transformers
     in fp32 when it fits (:func:`.transformers_side.fits`): the model (4 bytes a parameter) plus the folder's
     shards mapped while loading; otherwise both sides run layer by layer, about 1.5 layers in fp32 at a time.
-    Both on top of :data:`VERIFY_BASE_RSS`. Calibrated on the measurements above (within 10% of them); the
-    time is scaled from the same runs and depends on the CPU.
+    Both on top of :data:`VERIFY_BASE_RSS`. Calibrated on the runs in docs/performance.md (within 10% of
+    them); the time is scaled from the same runs and depends on the CPU.
     """
     import importlib.util
 

@@ -91,8 +91,9 @@ def diagnose(
         )
     elif any(f.kind == "reader" for f in findings):
         bits.append(
-            "the converter's reader and verify's own reader of the source disagree, so no forward pass "
-            "was run (a bug in reading the release would make both the conversion and a shared reference wrong)"
+            "the converter's and verify's own reader of the source disagree (keys, shapes, dtypes or the byte "
+            "ranges they read), so no forward pass was run (a bug in interpreting the release would make both "
+            "the conversion and a reference built on the same interpretation wrong)"
         )
     elif stages:
         bits.append(

@@ -5,23 +5,23 @@ mmap, so an 8B folder never sits in memory) and exposes it as a
 :class:`~persimmon_tools.verification.run.WeightSource`.
 Its hyper-parameters come from the folder's ``config.json`` only, interpreted the way transformers ≥ 5
 interprets a Persimmon config (``rope_parameters`` or top-level ``rope_theta``/``partial_rotary_factor``,
-defaults 10000 / 0.5), so a wrong config.json computes wrongly here too.
+defaults 10000 / 0.5), so a wrong config.json computes wrongly here too. ``config.json`` is read and checked
+by :mod:`persimmon_tools.conversion.hf_config`, the one reader export uses too (this is the converted side,
+not the independent reference).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from persimmon_tools.conversion.config import TRANSFORMERS_DEFAULT_PARTIAL, TRANSFORMERS_DEFAULT_THETA
+from persimmon_tools.conversion.hf_config import parse_hf_config, read_config_json, short
 from persimmon_tools.conversion.safetensors_read import SafetensorsFolder
 from persimmon_tools.errors import VerificationError
-from persimmon_tools.safe_read import read_json
 from persimmon_tools.verification.reference import ACTIVATIONS, LAYER_FIELDS, Hyper, LayerWeights
 
 HF_LAYER = "model.layers.{i}."
@@ -52,89 +52,42 @@ HF_GLOBALS = {
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not os.path.lexists(path):
-        raise VerificationError(f"{folder} has no config.json", hint="pass the folder `convert` wrote")
-    return read_json(path, what="model config", error=VerificationError, follow_symlinks=False)
+    return read_config_json(folder, error=VerificationError, hint="pass the folder `convert` wrote")
 
 
-def _positive_int(config: dict[str, Any], key: str) -> int:
-    value = config[key]
-    if type(value) is not int or value < 1:
+def hf_hyper(config: dict[str, Any], where: str = "config.json") -> Hyper:
+    """Hyper-parameters as transformers reads them from ``config.json`` (nothing from the tensors), through
+    the shared reader (:func:`~persimmon_tools.conversion.hf_config.parse_hf_config`); a value of the wrong
+    type or range is a VerificationError naming it."""
+    cfg = parse_hf_config(config, where=where, error=VerificationError, hint="convert again")
+    if cfg.hidden_act not in ACTIVATIONS:
         raise VerificationError(
-            f"config.json has {key} = {_short(value)}; expected a whole number >= 1", hint="convert again"
+            f"{where} has hidden_act {short(cfg.hidden_act)}, which verify cannot run; Persimmon uses 'relu2'"
         )
-    return value
 
+    def origin(name: str, default: str) -> str:
+        return f"transformers' default {default}" if name in cfg.defaulted else "config.json"
 
-def _finite(value: Any, key: str) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise VerificationError(
-            f"config.json has {key} = {_short(value)}; expected a finite number > 0", hint="convert again"
-        )
-    return float(value)
-
-
-def _object(config: dict[str, Any], key: str) -> dict[str, Any]:
-    value = config.get(key) or {}
-    if not isinstance(value, dict):
-        raise VerificationError(
-            f"config.json has {key} = {_short(value)}; expected an object", hint="convert again"
-        )
-    return value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def hf_hyper(config: dict[str, Any]) -> Hyper:
-    """Hyper-parameters as transformers reads them from ``config.json`` (nothing from the tensors); a value of
-    the wrong type or range is a VerificationError naming it."""
-    if config.get("model_type") not in (None, "persimmon"):
-        raise VerificationError(
-            f"config.json has model_type {_short(config.get('model_type'))}, not 'persimmon'"
-        )
-    act = config.get("hidden_act", "relu2")
-    if not isinstance(act, str) or act not in ACTIVATIONS:
-        raise VerificationError(
-            f"config.json has hidden_act {_short(act)}, which verify cannot run; Persimmon uses 'relu2'"
-        )
-    rope = _object(config, "rope_parameters")
-    scaling = _object(config, "rope_scaling")
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    theta = rope.get("rope_theta", config.get("rope_theta"))
-    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
-    origin = [
-        ("rope_theta", "config.json" if theta is not None else "transformers' default 10000"),
-        ("rotary_dim", "config.json" if partial is not None else "transformers' default 0.5"),
-        ("eps", "config.json" if "layer_norm_eps" in config else "transformers' default 1e-5"),
-    ]
-    hidden, heads = _positive_int(config, "hidden_size"), _positive_int(config, "num_attention_heads")
-    head_dim = hidden // heads
-    partial_f = _finite(
-        partial if partial is not None else TRANSFORMERS_DEFAULT_PARTIAL, "partial_rotary_factor"
-    )
-    max_positions = config.get("max_position_embeddings")
-    if max_positions is not None:
-        max_positions = _positive_int(config, "max_position_embeddings")
     return Hyper(
-        vocab_size=_positive_int(config, "vocab_size"),
-        hidden_size=hidden,
-        num_layers=_positive_int(config, "num_hidden_layers"),
-        num_heads=heads,
-        head_dim=head_dim,
-        intermediate_size=_positive_int(config, "intermediate_size"),
-        rotary_dim=int(head_dim * partial_f),
-        rope_theta=_finite(theta if theta is not None else TRANSFORMERS_DEFAULT_THETA, "rope_theta"),
-        eps=_finite(config.get("layer_norm_eps", 1e-5), "layer_norm_eps"),
-        untied=not bool(config.get("tie_word_embeddings", False)),
-        qk_layernorm=bool(config.get("qk_layernorm", True)),
-        hidden_act=act,
-        rope_scaling=None if rope_type == "default" else str(rope_type)[:60],
-        max_positions=max_positions,
-        origin=tuple(origin),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        rotary_dim=cfg.rotary_dim,
+        rope_theta=cfg.rope_theta,
+        eps=cfg.layer_norm_eps,
+        untied=cfg.untied,
+        qk_layernorm=cfg.qk_layernorm,
+        hidden_act=cfg.hidden_act,
+        rope_scaling=None if cfg.rope_type == "default" else cfg.rope_type,
+        max_positions=cfg.max_position_embeddings,
+        origin=(
+            ("rope_theta", origin("rope_theta", "10000")),
+            ("rotary_dim", origin("partial_rotary_factor", "0.5")),
+            ("eps", origin("layer_norm_eps", "1e-5")),
+        ),
     )
 
 
@@ -145,10 +98,7 @@ class HFWeights:
         self.folder = Path(folder)
         self.config = read_config(self.folder)
         self.st = SafetensorsFolder(self.folder, VerificationError)
-        try:
-            self.hyper = hf_hyper(self.config)
-        except KeyError as err:
-            raise VerificationError(f"config.json lacks {err.args[0]!r}", hint="convert again") from None
+        self.hyper = hf_hyper(self.config)
 
     def name(self, field: str, i: int | None = None) -> str:
         return HF_GLOBALS[field] if i is None else HF_LAYER.format(i=i) + HF_FIELDS[field]

@@ -149,17 +149,6 @@ def read_prompts_file(path: Path) -> list[str]:
     return [line.replace("\\n", "\n").replace("\\t", "\t") for line in text.splitlines() if line.strip()]
 
 
-def parse_ids(spec: str) -> tuple[int, ...]:
-    """``"1,306,4658"`` or ``"1 306 4658"`` → ids."""
-    try:
-        ids = tuple(int(x) for x in spec.replace(",", " ").split())
-    except ValueError:
-        raise UsageError(f"--ids {spec!r} is not a list of integers", hint="e.g. --ids 71013,1,2,3") from None
-    if not ids or min(ids) < 0:
-        raise UsageError(f"--ids {spec!r} must hold at least one non-negative id")
-    return ids
-
-
 def build_prompts(
     folder: Path,
     *,

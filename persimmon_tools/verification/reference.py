@@ -3,12 +3,12 @@
 This is the yardstick ``verify`` holds a converted folder against. It reads the original checkpoint by
 Megatron names (spec §B.2) and its hyper-parameters from ``ckpt.args`` and the tensor shapes; it never uses
 the converter's mapping table (:mod:`persimmon_tools.mapping`), its config derivation or transformers, so
-a mistake there shows up as a difference here. Nor does it use the converter's *reader*
-(:mod:`persimmon_tools.megatron`): the checkpoint comes from verify's own reader
-(:mod:`persimmon_tools.verification.source_merge`), so a reading bug in ``convert`` cannot hide by
-feeding the same wrong weights to both sides (:mod:`persimmon_tools.verification.agreement` compares the
-two readers before any forward pass). This module imports nothing from ``megatron``, ``mapping``, ``ops``
-or ``conversion``.
+a mistake there shows up as a difference here. Nor does it use the converter's *merge*
+(:mod:`persimmon_tools.megatron.checkpoint`): the checkpoint comes from verify's own interpretation of
+the shared byte layer (:mod:`persimmon_tools.verification.source_merge`), so a merge bug in ``convert``
+cannot hide by feeding the same wrong weights to both sides (:mod:`persimmon_tools.verification.agreement`
+compares the two interpretations before any forward pass). This module imports nothing from ``megatron``,
+``mapping``, ``ops`` or ``conversion``.
 
 One layer, pre-LN (``T`` tokens, ``C`` hidden, ``nh`` heads, ``hd`` head_dim, ``rd`` rotary dims)::
 

@@ -1,9 +1,10 @@
 """The verification report: dataclass, ``verification.json``, the stdout table and the source fingerprint.
 
 ``verification.json`` (read by ``push``) holds: tool, tool_version, created, verdict, device, dtype, rotary,
-converted_loader, source {path, kind, files [{name, size, sha256}], sha256_of, iteration, tp, pp, variant},
-readers {agree, tensors_compared, bytes_compared, seconds, readers, differences} (the converter's reader
-against verify's own, :mod:`persimmon_tools.verification.agreement`), tolerances, metrics [per prompt], diagnosis, published_reference (8B chat only), adept_drift (``--rotary
+converted_loader, source {path, kind, files [{name, size, sha256}], sha256_of, iteration, tp, pp, variant,
+bytes_read, bytes_reread},
+readers {agree, tensors_compared, bytes_compared, seconds, readers, differences} (the converter's
+interpretation of the source against verify's own, :mod:`persimmon_tools.verification.agreement`), tolerances, metrics [per prompt], diagnosis, published_reference (8B chat only), adept_drift (``--rotary
 adept``), config_findings, tokenizer, timings, memory, and files = fingerprint_folder(OUT_DIR).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE
 from persimmon_tools.errors import PersimmonToolsError
 from persimmon_tools.megatron.bytesource import ByteSource
+from persimmon_tools.megatron.hashing import HashingReader
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.safe_write import atomic_file
 from persimmon_tools.verification.metrics import PromptMetrics
@@ -137,23 +140,38 @@ def _member_name(release: Release, src: ByteSource) -> str:
     return src.path.name
 
 
-def source_fingerprint(release: Release, iteration: int | None, *, hash_files: bool = True) -> dict[str, Any]:
+def fingerprint_sources(release: Release) -> list[ByteSource]:
+    """What :func:`source_fingerprint` hashes, in its order: the checkpoint shards, then the vocabulary."""
+    return [src for _, src in release.shard_list()] + ([release.vocab] if release.vocab is not None else [])
+
+
+def source_fingerprint(
+    release: Release,
+    iteration: int | None,
+    *,
+    hash_files: bool = True,
+    digests: Sequence[str | None] | None = None,
+    reads: HashingReader | None = None,
+) -> dict[str, Any]:
     """File names, sizes and sha256 of the checkpoint shards (and vocabulary) of ``release``.
 
     For a tar source the sha256 is of each member's bytes (its byte range inside the tar), so it equals
-    the sha256 of the extracted file.
+    the sha256 of the extracted file. ``digests`` (one per :func:`fingerprint_sources` entry) are sha256s
+    computed already, e.g. by verify's :class:`~persimmon_tools.megatron.hashing.HashingReader` while it
+    read the weights; without them each file is read here. ``reads`` adds that reader's counts:
+    ``bytes_read`` (bytes of the source files read for the weights and the hashes) and ``bytes_reread``
+    (of those, bytes read twice; null when not hashed).
     """
-    sources = [src for _, src in release.shard_list()] + (
-        [release.vocab] if release.vocab is not None else []
-    )
+    sources = fingerprint_sources(release)
+    if digests is None:
+        digests = [sha256_bytesource(s) if hash_files else None for s in sources]
+    if len(digests) != len(sources):
+        raise ValueError(f"{len(digests)} digests for {len(sources)} source files")
     files = [
-        {
-            "name": _member_name(release, s),
-            "size": s.size,
-            "sha256": sha256_bytesource(s) if hash_files else None,
-        }
-        for s in sources
+        {"name": _member_name(release, s), "size": s.size, "sha256": d if hash_files else None}
+        for s, d in zip(sources, digests, strict=True)
     ]
+    counts = {} if reads is None else {"bytes_read": reads.bytes_read, "bytes_reread": reads.bytes_reread}
     return {
         "path": str(Path(release.source).absolute()),
         "kind": release.kind,
@@ -169,6 +187,7 @@ def source_fingerprint(release: Release, iteration: int | None, *, hash_files: b
         "tp": release.tp,
         "pp": release.pp,
         "variant": release.variant,
+        **counts,
     }
 
 
@@ -203,8 +222,9 @@ def render_table(report: VerifyReport) -> str:
     if report.readers is not None:
         r = report.readers
         lines.append(
-            f"readers: {'agree' if r['agree'] else 'DISAGREE'} (the converter's and verify's own, "
-            f"{r['tensors_compared']} tensors compared in {r['seconds']:.2f} s)"
+            f"readers: {'agree' if r['agree'] else 'DISAGREE'} (the converter's and verify's own "
+            f"interpretation: {r['tensors_compared']} tensors, shapes, dtypes and byte ranges compared in "
+            f"{r['seconds']:.2f} s)"
         )
     for f in report.config_findings:
         lines.append(f"{f['kind']}: {f['where']}: {f['message']}")

@@ -3,17 +3,23 @@
     report = verify(Path("persimmon-8b-chat-hf"), Path("8b_chat_model_release.tar"), VerifyOptions())
     report.passed, report.to_json()
 
-The reference side is :mod:`persimmon_tools.verification.reference` on the checkpoint's Megatron tensors, read
-by verify's own reader (:mod:`persimmon_tools.verification.source_merge`), which shares no code with the
-converter's (:mod:`persimmon_tools.megatron`). Before any forward pass the source is read with both, and
-they must agree on the iteration, the keys and every tensor's shape, dtype and bytes
-(:mod:`persimmon_tools.verification.agreement`); otherwise the verdict is fail and nothing runs. The
-converter's reader is used here for that check only (and :mod:`.report` for the source fingerprint). The converted
+The reference side is :mod:`persimmon_tools.verification.reference` on the checkpoint's Megatron tensors as
+verify's own interpretation (:mod:`persimmon_tools.verification.source_merge`: grid, stage roles, renumbering,
+TP merge) makes them of the one byte layer (:mod:`persimmon_tools.megatron`'s release discovery, torch zip
+reader, restricted unpickler and lazy tensors); it shares none of the converter's merge. Before any forward
+pass both interpretations must agree on the iteration, the keys and every tensor's shape, dtype and byte
+ranges (:mod:`persimmon_tools.verification.agreement`; no weights are read for that); otherwise the verdict
+is fail and nothing runs. The converter's merge (:mod:`persimmon_tools.megatron.checkpoint`) is used here
+for that check only. Base or chat (for ADEPT's published 8B-chat logits) is the release's own name
+(:mod:`persimmon_tools.megatron.variant`), never a word elsewhere in the path. The converted
 side is ``transformers.PersimmonForCausalLM`` when installed and the model fits, else the toolkit's own
 layer-by-layer reader of the HF layout (:mod:`persimmon_tools.verification.hf_side`). Both run every prompt;
 logits are compared with the tolerances of :mod:`persimmon_tools.verification.metrics`. On failure a diagnosis
 names the first diverging layer and the most likely tensor or config value. ``verification.json`` is
 written into the folder either way; :func:`check_passed` turns a failing report into a VerificationError.
+The source files' sha256 it records are computed while the weights are read
+(:class:`~persimmon_tools.megatron.hashing.HashingReader`), so a release stored layer by layer is read
+once; ``source.bytes_read`` and ``source.bytes_reread`` say how many bytes were read, and read twice.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import fingerprint_folder
 from persimmon_tools.errors import ConfigError, UsageError, VerificationError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
+from persimmon_tools.megatron.hashing import HashingReader
 from persimmon_tools.megatron.release import open_release
 from persimmon_tools.verification.agreement import compare_readers
 from persimmon_tools.verification.content import ContentChecker, weight_findings
@@ -50,6 +57,7 @@ from persimmon_tools.verification.published import INPUT_IDS, compare_published,
 from persimmon_tools.verification.reference import MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
 from persimmon_tools.verification.report import (
     VerifyReport,
+    fingerprint_sources,
     source_fingerprint,
     verification_path,
     write_report,
@@ -178,8 +186,10 @@ def verify(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     release = open_release(Path(reference), iteration=options.iteration, vocab=options.vocab)
-    progress("readers: the converter's and verify's own, byte for byte")
-    ckpt = load_source(Path(reference), iteration=options.iteration)  # verify's own reader
+    # Every weight verify reads goes through this reader, which hashes the source files in the same pass.
+    reads = HashingReader(fingerprint_sources(release), hash_files=options.hash_source)
+    progress("readers: the converter's and verify's own interpretation of the source")
+    ckpt = load_source(release, reader=reads)  # verify's own interpretation of the shared byte layer
     readers = compare_readers(load_release_checkpoint(release), ckpt)  # ... against the converter's
     try:
         src = MegatronWeights(ckpt)
@@ -188,8 +198,8 @@ def verify(
             raise
         lines = "; ".join(f.line() for f in readers.findings[:3])
         raise VerificationError(
-            f"the converter's reader and verify's own reader of {reference} disagree ({lines}), and verify's "
-            f"own view is not a complete Persimmon checkpoint ({err.message})",
+            f"the converter's and verify's own interpretation of {reference} disagree ({lines}), and "
+            f"verify's own view is not a complete Persimmon checkpoint ({err.message})",
             hint="no forward pass was run; report a bug with this message",
         ) from err
     conv = HFWeights(out_dir)
@@ -210,7 +220,7 @@ def verify(
         vocab=vocab,
         max_tokens=max_tokens,
     )
-    published = options.published and is_8b_chat(src.hyper, ckpt.iteration, ckpt.layout.variant)
+    published = options.published and is_8b_chat(src.hyper, ckpt.iteration, release.variant)
     if published:
         prompts.append(Prompt("published", None, INPUT_IDS))
     metrics, run, drift, pub = [], None, None, None
@@ -251,7 +261,9 @@ def verify(
         )
     progress("fingerprints")
     t_fp = time.perf_counter()
-    source_fp = source_fingerprint(release, ckpt.iteration, hash_files=options.hash_source)
+    source_fp = source_fingerprint(
+        release, ckpt.iteration, hash_files=options.hash_source, digests=reads.finish(), reads=reads
+    )
     wrong_reference = reference_mismatch(out_dir, source_fp)
     if wrong_reference is not None:
         findings.append(Finding("note", "--reference", f"likely not this folder's source: {wrong_reference}"))

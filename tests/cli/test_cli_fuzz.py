@@ -268,22 +268,12 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-# Tracebacks found by this fuzzer in library files outside cli/ (owned by other engineers, reported to
-# them); an example that ends in one of these is tolerated, so the test still fails on anything new. Each
-# entry: (file under persimmon_tools/, function, exception type) of the innermost toolkit frame.
-KNOWN_LIBRARY_BUGS: set[tuple[str, str, str]] = set()  # inspect_converted's JSON/safetensors: fixed
-
-
 @dataclass
 class Outcome:
     argv: list[str]
     exit_code: int
     problem: str | None  # why the example is not clean (None: clean)
     signature: tuple[str, str, str] | None = None  # where an unexpected exception came from
-
-    @property
-    def known(self) -> bool:
-        return self.signature in KNOWN_LIBRARY_BUGS
 
 
 def signature(exc: BaseException) -> tuple[str, str, str]:
@@ -380,6 +370,6 @@ def test_every_command_fails_cleanly_on_malformed_input(command, fuzz_root, monk
     @given(drawn=argv_strategy(command))
     def check(drawn):
         outcome = run_example(drawn, inputs, sentinel, root / "example")
-        assert outcome.problem is None or outcome.known, f"{outcome.argv}: {outcome.problem}"
+        assert outcome.problem is None, f"{outcome.argv}: {outcome.problem}"
 
     check()

@@ -50,6 +50,7 @@ def test_sizes_that_are_refused(text):
 
 def test_token_ids():
     assert TOKEN_IDS.convert("71013,1, 2", None, None) == (71013, 1, 2)
+    assert TOKEN_IDS.convert("1, 306 4658", None, None) == (1, 306, 4658)  # commas, spaces or both
     for bad in ("", "1,x", "-1", "1.5", "٣", str(2**40)):
         with pytest.raises(UsageError):
             TOKEN_IDS.convert(bad, None, None)

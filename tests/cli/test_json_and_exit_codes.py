@@ -122,6 +122,24 @@ def test_json_after_double_dash_is_an_argument_not_the_flag(tmp_path):
     assert result.exit_code == 2 and result.stdout == ""
 
 
+def test_json_is_the_flag_only_where_click_parses_it_as_one(tmp_path):
+    """A usage error is decided by click's own parse of the arguments: ``--json`` given as another option's
+    value is no flag; an unknown option before it does not hide it."""
+    as_value = run("inspect", "--iteration", "--json", tmp_path / "missing")
+    assert as_value.exit_code == 2 and as_value.stdout == "" and "--iteration '--json'" in as_value.stderr
+    after_unknown = run("inspect", tmp_path / "missing", "--bogus", "--json")
+    assert json_error(after_unknown, 2)["type"] == "UsageError"
+    group_option = run("--bogus", "inspect", "--json")
+    assert "No such option" in json_error(group_option, 2)["message"]
+
+
+def test_every_command_is_a_persimmon_tools_command():
+    """Their failures, while parsing or running, go through the one place that renders errors."""
+    from persimmon_tools.cli import Command
+
+    assert all(isinstance(cmd, Command) for cmd in main.commands.values())
+
+
 @pytest.mark.parametrize(
     ("raised", "exit_code", "kind"),
     [

@@ -2,17 +2,19 @@
 and a re-run that succeeds.
 
 Signals are sent to a real ``persimmon-tools convert`` subprocess while it writes a 1 GiB shard (the ``mid``
-synthetic preset, made once per session). Full disks are a 512 KiB tmpfs where mounting is permitted, and
-``ENOSPC`` injected at every place that writes in any case.
+synthetic preset: ``mid_release`` of tests/conftest.py, made once per session). Full disks are a 512 KiB
+tmpfs where mounting is permitted, and ``ENOSPC`` injected at every place that writes in any case.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,12 +23,10 @@ from click.testing import CliRunner
 from reliability_cases import expect, expect_cli
 
 import persimmon_tools.conversion.convert as convert_module
-import persimmon_tools.conversion.output_dir as output_dir
 import persimmon_tools.conversion.writer as writer
 from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.errors import PersimmonToolsError
-from persimmon_tools.synth.build import make_release
 
 
 def cli(*args):
@@ -35,12 +35,6 @@ def cli(*args):
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
-
-
-@pytest.fixture(scope="session")
-def mid_release(tmp_path_factory) -> Path:
-    """A ~1 GiB release: big enough that a signal reliably lands while the shard is being written."""
-    return make_release(tmp_path_factory.mktemp("mid") / "mid_release.tar", preset="mid", seed=0)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -113,7 +107,7 @@ def test_keyboard_interrupt_keeps_old_output(releases, tmp_path, monkeypatch):
 
 def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases, tmp_path, monkeypatch):
     """Case ctrl-c-twice: the user presses Ctrl-C again while the temporary folder is being deleted."""
-    real_rmtree, calls = output_dir.shutil.rmtree, []
+    real_rmtree, calls = shutil.rmtree, []
 
     def rmtree(path, *args, **kwargs):
         calls.append(path)
@@ -122,7 +116,7 @@ def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases,
             raise KeyboardInterrupt
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(output_dir.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
     _interrupt_after(20, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(releases["tar"], tmp_path / "out", ConvertOptions())
@@ -171,7 +165,7 @@ def test_injected_enospc(releases, tmp_path, monkeypatch, where):
     out = tmp_path / "out"
     options = ConvertOptions(dtype="fp32" if "fp32" in where else "auto")
     if where == "temp folder":
-        monkeypatch.setattr(output_dir.tempfile, "mkdtemp", _enospc)
+        monkeypatch.setattr(tempfile, "mkdtemp", _enospc)
     elif where == "shard copy":
         real_write = os.write
         monkeypatch.setattr(

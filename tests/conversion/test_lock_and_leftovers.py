@@ -22,16 +22,10 @@ from persimmon_tools.cli import _install_sigterm_handler, main
 from persimmon_tools.conversion.output_dir import RUN_MARKER
 from persimmon_tools.errors import ConversionError
 from persimmon_tools.safe_write import acquire_lock
-from persimmon_tools.synth.build import make_release
 
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def mid_release(tmp_path_factory) -> Path:
-    return make_release(tmp_path_factory.mktemp("mid") / "mid_release.tar", preset="mid", seed=0)
 
 
 def _default_signals() -> None:

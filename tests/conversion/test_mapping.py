@@ -8,15 +8,24 @@ import re
 import pytest
 import torch
 
+from persimmon_tools import ops
 from persimmon_tools.conversion.config import derive_dims
 from persimmon_tools.conversion.convert import ConvertOptions, prepare
 from persimmon_tools.conversion.plan import expected_targets
 from persimmon_tools.errors import CheckpointError, ConfigError, MappingError
-from persimmon_tools.mapping import RULES
+from persimmon_tools.mapping import (
+    RULES,
+    Match,
+    expand,
+    match_source,
+    match_target,
+    parallel_kind,
+    source_matches,
+)
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
 from persimmon_tools.ops import Parallel, merge, renumber_layer, split
-from persimmon_tools.synth.build import build_release, write_release_folder
+from persimmon_tools.synth.build import build_release, logical_tensors, write_release_folder
 
 
 def _edited(tmp_path, edit, **kw):
@@ -136,3 +145,120 @@ def test_renumber_round_trip():
 def test_expected_targets_count(releases):
     dims = derive_dims(load_release_checkpoint(open_release(releases["tar"])))
     assert len(expected_targets(dims)) == 4 + 6 * 16
+
+
+# ---- THE TABLE's one lookup, both directions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.source.removeprefix("language_model.encoder."))
+def test_lookup_goes_both_ways_for_every_rule(rule):
+    for layer in [0, 7, 35] if rule.per_layer else [None]:
+        key = rule.source_key(layer)
+        found = match_source(key)
+        assert found == Match(rule, layer) and source_matches(key) == (found,) and found.source == key
+        assert parallel_kind(key) is rule.parallel
+        if rule.target is None:
+            assert found.target is None
+        else:
+            assert found.target == expand(rule.target, layer)
+            assert match_target(found.target) == found  # target -> the same rule and layer -> the same key
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "language_model.encoder.layers.01.input_layernorm.weight",  # leading zero: not Megatron's spelling
+        "language_model.encoder.layers.+1.input_layernorm.weight",
+        "language_model.encoder.layers.\u0661.input_layernorm.weight",  # a non-ASCII digit
+        "language_model.encoder.layers.{i}.input_layernorm.weight",
+        "language_model.encoder.layers.1.input_layernorm.weight\n",
+        "x.language_model.encoder.layers.1.input_layernorm.weight",
+        "language_model.encoder.layers.1.input_layernorm.weight.x",
+        "model.layers.1.input_layernorm.weight",  # an HF name is not a Megatron key
+    ],
+)
+def test_lookup_matches_whole_canonical_keys_only(key):
+    assert match_source(key) is None and source_matches(key) == () and parallel_kind(key) is None
+    hf = key.replace("language_model.encoder.", "model.") if "model.layers" not in key else "lm_head.weight.x"
+    assert match_target(hf) is None
+
+
+def test_expand_needs_a_layer_exactly_when_the_template_has_one():
+    layered, flat = next(r for r in RULES if r.per_layer), next(r for r in RULES if not r.per_layer)
+    assert layered.source_key(3) == layered.source.replace("{i}", "3") and flat.source_key() == flat.source
+    with pytest.raises(ValueError):
+        layered.source_key()
+    with pytest.raises(ValueError):
+        expand(flat.source, 3)
+
+
+# ---- the row-range primitives every production merge and split uses ------------------------------------
+
+_SHAPES = [(8, 12), (8,)]
+
+
+@pytest.mark.parametrize("shape", _SHAPES, ids=["2d", "1d"])
+@pytest.mark.parametrize("kind", list(Parallel))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_row_range_merge_and_split_are_inverse_and_read_only_what_they_need(kind, tp, shape):
+    full = torch.randn(shape)
+    parts = split(full, kind, tp)
+    shapes = [tuple(p.shape) for p in parts]
+    assert ops.merged_shape(shapes, kind) == shape
+    assert shapes == [ops.shard_shape(shape, kind, tp, r) for r in range(tp)]
+    joined_side_by_side = ops.merge_dim(kind, len(shape)) == 1 and tp > 1
+    for start in range(shape[0] + 1):
+        for stop in range(start, shape[0] + 1):
+            rows_read = []
+
+            def read(p, a, b, rows_read=rows_read):
+                rows_read.append(b - a)
+                return parts[p][a:b]
+
+            assert torch.equal(ops.merge_rows(read, shapes, kind, start, stop), full[start:stop])
+            assert sum(rows_read) == (stop - start) * (tp if joined_side_by_side else 1)
+    for rank in range(tp):
+        rows = shapes[rank][0]
+        for start in range(rows + 1):
+            for stop in range(start, rows + 1):
+                got = ops.shard_rows(lambda a, b: full[a:b], shape, kind, tp, rank, start, stop)
+                assert torch.equal(got, parts[rank][start:stop])
+
+
+@pytest.mark.parametrize("kind", list(Parallel))
+def test_row_blocks_cover_the_merged_rows_and_never_straddle_two_parts(kind):
+    shapes = [(5, 3), (5, 3), (5, 3)]
+    blocks = list(ops.row_blocks(shapes, kind, 2))
+    rows = ops.merged_shape(shapes, kind)[0]
+    assert [a for a, _ in blocks] == [0, *(b for _, b in blocks[:-1])] and blocks[-1][1] == rows
+    assert all(0 < b - a <= 2 for a, b in blocks)
+    if ops.merge_dim(kind, 2) == 0:
+        assert all(len(ops.merge_pieces(shapes, kind, a, b)) == 1 for a, b in blocks)
+
+
+def test_parts_that_do_not_fit_are_refused_by_name():
+    with pytest.raises(CheckpointError, match="w: shard shapes do not fit together"):
+        ops.merged_shape([(4, 3), (4, 2)], Parallel.COLUMN, "w")
+    with pytest.raises(CheckpointError, match="rank 1 \\[4\\]"):
+        ops.merged_shape([(4, 3), (4,)], Parallel.ROW, "w")
+    assert ops.merged_shape([(4, 3), (4, 2)], Parallel.ROW, "w") == (4, 5)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2pp3"])
+def test_convert_reader_merges_what_make_release_split(releases, layout):
+    """The shipping pair: make-release cuts with ``ops.shard_rows``; convert's MergedTensor joins with
+    ``ops.merge_rows``. Every tensor, whole, by small blocks and by row ranges across the TP boundary."""
+    want = logical_tensors(seed=0)
+    ckpt = load_release_checkpoint(open_release(releases[layout]))
+    assert set(ckpt.tensors) == set(want)
+    for key, merged in ckpt.tensors.items():
+        full = want[key]
+        assert merged.shape == tuple(full.shape) and merged.dtype == full.dtype, key
+        assert torch.equal(merged.materialize(), full), key
+        assert torch.equal(torch.cat(list(merged.iter_rows(max_bytes=100))), full), key
+        n = full.shape[0]
+        for start, stop in [(0, n), (n // 2 - 1, n // 2 + 1), (1, n - 1), (n, n)]:
+            assert torch.equal(merged.read_rows(start, stop), full[start:stop]), (key, start, stop)
+        if len(merged.parts) > 1 and merged.kind is not Parallel.REPLICATED:
+            parts = [p.materialize() for p in merged.parts]
+            assert torch.equal(merge(parts, merged.kind), full), key

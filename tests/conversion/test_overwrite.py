@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import persimmon_tools.conversion.output_dir as output_dir
+import persimmon_tools.staged_output as staged_output
 from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.errors import ConversionError
@@ -170,7 +171,7 @@ def test_the_swap_is_atomic_and_its_fallback_never_leaves_out_dir_missing(releas
     out = tmp_path / "out"
     convert(releases["tar"], out, ConvertOptions())
     before = tree(out)
-    monkeypatch.setattr(output_dir, "exchange", lambda x, y: False)  # an old kernel: two renames
+    monkeypatch.setattr(staged_output, "exchange", lambda x, y: False)  # an old kernel: two renames
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
@@ -179,13 +180,13 @@ def test_the_swap_is_atomic_and_its_fallback_never_leaves_out_dir_missing(releas
             raise KeyboardInterrupt  # Ctrl-C between the two renames
         return real_rename(src, dst)
 
-    monkeypatch.setattr(output_dir.os, "rename", rename)
+    monkeypatch.setattr(staged_output.os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
         convert(releases["tar"], out, ConvertOptions(force=True, dtype="fp32"))
     assert calls[0][0] == "out" and calls[0][1].startswith(".out.old-")
     assert tree(out) == before and sorted(os.listdir(tmp_path)) == ["a", "b", "out"]
     monkeypatch.undo()
-    monkeypatch.setattr(output_dir, "exchange", lambda x, y: False)
+    monkeypatch.setattr(staged_output, "exchange", lambda x, y: False)
     convert(releases["tar"], out, ConvertOptions(force=True, dtype="fp32"))
     assert json.loads((out / "conversion.json").read_text())["dtype"] == "float32"
     assert sorted(os.listdir(tmp_path)) == ["a", "b", "out"]
@@ -198,8 +199,39 @@ def test_a_half_done_swap_is_restored_by_the_next_run(releases, tmp_path, caplog
     before = tree(out)
     token = "0123456789abcdef"
     marker = {"tool": "persimmon-tools", "pid": dead_pid(), "token": token, "role": "old"}
-    (out / output_dir.RUN_MARKER).write_text(json.dumps(marker))
+    (out / staged_output.RUN_MARKER).write_text(json.dumps(marker))
     out.rename(tmp_path / f".out.old-{token}")
     with pytest.raises(ConversionError, match="not empty"):  # restored first, then checked as usual
         convert(releases["tar"], out, ConvertOptions())
     assert "restored" in caplog.text and tree(out) == before and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_force_follows_a_nested_record(releases, tmp_path):
+    """conversion.json may list nested paths (as export.json does): --force replaces them and their folders,
+    and still refuses an unrecorded file beside them or a recorded path reached through a link."""
+    out = tmp_path / "out"
+    convert(releases["tar"], out, ConvertOptions())
+    (out / "extra" / "deeper").mkdir(parents=True)
+    (out / "extra" / "deeper" / "w.bin").write_bytes(b"recorded")
+    conv = out / "conversion.json"
+    record = json.loads(conv.read_text())
+    record["output_files"] = sorted([*record["output_files"], "extra/deeper/w.bin"])
+    conv.write_text(json.dumps(record))
+    assert output_dir.recorded_files(out) == record["output_files"]  # how convert lists what it wrote
+
+    (out / "extra" / "mine.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="did not write: extra/mine.txt;"):
+        convert(releases["tar"], out, ConvertOptions(force=True))
+    (out / "extra" / "mine.txt").unlink()
+
+    outside = tmp_path / "outside"
+    (out / "extra" / "deeper").rename(outside)
+    (out / "extra" / "deeper").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConversionError, match="did not write: extra/deeper;"):
+        convert(releases["tar"], out, ConvertOptions(force=True))
+    (out / "extra" / "deeper").unlink()
+    (outside).rename(out / "extra" / "deeper")
+
+    convert(releases["tar"], out, ConvertOptions(force=True, dtype="fp32"))
+    assert not (out / "extra").exists() and json.loads(conv.read_text())["dtype"] == "float32"
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -81,7 +81,7 @@ def test_inspect_and_push_agree_after_a_real_convert_and_verify(verified_run, tm
     from huggingface_hub import constants
 
     from persimmon_tools.errors import HubError
-    from persimmon_tools.hub.push import push_folder, verification_state
+    from persimmon_tools.hub.push import PushOptions, push_folder, verification_state
 
     folder = tmp_path / "copy"
     shutil.copytree(verified_run[0], folder)
@@ -89,13 +89,13 @@ def test_inspect_and_push_agree_after_a_real_convert_and_verify(verified_run, tm
     assert (
         inspect_converted(folder)["verification"]["state"] == "verified" == verification_state(folder).state
     )
-    push_folder(folder, "me/model", dry_run=True, license="apache-2.0")
+    push_folder(folder, "me/model", PushOptions(dry_run=True, license="apache-2.0"))
 
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("}", ', "x": 1}', 1))
     info = inspect_converted(folder)["verification"]
     assert info["verdict"] == "pass" and info["state"] == "stale" == verification_state(folder).state
     assert info["status"].startswith("stale (files changed after verification: config.json: ")
     with pytest.raises(HubError, match="refusing to publish") as err:
-        push_folder(folder, "me/model", dry_run=True, license="apache-2.0")
+        push_folder(folder, "me/model", PushOptions(dry_run=True, license="apache-2.0"))
     assert info["status"] in err.value.message
     assert f"verification: {info['status']}" in run("inspect", folder).stdout

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from persimmon_tools.synth.build import make_release
-
 LAUNCHER = Path(__file__).resolve().parents[2] / "benchmarks" / "peak_rss.py"
 
 
@@ -34,8 +32,8 @@ def _run_measured(args: list[str]) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_mid_release_converts_in_bounded_memory(tmp_path):
-    tar = make_release(tmp_path / "mid_release.tar", preset="mid", seed=0)
+def test_mid_release_converts_in_bounded_memory(mid_release, tmp_path):
+    tar = mid_release  # tests/conftest.py: built once per session, shared with test_interrupt.py
     size = tar.stat().st_size
     cli = [sys.executable, "-m", "persimmon_tools.cli"]
     _, peak = _run_measured(

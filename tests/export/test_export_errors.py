@@ -141,6 +141,15 @@ def test_tar_onto_an_existing_file(converted_tiny, outs):
     result = run("export", converted_tiny, out, "--tar")
     assert result.exit_code == 1 and "exists" in result.stderr
     assert out.read_bytes() == b"not yours" and listing(outs) == ["out.tar"]
+    # --force replaces only a tarball persimmon-tools wrote (it carries the toolkit's record), not this file
+    result = run("export", converted_tiny, out, "--tar", "--force")
+    assert result.exit_code == 1 and f"OUT {out} exists and is not a tarball persimmon-tools wrote" in (
+        result.stderr
+    )
+    assert f"remove {out} yourself or choose another name" in result.stderr
+    assert out.read_bytes() == b"not yours" and listing(outs) == ["out.tar"]
+    out.unlink()
+    assert run("export", converted_tiny, out, "--tar", "--tp", "2").exit_code == 0
     result = run("export", converted_tiny, out, "--tar", "--force")
     assert result.exit_code == 0, result.output
     name, shards, _ = read_release(out)

@@ -24,7 +24,7 @@ from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.export.export import ExportOptions, export_release
 from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.torchzip import load_checkpoint
-from persimmon_tools.synth.build import make_release
+from persimmon_tools.synth.build import ReleaseOptions, make_release
 
 LAYOUTS = [(tp, pp) for tp in (1, 2, 4) for pp in (1, 2, 3)]
 
@@ -88,7 +88,7 @@ print(json.dumps({"shards": out, "leaked": leaked}))
 def exported(tmp_path_factory):
     """The tiny fp16 model exported at every layout of the grid: TP1/TP4 as tarballs, TP2 as folders."""
     base = tmp_path_factory.mktemp("export_load")
-    rel = make_release(base / "src.tar", dtype=torch.float16, seed=2)
+    rel = make_release(base / "src.tar", ReleaseOptions(dtype=torch.float16, seed=2))
     hf = base / "src_hf"
     convert(rel, hf, ConvertOptions())
     out = {"hf": hf}

@@ -17,7 +17,7 @@ from export_helpers import DTYPES, assert_same_hf, flat, read_release, same_bits
 
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.export.export import ExportOptions, export_release
-from persimmon_tools.synth.build import build_release, make_release, write_release_folder
+from persimmon_tools.synth.build import ReleaseOptions, build_release, make_release, write_release_folder
 
 GRID = [(tp, pp) for tp in (1, 2, 4) for pp in (1, 2, 3)]
 DIAGONAL = [(1, 1), (2, 2), (4, 3)]
@@ -44,7 +44,7 @@ def hf_source(work):
 
     def get(dt: str):
         if dt not in cache:
-            rel = make_release(work / f"src_{dt}.tar", tp=1, pp=1, dtype=DTYPES[dt], seed=3)
+            rel = make_release(work / f"src_{dt}.tar", ReleaseOptions(tp=1, pp=1, dtype=DTYPES[dt], seed=3))
             cache[dt] = work / f"src_{dt}_hf"
             convert(rel, cache[dt], ConvertOptions())
         return cache[dt]
@@ -80,7 +80,7 @@ def _assert_same_release(src_path, out_path, *, same_name=True):
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_release_convert_export_gives_the_release_back(case, work):
     tp, pp, dt = case
-    rel = make_release(work / f"a_{_id(case)}.tar", tp=tp, pp=pp, dtype=DTYPES[dt], seed=1)
+    rel = make_release(work / f"a_{_id(case)}.tar", ReleaseOptions(tp=tp, pp=pp, dtype=DTYPES[dt], seed=1))
     hf = work / f"a_{_id(case)}_hf"
     convert(rel, hf, ConvertOptions())
     out = work / f"a_{_id(case)}_out"
@@ -116,7 +116,7 @@ def test_hf_export_convert_is_bit_identical(case, hf_source, work):
 @pytest.fixture(scope="module")
 def tp4(work):
     """A TP=4 bf16 release (tar and extracted folder) and its conversion."""
-    tar = make_release(work / "tp4_release.tar", tp=4, pp=1, seed=5)
+    tar = make_release(work / "tp4_release.tar", ReleaseOptions(tp=4, pp=1, seed=5))
     folder = write_release_folder(build_release(tp=4, pp=1, seed=5), work / "tp4_folder" / "tp4_release")
     hf = work / "tp4_hf"
     convert(tar, hf, NO_TOKENIZER)

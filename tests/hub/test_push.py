@@ -11,7 +11,7 @@ from hub_server import HubServer
 from huggingface_hub import ModelCard
 
 from persimmon_tools.errors import HubError, UsageError
-from persimmon_tools.hub.push import check_verification, push_folder
+from persimmon_tools.hub.push import PushOptions, check_verification, push_folder
 
 # huggingface_hub passes file objects as `data=` to its HTTP client, which warns about it (not our code)
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw:DeprecationWarning")
@@ -31,7 +31,7 @@ WRITE_ROUTES = {
 
 def push(folder: Path, hub: HubServer, repo: str = REPO, **kwargs):
     kwargs.setdefault("retry_base_delay", 0.001)
-    return push_folder(folder, repo, endpoint=hub.url, **kwargs)
+    return push_folder(folder, repo, PushOptions(endpoint=hub.url, **kwargs))
 
 
 def sha(data: bytes) -> str:
@@ -79,7 +79,9 @@ def test_push_uploads_every_file_intact_in_one_commit(hub: HubServer, converted)
 def test_commit_message_private_and_endpoint_from_env(hub: HubServer, converted) -> None:
     folder = converted()
     # no endpoint argument: HF_ENDPOINT (set by the fixture) must be honoured
-    result = push_folder(folder, REPO, private=True, commit_message="my message", retry_base_delay=0.001)
+    result = push_folder(
+        folder, REPO, PushOptions(private=True, commit_message="my message", retry_base_delay=0.001)
+    )
     [commit] = new_commits(hub)
     assert commit.message == "my message"
     assert hub.repos[REPO].private is True

@@ -9,8 +9,9 @@ import pytest
 
 from persimmon_tools.conversion.fingerprint import fingerprint_folder
 from persimmon_tools.errors import UsageError
-from persimmon_tools.hub.model_card import build_model_card, detect_variant, folder_digest, format_size
+from persimmon_tools.hub.model_card import build_model_card, detect_variant, folder_digest
 from persimmon_tools.hub.push import check_verification
+from persimmon_tools.safe_read import format_size
 
 
 def test_card_is_deterministic(converted) -> None:
@@ -76,6 +77,9 @@ def test_folder_digest_depends_on_every_file() -> None:
 def test_format_size() -> None:
     assert format_size(0) == "0 B" and format_size(1536) == "1.5 KiB"
     assert format_size(5 * 1024**3) == "5.0 GiB" and format_size(None) == "unknown"
+    # the one formatter: the CLI's summaries ask for two digits, messages about files keep one
+    assert format_size(862976, digits=2) == "842.75 KiB" and format_size(1023, digits=2) == "1023 B"
+    assert format_size(6 << 30) == "6.0 GiB" and format_size(3 << 40) == "3.0 TiB"
 
 
 def test_check_verification_ignores_readme_but_not_other_new_files(converted) -> None:

@@ -8,7 +8,7 @@ from hub_server import HubServer
 
 from persimmon_tools.conversion.inspect import inspect_converted
 from persimmon_tools.errors import HubError
-from persimmon_tools.hub.push import push_folder, verification_state
+from persimmon_tools.hub.push import PushOptions, push_folder, verification_state
 
 REPO = "alice/persimmon-8b-chat"
 
@@ -115,12 +115,12 @@ def test_inspect_and_push_agree_on_staleness(hub: HubServer, converted, spoil) -
     assert info["state"] == state.state and info["problems"] == list(state.problems)
     if state.verified:
         assert info["status"].startswith("pass")
-        push_folder(folder, REPO, dry_run=True)  # accepted
+        push_folder(folder, REPO, PushOptions(dry_run=True))  # accepted
         return
     assert info["state"] == "stale"
     assert info["status"].startswith("stale (files changed after verification: ")
     with pytest.raises(HubError, match="refusing to publish") as err:
-        push_folder(folder, REPO, dry_run=True)
+        push_folder(folder, REPO, PushOptions(dry_run=True))
     assert info["status"] in err.value.message
     # the CLI says the same
     out = run_cli("inspect", folder).output

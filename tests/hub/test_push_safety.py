@@ -23,7 +23,7 @@ from hub_server import HubServer
 
 from persimmon_tools.errors import HubError
 from persimmon_tools.hub.local import scan_folder
-from persimmon_tools.hub.push import push_folder
+from persimmon_tools.hub.push import PushOptions, push_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw:DeprecationWarning")
 
@@ -80,7 +80,9 @@ def test_linked_shard_is_refused_even_unverified(hub: HubServer, converted, tmp_
     shutil.move(folder / SHARD, outside)
     (folder / SHARD).symlink_to(outside)
     with pytest.raises(HubError, match="link") as err:
-        push_folder(folder, REPO, endpoint=hub.url, allow_unverified=True, retry_base_delay=0.001)
+        push_folder(
+            folder, REPO, PushOptions(endpoint=hub.url, allow_unverified=True, retry_base_delay=0.001)
+        )
     assert f"{SHARD} (a symbolic link)" in err.value.message and "cp --remove-destination" in err.value.hint
     assert hub.requests == []
 
@@ -114,7 +116,7 @@ def test_a_file_swapped_for_a_link_after_the_scan_is_not_uploaded(converted, tmp
 
 def test_normal_push_uploads_exactly_the_regular_files(hub: HubServer, converted) -> None:
     folder = converted()
-    result = push_folder(folder, REPO, endpoint=hub.url, retry_base_delay=0.001)
+    result = push_folder(folder, REPO, PushOptions(endpoint=hub.url, retry_base_delay=0.001))
     expected = {p.name for p in folder.iterdir()} | {"README.md"}
     assert set(result.uploaded) == expected
     for name in expected - {"README.md"}:
@@ -208,7 +210,7 @@ def test_timeouts_are_set_during_a_push_and_restored_after(hub: HubServer, conve
     from huggingface_hub.utils import _http
 
     before = _http._GLOBAL_CLIENT_FACTORY
-    push_folder(converted(), REPO, endpoint=hub.url, dry_run=True, timeout=7)
+    push_folder(converted(), REPO, PushOptions(endpoint=hub.url, dry_run=True, timeout=7))
     assert _http._GLOBAL_CLIENT_FACTORY is before
 
 

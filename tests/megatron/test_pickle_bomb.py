@@ -3,6 +3,7 @@ result fail fast with CheckpointError, under a 2 GiB address-space limit (they u
 
 from __future__ import annotations
 
+import json
 import pickle as P
 import subprocess
 import sys
@@ -65,48 +66,85 @@ def _bomb(where: str) -> bytes:
     }[where]
 
 
+READERS = ["convert", "verify"]
+WHERES = ["args", "iteration", "model", "dict key", "frozenset", "persistent id", "tensor size"]
+CASE_TIMEOUT_S = 60  # per case, as when each case had its own subprocess
+
+# One interpreter runs every case, one after another, under the 2 GiB address-space limit, and prints one
+# JSON line per case. Both readers are imported before the first case, so the clock of each case covers the
+# unpickle and checks only (interpreter start and imports are not counted). A case that raises anything else,
+# runs out of memory or over CASE_TIMEOUT_S is reported as such, and the next case still runs.
 _RUN = textwrap.dedent(
     """
-    import resource, sys, time
+    import json, resource, signal, sys, time
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
     from pathlib import Path
     from persimmon_tools.errors import CheckpointError
-    path = Path(sys.argv[2])
-    start = time.monotonic()
-    try:
-        if sys.argv[1] == "convert":
-            from persimmon_tools.conversion.inspect import inspect_release
-            inspect_release(path)
+    from persimmon_tools.conversion.inspect import inspect_release
+    from persimmon_tools.verification.source_merge import load_source
+
+    class CaseTimeout(BaseException):
+        pass
+
+    def alarm(signum, frame):
+        raise CaseTimeout
+
+    signal.signal(signal.SIGALRM, alarm)
+    readers = {"convert": inspect_release, "verify": load_source}
+    for case in json.loads(sys.argv[1]):
+        out = {"id": case["id"]}
+        start = time.monotonic()
+        signal.alarm(int(sys.argv[2]))
+        try:
+            readers[case["reader"]](Path(case["path"]))
+        except CheckpointError as err:
+            out.update(outcome="REFUSED", type=type(err).__name__, message=err.message)
+        except CaseTimeout:
+            out.update(outcome="TIMEOUT")
+        except BaseException as err:
+            out.update(outcome="RAISED", type=type(err).__name__, message=str(err)[:500])
         else:
-            from persimmon_tools.verification.source_merge import load_source
-            load_source(path)
-    except CheckpointError as err:
-        print("REFUSED", type(err).__name__, round(time.monotonic() - start, 2), err.message)
-    else:
-        print("LOADED")
+            out.update(outcome="LOADED")
+        finally:
+            signal.alarm(0)
+        out["seconds"] = round(time.monotonic() - start, 2)
+        print(json.dumps(out), flush=True)
     """
 )
 
 
-@pytest.mark.parametrize("reader", ["convert", "verify"])
-@pytest.mark.parametrize(
-    "where", ["args", "iteration", "model", "dict key", "frozenset", "persistent id", "tensor size"]
-)
-def test_shared_structure_bomb_fails_fast(tmp_path, reader, where):
-    """Case pickle-shared-bomb: under a 2 GiB address-space limit and a timeout, in both readers."""
-    pkl = _bomb(where)
-    assert len(pkl) < 600
-    path = write_torch_zip(tmp_path / "model_optim_rng.pt", pkl)
+def _case_id(reader: str, where: str) -> str:
+    return f"{where}-{reader}"
+
+
+@pytest.fixture(scope="module")
+def bomb_results(tmp_path_factory) -> dict[str, dict]:
+    """Every (reader, where) case run in one subprocess: case id -> its JSON line."""
+    base = tmp_path_factory.mktemp("pickle-bombs")
+    cases = []
+    for where in WHERES:
+        path = write_torch_zip(base / f"{where.replace(' ', '_')}_model_optim_rng.pt", _bomb(where))
+        cases += [{"id": _case_id(r, where), "reader": r, "path": str(path)} for r in READERS]
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-c", _RUN, reader, str(path)],
+        [sys.executable, "-c", _RUN, json.dumps(cases), str(CASE_TIMEOUT_S)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CASE_TIMEOUT_S * len(cases),
         cwd=repo,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    words = proc.stdout.split()
-    assert words[0] == "REFUSED", proc.stdout
-    assert words[1] in ("CheckpointError", "UnsafeCheckpointError")
-    assert float(words[2]) < 5, proc.stdout  # the unpickle and checks; interpreter start is not counted
+    results = {r["id"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert sorted(results) == sorted(c["id"] for c in cases), proc.stdout + proc.stderr[-2000:]
+    return results
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("where", WHERES)
+def test_shared_structure_bomb_fails_fast(bomb_results, reader, where):
+    """Case pickle-shared-bomb: under a 2 GiB address-space limit and a timeout, in both readers."""
+    assert len(_bomb(where)) < 600
+    result = bomb_results[_case_id(reader, where)]
+    assert result["outcome"] == "REFUSED", result
+    assert result["type"] in ("CheckpointError", "UnsafeCheckpointError"), result
+    assert result["seconds"] < 5, result  # the unpickle and checks; interpreter start is not counted

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 import persimmon_tools.safe_write as safe_write
 from persimmon_tools.cli import main
-from persimmon_tools.errors import ReleaseError, UsageError
-from persimmon_tools.megatron.unpack import unpack
-from persimmon_tools.synth.build import make_release
+from persimmon_tools.errors import PersimmonToolsError, ReleaseError, UsageError
+from persimmon_tools.megatron.unpack import UnpackOptions, unpack
+from persimmon_tools.synth.build import ReleaseOptions, make_release
 
 
 def cli(*args):
@@ -49,7 +49,7 @@ def test_member_larger_than_free_space_is_refused(releases, tmp_path, monkeypatc
     with pytest.raises(
         ReleaseError, match="adept_vocab.model' needs 248,956 bytes but .* has only 40,960 bytes free"
     ):
-        unpack(releases["tar"], tmp_path / "dest", check_md5=False)
+        unpack(releases["tar"], tmp_path / "dest", UnpackOptions(check_md5=False))
     assert os.listdir(tmp_path) == []
 
 
@@ -88,8 +88,13 @@ def test_make_release_ignores_a_planted_partial_link(tmp_path):
 def test_make_release_failure_leaves_nothing(tmp_path, monkeypatch):
     import persimmon_tools.synth.build as build
 
-    monkeypatch.setattr(build, "_vocab_text", lambda b: (_ for _ in ()).throw(KeyboardInterrupt))
     (tmp_path / "out.tar").write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        make_release(tmp_path / "out.tar")
+    with pytest.raises(PersimmonToolsError, match="exists"):  # not a tarball the toolkit wrote: kept
+        make_release(tmp_path / "out.tar", ReleaseOptions(force=True))
     assert os.listdir(tmp_path) == ["out.tar"] and Path(tmp_path / "out.tar").read_bytes() == b"old"
+    (tmp_path / "out.tar").unlink()
+    old = make_release(tmp_path / "out.tar", ReleaseOptions(seed=3)).read_bytes()
+    monkeypatch.setattr(build, "_vocab_text", lambda b: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        make_release(tmp_path / "out.tar", ReleaseOptions(force=True))
+    assert os.listdir(tmp_path) == ["out.tar"] and Path(tmp_path / "out.tar").read_bytes() == old

@@ -11,7 +11,7 @@ import torch
 
 from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
 from persimmon_tools.megatron.bytesource import ByteSource
-from persimmon_tools.megatron.lazy import LazyTensor
+from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
 from persimmon_tools.megatron.ptwriter import write_pt
 from persimmon_tools.megatron.torchzip import load_checkpoint
 from persimmon_tools.synth.build import _with_adept_module, build_release
@@ -118,3 +118,87 @@ def test_tar_member_reader(releases):
     src = ByteSource(releases["tar"], member.offset_data, member.size, "member")
     loaded = load_checkpoint(src)
     assert loaded.obj["iteration"] == 1251
+
+
+def test_tensor_views_outside_or_amplifying_their_storage_are_refused(tmp_path):
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(b"\0" * 64)
+    rec = StorageRef(pt, 0, 64, torch.float32, "0", "x.pt:archive/data/0")
+    assert LazyTensor.from_storage(rec, 4, (3, 4), (4, 1)).materialize().shape == (3, 4)
+    with pytest.raises(CheckpointError, match="runs past its storage of 16 elements"):
+        LazyTensor.from_storage(rec, 8, (3, 4), (4, 1))
+    with pytest.raises(CheckpointError, match="has 1000 elements but its storage holds 16"):
+        LazyTensor.from_storage(rec, 0, (1000,), (0,))
+    view = LazyTensor.from_storage(rec, 0, (4, 4), (4, 1))
+    with pytest.raises(IndexError, match=r"rows \[2, 5\) of a tensor with 4"):
+        view.read_rows(2, 5)  # never past the view into the bytes that follow it
+    assert LazyTensor.from_storage(rec, 0, (3, 0), (1, 1)).materialize().shape == (3, 0)
+
+
+def test_object_built_without_init_becomes_a_stand_in(tmp_path, monkeypatch):
+    """Protocol 2 pickles plain objects with NEWOBJ + BUILD (no ``__init__``): a Megatron config object in a
+    checkpoint is a stand-in holding its state, not an AttributeError traceback."""
+    import sys
+    import types
+
+    mod = types.ModuleType("megatron.cfg")
+
+    class Cfg:
+        pass
+
+    Cfg.__module__, Cfg.__qualname__, mod.Cfg = "megatron.cfg", "Cfg", Cfg
+    monkeypatch.setitem(sys.modules, "megatron", types.ModuleType("megatron"))
+    monkeypatch.setitem(sys.modules, "megatron.cfg", mod)
+    cfg = Cfg()
+    cfg.hidden_size = 64
+    path = _pt_with(tmp_path, {"model": {"w": torch.ones(2)}, "cfg": cfg}, name="cfg.pt")
+    monkeypatch.delitem(sys.modules, "megatron.cfg")
+    loaded = load_checkpoint(ByteSource.whole_file(path))
+    stand_in = loaded.obj["cfg"]
+    assert (
+        stand_in.state == {"hidden_size": 64}
+        and stand_in.args == ()
+        and repr(stand_in) == "megatron.cfg.Cfg(...)"
+    )
+    assert loaded.globals_seen["megatron.cfg.Cfg"] == "inert stand-in"
+
+
+def test_storage_named_with_two_dtypes_or_malformed_is_refused(tmp_path):
+    """torch.load builds one storage per key (the first reference's type): a key named again with another
+    type would be read differently here, so it is refused; keys and sizes must be a str and an int."""
+    from hostile_inputs import P, model_with, program, s, storage, tensor, write_torch_zip
+
+    two = program(
+        P.EMPTY_DICT,
+        s("model"),
+        P.EMPTY_DICT,
+        s("a"),
+        tensor(storage("0", 4, "FloatStorage")),
+        P.SETITEM,
+        s("b"),
+        tensor(storage("0", 4, "IntStorage")),
+        P.SETITEM,
+        P.SETITEM,
+    )
+    path = write_torch_zip(tmp_path / "two.pt", two)
+    with pytest.raises(CheckpointError, match="storage 0 is referenced as torch.float32 and as torch.int32"):
+        load_checkpoint(ByteSource.whole_file(path))
+    same = program(
+        P.EMPTY_DICT,
+        s("model"),
+        P.EMPTY_DICT,
+        s("a"),
+        tensor(storage("0", 4)),
+        P.SETITEM,
+        s("b"),
+        tensor(storage("0", 2), size=2),
+        P.SETITEM,
+        P.SETITEM,
+    )
+    loaded = load_checkpoint(ByteSource.whole_file(write_torch_zip(tmp_path / "same.pt", same)))
+    a, b = loaded.obj["model"]["a"], loaded.obj["model"]["b"]
+    assert a.storage is b.storage and a.storage.numel == 4  # one storage, as torch.load shares it
+    bad_key = storage("0").replace(s("0"), P.BININT1 + b"\x00")
+    path = write_torch_zip(tmp_path / "key.pt", model_with(tensor(bad_key)))
+    with pytest.raises(UnsafeCheckpointError, match="malformed storage reference"):
+        load_checkpoint(ByteSource.whole_file(path))

@@ -78,7 +78,7 @@ def test_chat_elsewhere_in_the_path_does_not_make_a_base_release_chat(releases, 
         "8b_base_model_release.tar agree"
     )
     out = tmp_path / "chat_out"
-    convert(tar, out, ConvertOptions())
+    convert(tar, out, ConvertOptions(), verify="off")  # the record is the point here, not the check
     record = json.loads((out / "conversion.json").read_text())
     assert (
         record["source"]["variant"] == "base" and "8b_base_model_release" in record["source"]["variant_from"]
@@ -133,3 +133,27 @@ def test_a_lone_pt_outside_a_release_folder_is_unknown(tmp_path):
     )  # the parent of iter_* holds neither tracker nor vocab: not a release root
     assert rel.variant == "unknown" and "not inside a release folder" in rel.variant_from
     assert open_release(folder).variant == "chat"  # the folder itself was named as SOURCE
+
+
+@pytest.mark.parametrize(
+    ("stored_as", "variant"),
+    [("chat/8b_base_model_release", "base"), ("base/8b_chat_model_release", "chat")],
+)
+def test_verify_chooses_the_published_logits_by_the_releases_own_name(
+    stored_as, variant, converted_tiny, tmp_path, monkeypatch
+):
+    """A base release kept in a folder named ``chat`` is not the chat model for verify's published-logits
+    comparison (the path's words used to decide it); the chat release in a folder named ``base`` is."""
+    import persimmon_tools.verification.verify as vv
+
+    folder = write_release_folder(build_release(seed=0), tmp_path / stored_as)
+    seen = []
+    # the real rule also needs the 8B shapes; here only the variant verify hands it decides
+    monkeypatch.setattr(vv, "is_8b_chat", lambda hp, iteration, v: seen.append(v) or v == "chat")
+    monkeypatch.setattr(vv, "INPUT_IDS", tuple(range(1, 9)))  # ids inside the tiny vocabulary
+    options = vv.VerifyOptions(write=False, loader="persimmon-tools", default_prompts=False, ids=((1, 2, 3),))
+    report = vv.verify(converted_tiny, folder, options)
+    assert seen == [variant] and report.source["variant"] == variant
+    published = [m.name for m in report.metrics if m.name == "published"]
+    assert bool(published) == (variant == "chat")
+    assert (report.published_reference is not None) == (variant == "chat")

@@ -120,7 +120,7 @@ def test_symlinked_vocab_inside_release_folder_is_refused(release_folder, tmp_pa
 
 
 def test_symlinked_shard_inside_release_folder_is_refused_by_both_readers(release_folder, tmp_path):
-    from persimmon_tools.verification.source_layout import discover
+    from persimmon_tools.verification.source_merge import load_source as discover
 
     shard = next(release_folder.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
     target = tmp_path / "elsewhere.pt"

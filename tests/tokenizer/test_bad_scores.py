@@ -17,7 +17,7 @@ from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.errors import TokenizerError
 from persimmon_tools.synth.build import build_release, bundled_vocab, write_release_folder
 from persimmon_tools.tokenizer.proto import MAX_ABS_SCORE, read_spm
-from persimmon_tools.tokenizer.write import build_fast_tokenizer, write_tokenizer
+from persimmon_tools.tokenizer.write import TokenizerOptions, build_fast_tokenizer, write_tokenizer
 
 pb = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
 
@@ -125,7 +125,7 @@ def test_a_tokenizer_json_that_does_not_load_is_refused(tmp_path, monkeypatch, w
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TokenizerError) as err:
-        write_tokenizer(model, out, check=False)
+        write_tokenizer(model, out, TokenizerOptions(check=False))
     assert "does not load back with tokenizers.Tokenizer.from_file" in err.value.message
     assert "null" in err.value.message  # what the loader said
     assert list(out.iterdir()) == []
@@ -199,6 +199,6 @@ def test_good_files_are_written_after_the_reload(tmp_path, monkeypatch, with_tra
     assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "Unigram"
     assert (out / "tokenizer.model").read_bytes() == bundled_vocab()
     write_tokenizer(
-        out / "tokenizer.model", out, replace_existing=True
+        out / "tokenizer.model", out, TokenizerOptions(replace_existing=True)
     )  # the convert case: the model already lies in out_dir
     assert (out / "tokenizer.model").read_bytes() == bundled_vocab()

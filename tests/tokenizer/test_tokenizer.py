@@ -13,6 +13,7 @@ from persimmon_tools.tokenizer.proto import read_spm
 from persimmon_tools.tokenizer.unigram import reserved_plan
 from persimmon_tools.tokenizer.write import (
     CHAT_TEMPLATE,
+    TokenizerOptions,
     build_fast_tokenizer,
     builtin_sample,
     chat_template,
@@ -220,7 +221,7 @@ def test_autotokenizer_loads_and_matches(trained, tmp_path, name):
     # identity and nmt_nfkc (the exact charsmap pipeline, as transformers loads it from tokenizer.json)
     transformers = pytest.importorskip("transformers")
     model = trained[name]
-    written = write_tokenizer(model, tmp_path, chat=True)
+    written = write_tokenizer(model, tmp_path, TokenizerOptions(chat=True))
     assert {p.name for p in written} == {
         "tokenizer.json",
         "tokenizer_config.json",
@@ -251,7 +252,7 @@ def test_autotokenizer_loads_and_matches(trained, tmp_path, name):
 def test_no_add_bos(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = trained["unigram_user_control"]
-    write_tokenizer(model, tmp_path, add_bos_token=False)
+    write_tokenizer(model, tmp_path, TokenizerOptions(add_bos_token=False))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["add_bos_token"] is False and config["add_eos_token"] is False
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -273,7 +274,9 @@ def test_reload_check_encodes_literal_special_tokens_like_sentencepiece(trained,
 
 def test_no_add_bos_chat_template_renders_no_bos(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
-    write_tokenizer(trained["unigram_user_control"], tmp_path, add_bos_token=False, chat=True)
+    write_tokenizer(
+        trained["unigram_user_control"], tmp_path, TokenizerOptions(add_bos_token=False, chat=True)
+    )
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE == chat_template(False)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -287,7 +290,7 @@ def test_no_add_bos_chat_template_renders_no_bos(trained, tmp_path):
 
 def test_chat_template_reproduces_adept_prompt(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
-    write_tokenizer(trained["unigram_user_control"], tmp_path, chat=True)
+    write_tokenizer(trained["unigram_user_control"], tmp_path, TokenizerOptions(chat=True))
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     one = [{"role": "user", "content": "What is a persimmon?"}]
     bos = "|ENDOFTEXT|"  # add_bos_token is on: the template renders bos_token first
@@ -324,7 +327,7 @@ def test_check_failure_writes_nothing(trained, tmp_path, approximate_charsmap):
     assert "encode" in err.value.message and "first difference" in err.value.message
     assert "--allow-tokenizer-mismatch" in err.value.hint
     assert list(tmp_path.iterdir()) == []
-    written = write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path, check=False)
+    written = write_tokenizer(trained["unigram_nmt_bytefallback"], tmp_path, TokenizerOptions(check=False))
     assert all(p.is_file() for p in written)
 
 

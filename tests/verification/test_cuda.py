@@ -76,12 +76,9 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def mid(tmp_path_factory) -> tuple[Path, Path]:
-    """(converted folder, source tar) for a freshly made mid-preset release (~1 GB)."""
-    base = tmp_path_factory.mktemp("cuda-mid")
-    source = base / "mid_release.tar"
-    invoke("make-release", source, "--preset", "mid", "--quiet")
-    return convert_release(source, base / "mid-hf"), source
+def mid(mid_release, tmp_path_factory) -> tuple[Path, Path]:
+    """(converted folder, source tar) for the session's mid-preset release (~1 GB, tests/conftest.py)."""
+    return convert_release(mid_release, tmp_path_factory.mktemp("cuda-mid") / "mid-hf"), mid_release
 
 
 @pytest.mark.parametrize("loader", LOADERS)

@@ -1,10 +1,15 @@
-"""verify's own reader of the source, and its agreement check against the converter's reader.
+"""verify's own interpretation of the source, and its agreement check against the converter's.
 
-- the reader gives exactly what synth wrote, for every SOURCE kind and TP/PP layout;
-- a converter reader broken in ``persimmon_tools.megatron`` (stages swapped, a key dropped, bytes misread),
-  broken for ``convert`` *and* ``verify`` alike, makes the flow fail with exit 3 and a "reader" finding that
-  names the key and both readers, while the same flow passes unbroken;
-- the pickle allowlist refuses foreign globals without calling them; a big-endian record is byte-swapped.
+- verify's interpretation (own grid, stage roles, renumbering and TP merge over the one byte layer) gives
+  exactly what synth wrote, for every SOURCE kind and TP/PP layout;
+- a converter interpretation broken in ``persimmon_tools.megatron.checkpoint`` (stages swapped, a key
+  dropped, wrong byte ranges copied, TP parts joined in the wrong order), broken for ``convert`` *and*
+  ``verify`` alike, makes the flow fail with exit 3 and a "reader" finding that names the key and both
+  interpretations, while the same flow passes unbroken; the agreement check compares byte ranges (no
+  weights read) and falls back to the bytes for strided views;
+- the byte layer on verify's path refuses foreign globals without calling them, and big-endian records (as
+  for convert); inconsistent shards are refused by verify's own checks.
+(The byte layer itself is proved against torch.load and tarfile in tests/megatron/test_byte_layer_oracle.py.)
 """
 
 from __future__ import annotations
@@ -14,22 +19,32 @@ import io
 import json
 import pickle
 import re
+import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hostile_inputs import (
+    fixture_members,
+    model_with,
+    patch_central_directory,
+    storage,
+    tar_with,
+    write_torch_zip,
+)
+from hostile_inputs import tensor as tensor_ops
 from reliability_cases import assert_clean_failure
 
 from persimmon_tools.cli import main
 from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE
-from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError, VerificationError
+from persimmon_tools.errors import CheckpointError, ReleaseError, UnsafeCheckpointError, VerificationError
+from persimmon_tools.megatron.checkpoint import load_release_checkpoint
+from persimmon_tools.megatron.release import open_release
 from persimmon_tools.synth.build import build_release, logical_tensors, write_release_folder
 from persimmon_tools.verification.agreement import CONVERTER, OWN, compare_bytes, compare_readers
-from persimmon_tools.verification.source_layout import FileSlice
 from persimmon_tools.verification.source_merge import load_source
-from persimmon_tools.verification.source_tensor import Record, make_view
 
 LAYOUTS = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2), "2x3": (2, 3)}
 TAR_FIXTURE = {"1x1": "tar", "2x1": "tp2", "1x2": "pp2", "2x3": "tp2pp3"}  # tests/conftest.py `releases`
@@ -71,7 +86,7 @@ CASES = [(k, lay) for k in ("tar", "folder", "iteration") for lay in LAYOUTS] + 
 def test_reader_gives_exactly_what_synth_wrote(kind, layout, releases, folders, expected):
     ckpt = load_source(_sources(kind, layout, releases, folders))
     tp, pp = LAYOUTS[layout]
-    assert (ckpt.layout.kind, ckpt.layout.tp, ckpt.layout.pp) == (kind, tp, pp)
+    assert (ckpt.release.kind, ckpt.release.tp, ckpt.release.pp) == (kind, tp, pp)
     assert ckpt.iteration == 1251
     assert ckpt.args.tensor_model_parallel_size == tp and ckpt.args.pipeline_model_parallel_size == pp
     assert ckpt.args.num_layers == 6 and ckpt.args.model_backend.value == "megatron"
@@ -87,14 +102,44 @@ def test_reader_gives_exactly_what_synth_wrote(kind, layout, releases, folders, 
     assert torch.equal(_bits(embed.rows(ids)), _bits(expected[embed.key][ids]))
 
 
-def test_both_readers_agree_on_every_layout(releases, folders):
-    from persimmon_tools.megatron.checkpoint import load_release_checkpoint
-    from persimmon_tools.megatron.release import open_release
+def test_both_interpretations_agree_on_every_layout_without_reading_weights(releases, folders, monkeypatch):
+    import persimmon_tools.megatron.lazy as ml
 
-    for source in [*(releases[n] for n in TAR_FIXTURE.values()), folders["2x3"] / ITER]:
-        got = compare_readers(load_release_checkpoint(open_release(source)), load_source(source))
+    sources = [*(releases[n] for n in TAR_FIXTURE.values()), folders["2x3"] / ITER]
+    loaded = [(load_release_checkpoint(open_release(s)), load_source(s)) for s in sources]
+    reads = []
+    real = ml.pread_exact
+    monkeypatch.setattr(ml, "pread_exact", lambda *a: reads.append(a[2]) or real(*a))
+    for source, (theirs, ours) in zip(sources, loaded, strict=True):
+        got = compare_readers(theirs, ours)
         assert got.agree and got.tensors_compared == 106 and not got.findings, (source, got.findings)
-        assert got.bytes_compared == sum(t.nbytes for t in load_source(source).tensors.values())
+        assert got.bytes_compared == 0  # byte ranges compared; no tensor byte read
+    assert reads == []
+    # the plans do say where the bytes are: every tensor's ranges cover exactly its bytes
+    for _, ours in loaded:
+        for t in ours.tensors.values():
+            (join, ranges), *_ = t.read_plans()
+            assert sum(n for _, _, n in ranges) == t.nbytes and join == (
+                "dim 1" if t.dim == 1 else "concatenated"
+            )
+
+
+def test_strided_tensors_are_compared_by_their_bytes(tmp_path):
+    """A strided view has no byte ranges: its bytes are compared instead, and a misread is still caught."""
+    base = torch.randn(5, 6)
+    w = base[:4].t()  # shape [6, 4], stride [1, 6]: torch.save keeps the view
+    assert not w.is_contiguous()
+    pt = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": {"language_model": {"encoder": {"w": w}}}, "iteration": 7}, pt)
+    theirs, ours = load_release_checkpoint(open_release(pt)), load_source(pt)
+    got = compare_readers(theirs, ours)
+    assert got.agree and (got.tensors_compared, got.bytes_compared) == (1, w.numel() * 4)
+    key = "language_model.encoder.w"
+    part = ours.tensors[key].parts[0]
+    shifted = dataclasses.replace(part, offset=part.offset + 1)  # one element off: other values
+    ours.tensors[key] = dataclasses.replace(ours.tensors[key], parts=(shifted,))
+    got = compare_readers(theirs, ours)
+    assert not got.agree and "elements differ" in got.findings[0].message and got.findings[0].where == key
 
 
 def test_compare_bytes_names_the_first_differing_element_across_unaligned_blocks():
@@ -159,24 +204,41 @@ def _drop_a_key(monkeypatch):
     monkeypatch.setattr(mc, "Checkpoint", checkpoint)
 
 
-def _offset_by_one_element(monkeypatch):
-    """megatron/lazy.py reads every matrix one element early (a wrong offset), for row reads and the
-    converter's byte-range copies alike. (Vectors stay right: a shifted inv_freq is caught by convert's own
+def _copy_ranges_one_element_early(monkeypatch):
+    """The converter's merged tensors name byte ranges one element early (a wrong offset) for every matrix,
+    so its writer copies the wrong bytes. (Vectors stay right: a shifted inv_freq is caught by convert's own
     args/inv_freq cross-check before verify runs.)"""
-    import persimmon_tools.megatron.lazy as ml
+    import persimmon_tools.megatron.checkpoint as mc
 
-    real = ml.LazyTensor.byte_offset
+    real = mc.MergedTensor.byte_ranges
 
-    def byte_offset(self):
-        return real.fget(self) - (self.dtype.itemsize if len(self.shape) >= 2 else 0)
+    def byte_ranges(self):
+        ranges = real(self)
+        if ranges is None or len(self.shape) < 2:
+            return ranges
+        return [(path, offset - self.dtype.itemsize, n) for path, offset, n in ranges]
 
-    monkeypatch.setattr(ml.LazyTensor, "byte_offset", property(byte_offset))
+    monkeypatch.setattr(mc.MergedTensor, "byte_ranges", byte_ranges)
+
+
+def _swap_tp_parts(monkeypatch):
+    """TP parts joined in the wrong rank order (rank 1's rows or columns first)."""
+    import persimmon_tools.megatron.checkpoint as mc
+
+    real = mc.Checkpoint
+
+    def checkpoint(**kw):
+        kw["tensors"] = {k: dataclasses.replace(v, parts=v.parts[::-1]) for k, v in kw["tensors"].items()}
+        return real(**kw)
+
+    monkeypatch.setattr(mc, "Checkpoint", checkpoint)
 
 
 BROKEN = {
-    "stages_swapped": ("pp2", _swap_stage_order, "language_model.encoder.layers.0.", "gives "),
+    "stages_swapped": ("pp2", _swap_stage_order, "language_model.encoder.layers.0.", " reads bytes "),
     "key_dropped": ("tar", _drop_a_key, DROPPED, f"{CONVERTER} has no such tensor, {OWN} gives shape [4]"),
-    "bytes_misread": ("tp2", _offset_by_one_element, "language_model.", "elements differ"),
+    "bytes_misread": ("tp2", _copy_ranges_one_element_early, "language_model.", " reads bytes "),
+    "tp_parts_swapped": ("tp2", _swap_tp_parts, "self_attention.dense.weight", "joined on dim 1"),
 }
 
 
@@ -195,6 +257,7 @@ def test_convert_and_verify_pass_with_the_reader_intact(releases, tmp_path):
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_a_broken_converter_reader_fails_convert_and_verify(case, releases, tmp_path, monkeypatch):
+    """Case converter-reader-broken: the converter's interpretation broken on purpose fails verify."""
     source, breaks, key_part, words = BROKEN[case]
     breaks(monkeypatch)  # active for convert AND for the verify convert runs at its end
     result = _convert(releases[source], tmp_path / "out")
@@ -245,16 +308,53 @@ class _Evil:
 def test_unsafe_global_is_refused_without_running_it(tmp_path, pkl, qual):
     _RAN.clear()
     pt = _zip_pt(tmp_path / "model_optim_rng.pt", {"archive/data.pkl": pkl, "archive/byteorder": b"little"})
-    with pytest.raises(
-        UnsafeCheckpointError, match="does not allow; nothing from the file was executed"
-    ) as err:
-        load_source(pt)
+    with pytest.raises(UnsafeCheckpointError, match="not on the allowlist; nothing was executed") as err:
+        load_source(pt)  # verify's path: the same byte layer as convert's, the same refusal
     assert qual in str(err.value) and str(pt) in str(err.value) and err.value.hint
     assert _RAN == []
     # the same pickle through a plain unpickler does run it: the test would notice a permissive reader
     if qual == "_side_effect":
         pickle.loads(pkl)
         assert _RAN == ["executed"]
+
+
+def _hostile_source(tmp_path: Path, releases, kind: str) -> Path:
+    """Inputs the two byte readers used to treat differently (verify's skipped or accepted them)."""
+    if kind in ("dotdot", "absolute"):
+        bad = tarfile.TarInfo("tiny_release/../../escape.txt" if kind == "dotdot" else "/tmp/abs.txt")
+        return tar_with(tmp_path / "r.tar", [*fixture_members(releases["tar"]), (bad, b"evil")])
+    if kind == "after-the-end":  # tarfile stops listing there without a word
+        tar = tmp_path / "r.tar"
+        tar.write_bytes(releases["tar"].read_bytes() + b"appended data")
+        return tar
+    pt = write_torch_zip(
+        tmp_path / "model_optim_rng.pt", model_with(tensor_ops(storage())), {"0": bytes(16), "1": bytes(16)}
+    )
+    with zipfile.ZipFile(pt) as zf:
+        first = zf.getinfo("archive/data/0").header_offset
+    patch_central_directory(pt, "archive/data/1", header_offset=first)  # two records over the same bytes
+    return pt
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("dotdot", "points outside the archive"),
+        ("absolute", "points outside the archive"),
+        ("after-the-end", "follows a zero block"),
+        ("overlapping-records", "overlap"),
+    ],
+)
+def test_verify_refuses_what_convert_refuses(tmp_path, releases, kind, message):
+    """One byte layer: verify's path refuses these exactly as convert's does (it used to skip ``..`` and
+    absolute members without a word, and had no end-of-archive or overlapping-record checks)."""
+    source = _hostile_source(tmp_path, releases, kind)
+    errors = []
+    for read in (lambda: load_release_checkpoint(open_release(source)), lambda: load_source(source)):
+        with pytest.raises((ReleaseError, CheckpointError), match=message) as err:
+            read()
+        errors.append((type(err.value), err.value.message))
+    assert errors[0] == errors[1] and err.value.hint
 
 
 def _byteswapped(pt_bytes: bytes, unit: int) -> bytes:
@@ -280,21 +380,26 @@ def _byteswapped(pt_bytes: bytes, unit: int) -> bytes:
 @pytest.mark.parametrize(
     ("dtype", "unit"), [(torch.bfloat16, 2), (torch.float32, 4), (torch.int64, 8), (torch.complex64, 4)]
 )
-def test_big_endian_records_are_byteswapped(tmp_path, dtype, unit):
+def test_big_endian_records_are_refused_on_verifys_path_too(tmp_path, dtype, unit):
+    """One byte layer, one behaviour: verify refuses a big-endian checkpoint as convert does
+    (tests/megatron/test_byteorder.py), rather than reading it differently."""
     w = (torch.randn(6, 5, dtype=torch.float64) * 3).to(dtype)
     b = torch.arange(6).to(dtype)
     buf = io.BytesIO()
     torch.save({"model": {"language_model": {"encoder": {"w": w, "b": b}}}, "iteration": 7}, buf)
     big = tmp_path / "model_optim_rng.pt"
     big.write_bytes(_byteswapped(buf.getvalue(), unit))
+    # a genuine big-endian file: torch byteswaps it back, and its raw bytes are not w's
     assert torch.equal(torch.load(big, weights_only=True)["model"]["language_model"]["encoder"]["w"], w)
-    ckpt = load_source(big)
-    for key, want in (("language_model.encoder.w", w), ("language_model.encoder.b", b)):
-        got = ckpt.tensors[key]
-        assert torch.equal(_bits(got.materialize()), _bits(want)), key
-        assert torch.equal(_bits(got.read_rows(2, 4)), _bits(want[2:4])), key
-    # what a reader ignoring the byteorder record would give: the test fails for such a reader
     assert not torch.equal(_bits(w), _bits(_raw_record(big.read_bytes(), w)))
+    with pytest.raises(CheckpointError, match="says the tensors are stored big-endian") as err:
+        load_source(big)
+    assert "torch.save" in err.value.hint
+    little = tmp_path / "little" / "model_optim_rng.pt"  # control: the same file as written reads
+    little.parent.mkdir()
+    little.write_bytes(buf.getvalue())
+    got = load_source(little).tensors["language_model.encoder.w"]
+    assert torch.equal(_bits(got.materialize()), _bits(w))
 
 
 def _raw_record(pt_bytes: bytes, like: torch.Tensor) -> torch.Tensor:
@@ -319,11 +424,20 @@ def _other_iteration(rel):
     rel.objects[(0, 1)]["iteration"] = 99
 
 
+def _head_on_the_first_stage(rel):
+    first, last = rel.objects[(0, 0)]["model"], rel.objects[(0, 1)]["model"]
+    first["word_embeddings_for_head"] = last.pop("word_embeddings_for_head")
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (_renumber_stage, "pipeline stage 1 holds layers [1, 2, 5], not 0..2"),
         (_other_iteration, "the shards record different iterations"),
+        (
+            _head_on_the_first_stage,
+            "pipeline stage 0 of 2 holds word_embeddings_for_head.weight, which only the last stage holds",
+        ),
     ],
 )
 def test_inconsistent_pipeline_shards_are_refused(tmp_path, edit, message):
@@ -335,28 +449,26 @@ def test_inconsistent_pipeline_shards_are_refused(tmp_path, edit, message):
     assert err.value.hint
 
 
+def test_verify_checks_the_shard_grid_itself(releases):
+    release = open_release(releases["tp2pp3"])
+    holed = dataclasses.replace(release, shards={r: s for r, s in release.shards.items() if r != (1, 1)})
+    with pytest.raises(
+        CheckpointError, match=re.escape("not a complete TP=2 x PP=3 grid (missing [(1, 1)])")
+    ):
+        load_source(holed)
+
+
 def test_replicated_tensor_differing_between_tp_ranks_is_refused(tmp_path):
     folder = write_release_folder(build_release(tp=2, seed=0), tmp_path / "rel")
     key = "language_model.encoder.layers.4.post_attention_layernorm.bias"
-    rec = load_source(folder).tensors[key].parts[1].record
-    with open(rec.file.path, "r+b") as fh:  # flip one byte of rank 1's copy
-        fh.seek(rec.file.start + rec.offset + 3)
+    part = load_source(folder).tensors[key].parts[1]
+    with open(part.storage.path, "r+b") as fh:  # flip one byte of rank 1's copy
+        fh.seek(part.byte_offset + 3)
         byte = fh.read(1)
         fh.seek(-1, io.SEEK_CUR)
         fh.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(CheckpointError, match=re.escape(f"{key} is replicated across tensor-parallel ranks")):
         load_source(folder)
-
-
-def test_tensor_views_outside_or_amplifying_their_storage_are_refused(tmp_path):
-    pt = tmp_path / "x.pt"
-    pt.write_bytes(b"\0" * 64)
-    rec = Record(FileSlice.whole(pt), 0, 64, torch.float32, False, "x.pt:archive/data/0")
-    assert make_view(rec, 4, (3, 4), (4, 1)).materialize().shape == (3, 4)
-    with pytest.raises(CheckpointError, match="runs past the 16 elements"):
-        make_view(rec, 8, (3, 4), (4, 1))
-    with pytest.raises(CheckpointError, match="more elements than its storage holds"):
-        make_view(rec, 0, (1000,), (0,))
 
 
 def test_disagreeing_readers_with_an_incomplete_own_view_is_a_verification_error(

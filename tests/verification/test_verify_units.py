@@ -11,7 +11,7 @@ from persimmon_tools.errors import UsageError
 from persimmon_tools.verification.diagnose import locate
 from persimmon_tools.verification.findings import config_findings
 from persimmon_tools.verification.metrics import TOLERANCES, compare_logits, drift_by_position, tolerance_for
-from persimmon_tools.verification.prompts import build_prompts, parse_ids, read_prompts_file
+from persimmon_tools.verification.prompts import build_prompts, read_prompts_file
 from persimmon_tools.verification.published import (
     EXPECTED_MEAN_FP16,
     EXPECTED_MEAN_INT8,
@@ -139,10 +139,7 @@ def test_config_findings_name_both_values():
     assert config_findings(ref, ref) == []
 
 
-def test_prompt_helpers(tmp_path):
-    assert parse_ids("1, 306 4658") == (1, 306, 4658)
-    with pytest.raises(UsageError):
-        parse_ids("1,x")
+def test_prompt_helpers(tmp_path):  # --ids: the CLI's TOKEN_IDS (tests/cli/test_cli_validation.py)
     f = tmp_path / "p.json"
     f.write_text('["a\\nb", "c"]')
     assert read_prompts_file(f) == ["a\nb", "c"]

@@ -9,7 +9,7 @@ import shutil
 from click.testing import CliRunner
 
 from persimmon_tools.cli import main
-from persimmon_tools.synth.build import make_release
+from persimmon_tools.synth.build import ReleaseOptions, make_release
 
 
 def cli(*args):
@@ -22,7 +22,7 @@ def test_wrong_reference_is_named_and_the_passing_report_kept(converted_tiny, re
     assert cli("verify", folder, "--reference", releases["tar"]).exit_code == 0
     passing = (folder / "verification.json").read_bytes()
     assert json.loads(passing)["verdict"] == "pass"
-    other = make_release(tmp_path / "other_release.tar", seed=7)  # same shapes, other weights
+    other = make_release(tmp_path / "other_release.tar", ReleaseOptions(seed=7))  # same shapes, other weights
     result = cli("verify", folder, "--reference", other)
     assert result.exit_code == 3, result.stderr
     assert "likely wrong --reference" in result.stderr and "Hint: check --reference" in result.stderr
@@ -33,8 +33,8 @@ def test_wrong_reference_is_named_and_the_passing_report_kept(converted_tiny, re
 
 def test_a_same_sized_other_source_cannot_replace_a_passing_report(tmp_path):
     """Same shapes and file sizes, other weights: told apart by the recorded sha256."""
-    ours = make_release(tmp_path / "ours.tar", seed=0)
-    theirs = make_release(tmp_path / "theirs.tar", seed=7)
+    ours = make_release(tmp_path / "ours.tar", ReleaseOptions(seed=0))
+    theirs = make_release(tmp_path / "theirs.tar", ReleaseOptions(seed=7))
     folder = tmp_path / "hf"
     assert cli("convert", ours, folder).exit_code == 0  # converts and verifies: a passing report
     passing = (folder / "verification.json").read_bytes()
