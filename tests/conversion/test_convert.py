@@ -220,7 +220,7 @@ def test_strided_and_offset_views_from_torch_save_convert_exactly(tmp_path):
     folder = write_release_folder(rel, tmp_path / "rel")
     # replace the .pt with one written by torch.save itself, which keeps views and strides as they are
     from persimmon_tools.megatron.ptwriter import TensorSpec
-    from persimmon_tools.synth.build import _with_adept_module
+    from persimmon_tools.synth.shard import with_adept_module
 
     def real(obj):
         if isinstance(obj, TensorSpec):
@@ -233,7 +233,7 @@ def test_strided_and_offset_views_from_torch_save_convert_exactly(tmp_path):
 
     pt = folder / "iter_0001251" / "mp_rank_00" / "model_optim_rng.pt"
     obj = real(rel.objects[(0, 0)])
-    _with_adept_module(lambda: torch.save(obj, pt))
+    with_adept_module(lambda: torch.save(obj, pt))
     convert(folder, tmp_path / "hf", ConvertOptions(max_shard_size="100KB"))
     out = _load_folder(tmp_path / "hf")
     assert torch.equal(out["model.layers.1.mlp.dense_4h_to_h.weight"], w)

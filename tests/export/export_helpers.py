@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from persimmon_tools.synth.build import _with_adept_module
+from persimmon_tools.synth.shard import with_adept_module
 from persimmon_tools.synth.values import PRESETS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,7 +42,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _load(data: bytes) -> Any:
     box: list[Any] = []
-    _with_adept_module(lambda: box.append(torch.load(io.BytesIO(data), weights_only=False)))
+    with_adept_module(lambda: box.append(torch.load(io.BytesIO(data), weights_only=False)))
     return box[0]
 
 

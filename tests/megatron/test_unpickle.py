@@ -14,7 +14,8 @@ from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
 from persimmon_tools.megatron.ptwriter import write_pt
 from persimmon_tools.megatron.torchzip import load_checkpoint
-from persimmon_tools.synth.build import _with_adept_module, build_release
+from persimmon_tools.synth.build import build_release
+from persimmon_tools.synth.shard import with_adept_module
 
 
 class _Evil:
@@ -60,7 +61,7 @@ def test_synthetic_checkpoint_loads_lazily_with_stand_ins(tmp_path):
     rel = build_release(seed=0)
     path = tmp_path / "model_optim_rng.pt"
     with open(path, "wb") as fh:
-        _with_adept_module(lambda: write_pt(fh, rel.objects[(0, 0)]))
+        with_adept_module(lambda: write_pt(fh, rel.objects[(0, 0)]))
     loaded = load_checkpoint(ByteSource.whole_file(path))
     args = loaded.obj["args"]
     assert args.num_layers == 6 and args.params_dtype is torch.bfloat16
@@ -72,7 +73,7 @@ def test_synthetic_checkpoint_loads_lazily_with_stand_ins(tmp_path):
     ref = {}
     with open(path, "rb") as fh:
         data = fh.read()
-    _with_adept_module(lambda: ref.setdefault("ck", torch.load(io.BytesIO(data), weights_only=False)))
+    with_adept_module(lambda: ref.setdefault("ck", torch.load(io.BytesIO(data), weights_only=False)))
     torch_emb = ref["ck"]["model"]["language_model"]["embedding"]["word_embeddings"]["weight"]
     assert torch.equal(emb.materialize(), torch_emb)
     assert torch.equal(emb.read_rows(10, 20), torch_emb[10:20])

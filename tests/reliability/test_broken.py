@@ -240,15 +240,15 @@ def test_nonfinite_weights_via_cli(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64], ids=str)
 def test_weights_of_a_non_float_dtype(folder_release, tmp_path, dtype):
-    from persimmon_tools.synth.build import _with_adept_module
+    from persimmon_tools.synth.shard import with_adept_module
 
     folder = _copy(folder_release, tmp_path)
     ckpt = {}
-    _with_adept_module(lambda: ckpt.update(torch.load(folder / PT, weights_only=False)))
+    with_adept_module(lambda: ckpt.update(torch.load(folder / PT, weights_only=False)))
     ckpt["model"]["language_model"]["encoder"]["layers.0.mlp.dense_4h_to_h.bias"] = torch.ones(
         64, dtype=dtype
     )
-    _with_adept_module(lambda: torch.save(ckpt, folder / PT))
+    with_adept_module(lambda: torch.save(ckpt, folder / PT))
     with pytest.raises(PersimmonToolsError) as err:
         convert(folder, tmp_path / "out", ConvertOptions())
     expect("integer-weights", err.value)

@@ -24,6 +24,7 @@ from persimmon_tools.megatron.hashing import HashingReader
 from persimmon_tools.megatron.release import open_release
 from persimmon_tools.megatron.release_writer import write_release_tar
 from persimmon_tools.synth import build
+from persimmon_tools.synth.shard import dump_shard
 from persimmon_tools.verification.report import source_fingerprint
 from persimmon_tools.verification.verify import VerifyOptions, verify
 
@@ -124,7 +125,7 @@ def cases(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         tar = base / f"{name}.tar"
         with open(tar, "wb") as fh:
             rel = _layer_major(build.build_release(tp=tp, pp=pp))
-            write_release_tar(rel.files(name), fh, dump=build._dump)
+            write_release_tar(rel.files(name), fh, dump=dump_shard)
         out[name] = tar
     out["folder-tp2pp2"] = build.write_release_folder(build.build_release(tp=2, pp=2), base / "folder")
     for name, source in out.items():
