@@ -48,7 +48,7 @@ from persimmon_tools.tokenizer.write import TokenizerOptions, write_tokenizer
 
 log = logging.getLogger(__name__)
 
-BASE_RSS_ESTIMATE = 400 << 20  # python + torch + tokenizers, measured at ~350 MB on CPU builds
+BASE_RSS_ESTIMATE = 400 << 20  # python + torch + tokenizers on CPU builds (docs/performance.md: peak RSS)
 
 
 @dataclass(frozen=True)
