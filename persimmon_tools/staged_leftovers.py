@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 from persimmon_tools.safe_write import pid_alive, write_new_file
@@ -54,13 +55,20 @@ def write_marker(folder: Path, token: str, role: str) -> None:
 
 def remove_tree(tmp: Path) -> None:
     """Delete a temporary folder even if Ctrl-C is pressed again (or SIGTERM repeated) meanwhile: the first
-    interrupt is already being handled, and stopping half-way would leave a partial folder."""
-    while True:
+    interrupt is already being handled, and stopping half-way would leave a partial folder. A thread that was
+    abandoned while it wrote into the folder may add an entry during the removal (the folder is then not
+    empty): the removal is repeated, a bounded number of times, until the folder is gone."""
+    for _ in range(_REMOVE_ATTEMPTS):
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            return
         except KeyboardInterrupt:
             continue
+        if not os.path.lexists(tmp):
+            return
+        time.sleep(0.01)
+
+
+_REMOVE_ATTEMPTS = 100
 
 
 def _unlink_inside(root: Path, rel: str) -> None:

@@ -233,7 +233,8 @@ def staged_files(
     """Add the files ``names`` to ``folder`` (created when missing) without replacing the folder: yields a
     marked temp folder inside it; when the block succeeds each file is renamed into place. Files of those
     names already there are replaced only when the folder's record lists them. ``private``: ``folder`` is
-    the caller's own staging folder (no lock, nothing to check)."""
+    the caller's own existing staging folder (no lock, nothing to check, never created here: a job that its
+    caller abandoned then fails once the folder is removed, rather than making it again)."""
     folder = Path(os.path.abspath(folder))
     refuse_symlink(folder, kind.label, kind.error)
     if not private:
@@ -244,7 +245,8 @@ def staged_files(
             if folder.is_dir():
                 recover_inner(folder, kind)
             refuse_unrecorded(folder, kind, names)
-        folder.mkdir(parents=True, exist_ok=True)
+        if not private:
+            folder.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(8)
         stage = Path(tempfile.mkdtemp(prefix=f"{INNER_PREFIX}{token}-", dir=folder))
         try:

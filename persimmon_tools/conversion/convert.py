@@ -8,9 +8,10 @@ This is the conversion alone; :func:`persimmon_tools.workflow.convert` (``persim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -262,6 +263,18 @@ def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions
     write_tokenizer(sp_path, folder, tokenizer_options)
 
 
+@contextlib.contextmanager
+def _abandoned_on_failure(pool: ThreadPoolExecutor) -> Iterator[ThreadPoolExecutor]:
+    """``pool``, shut down when the block ends: waited for when it succeeds, abandoned (queued work
+    cancelled, running work left to fail on its own) when it raises."""
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def convert(
     source: Path,
     out_dir: Path,
@@ -290,13 +303,15 @@ def _convert_into(
     on_plan(plan)
     stats = WriteStats()
     # The tokenizer (build, parity gate, files) runs beside the shard writer, which spends its time in
-    # syscalls and torch kernels; a refusal stops the conversion at the next shard. The pool is left
-    # (waiting for the thread) before the temp folder is, so nothing writes into a removed folder.
+    # syscalls and torch kernels; a refusal stops the conversion at the next shard. When the conversion
+    # fails or is interrupted, the tokenizer thread is abandoned, not waited for (it may be seconds into
+    # importing transformers): it writes only into the temp folder, never creates it, so it fails once the
+    # folder is removed (remove_tree repeats the removal should it add an entry meanwhile).
     # Each shard's fsync and read-back check run in a third thread while the next shard is written
     # (otherwise each shard stalls on its own fsync; docs/performance.md).
     with (
         claim.staging() as tmp,
-        ThreadPoolExecutor(1, "tokenizer") as pool,
+        _abandoned_on_failure(ThreadPoolExecutor(1, "tokenizer")) as pool,
         ThreadPoolExecutor(1, "fsync") as syncer,
     ):
         tokenizer = None

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -105,11 +106,48 @@ def test_keyboard_interrupt_keeps_old_output(releases, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
 
 
+def test_an_interrupt_does_not_wait_for_the_tokenizer_thread(releases, tmp_path, monkeypatch):
+    """Ctrl-C while the tokenizer thread is busy (in a real run: importing transformers, seconds): convert
+    stops at once, and the abandoned thread, once it goes on, fails without writing anything."""
+    import persimmon_tools.tokenizer.write as tokenizer_write
+
+    entered, go_on, finished = threading.Event(), threading.Event(), threading.Event()
+    real_reload = tokenizer_write.check_reload
+
+    def busy_reload(*args, **kwargs):
+        entered.set()
+        go_on.wait(30)
+        try:
+            return real_reload(*args, **kwargs)
+        finally:
+            finished.set()
+
+    def interrupted_write(*args, **kwargs):
+        assert entered.wait(30)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_write, "check_reload", busy_reload)
+    monkeypatch.setattr(writer, "_write_all", interrupted_write)
+    monkeypatch.setattr(writer, "_copy_range", lambda *a, **k: interrupted_write())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert(releases["tar"], tmp_path / "out", ConvertOptions())
+        assert not finished.is_set()  # returned while the tokenizer thread still waits
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    finally:
+        go_on.set()
+    assert finished.wait(60)
+    time.sleep(0.2)  # the thread's own cleanup after its failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_second_interrupt_during_cleanup_still_removes_the_temp_folder(releases, tmp_path, monkeypatch):
     """Case ctrl-c-twice: the user presses Ctrl-C again while the temporary folder is being deleted."""
     real_rmtree, calls = shutil.rmtree, []
 
     def rmtree(path, *args, **kwargs):
+        if Path(path).parent != tmp_path:  # the abandoned tokenizer thread's own staging folder
+            return real_rmtree(path, *args, **kwargs)
         calls.append(path)
         if len(calls) == 1:
             next(Path(path).glob("*.safetensors")).unlink()  # part of the way, then the second Ctrl-C

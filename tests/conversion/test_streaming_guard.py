@@ -8,39 +8,45 @@ with pread does not inflate it; mmap would).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-LAUNCHER = Path(__file__).resolve().parents[2] / "benchmarks" / "peak_rss.py"
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "benchmarks" / "peak_rss.py"
 
 
-def _run_measured(args: list[str]) -> tuple[int, int]:
-    """Exit code and the command's own peak RSS, measured by a small launcher process (see peak_rss.py)."""
-    proc = subprocess.run(
-        [sys.executable, str(LAUNCHER), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        check=False,
+def _measured_convert(background, mid_started, out: Path) -> dict:
+    """A background job: convert the mid release in a child, its peak RSS measured by the launcher."""
+    tar = mid_started.result()
+    args = [sys.executable, str(LAUNCHER), sys.executable, "-m", "persimmon_tools.cli", "convert"]
+    args += [str(tar), str(out), "--no-verify", "-q", "--max-shard-size", "400MB"]
+    proc = background.run(args, cwd=REPO, env=background.environ, timeout=600)
+    assert "PEAK_RSS_JSON " in proc.stderr, proc.stderr[-3000:]
+    measured = json.loads(proc.stderr.rsplit("PEAK_RSS_JSON ", 1)[1])
+    return measured | {"stderr": proc.stderr[-3000:], "out": out}
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the measured conversion runs in
+    a child beside the tests, once the session's mid release is built (peak RSS is the child's own)."""
+    out = tmp_path_factory.mktemp("streaming-guard") / "hf"
+    background.started[__name__] = background.submit(
+        _measured_convert, background.started["mid_release"], out
     )
-    result = json.loads(proc.stderr.rsplit("PEAK_RSS_JSON ", 1)[1])
-    assert result["exit_code"] == 0, proc.stderr
-    return result["exit_code"], result["peak_rss_bytes"]
 
 
 @pytest.mark.slow
-def test_mid_release_converts_in_bounded_memory(mid_release, tmp_path):
+def test_mid_release_converts_in_bounded_memory(mid_release, background):
     tar = mid_release  # tests/conftest.py: built once per session, shared with test_interrupt.py
     size = tar.stat().st_size
-    cli = [sys.executable, "-m", "persimmon_tools.cli"]
-    _, peak = _run_measured(
-        [*cli, "convert", str(tar), str(tmp_path / "hf"), "--no-verify", "-q", "--max-shard-size", "400MB"]
-    )
+    result = background.add_workers(2).started[__name__].result()
+    out = result["out"]
+    assert result["exit_code"] == 0, result["stderr"]
+    peak = result["peak_rss_bytes"]
     print(f"release {size / 2**20:.0f} MiB, convert peak RSS {peak / 2**20:.0f} MiB")
     assert size > 900 * 2**20
     assert peak < size / 2, f"peak RSS {peak} is not well below the release size {size}"
     assert peak < 600 * 2**20, "conversion working set grew beyond torch + a few chunks (~300 MiB measured)"
-    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) >= 3
+    assert len(list(out.glob("model-*.safetensors"))) >= 3
