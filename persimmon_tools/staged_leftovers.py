@@ -1,7 +1,8 @@
 """The run marker every temporary output holds, and what happens to leftovers of a killed run.
 
-A temp folder (``.NAME.tmp-TOKEN-*`` beside an output, ``.persimmon-tools-tmp-TOKEN-*`` inside a folder that
-files are added to) holds :data:`RUN_MARKER`: ``{"tool", "pid", "token", "role"}``. A later run, holding the
+A temp folder (``.NAME.tmp-TOKEN-*`` beside an output, NAME shortened by
+:func:`~persimmon_tools.safe_write.temp_stem` when long; ``.persimmon-tools-tmp-TOKEN-*`` inside a folder
+that files are added to) holds :data:`RUN_MARKER`: ``{"tool", "pid", "token", "role"}``. A later run, holding the
 output's lock, removes a leftover whose marker is valid, whose name carries the marker's token and whose
 process is gone; restores an output that a killed swap left missing (role ``old``); and names, but keeps,
 anything it cannot prove is ours. Used by :mod:`persimmon_tools.staged_output`.
@@ -18,7 +19,7 @@ import stat
 import time
 from pathlib import Path
 
-from persimmon_tools.safe_write import pid_alive, write_new_file
+from persimmon_tools.safe_write import pid_alive, temp_stem, write_new_file
 from persimmon_tools.staged_record import OutputKind, read_record
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def remove_replaced(old: Path, out: Path, kind: OutputKind, token: str) -> None:
     try:
         os.rmdir(old)
     except OSError:
-        keep = out.with_name(f"{out.name}.previous-{token}")
+        keep = out.with_name(f"{temp_stem(out.name)}.previous-{token}")
         os.rename(old, keep)
         log.warning(
             "files that persimmon-tools did not write appeared in %s during the run: kept in %s", out, keep
@@ -138,7 +139,8 @@ def recover_leftovers(out: Path, kind: OutputKind) -> None:
             os.unlink(out / RUN_MARKER)
     if out.is_dir() and not out.is_symlink():
         recover_inner(out, kind)
-    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    stem = temp_stem(out.name)  # the NAME part of the leftovers' names, as the run that made them wrote it
+    prefixes = (f".{stem}.tmp-", f".{stem}.old-")
     for entry in sorted(out.parent.iterdir()):
         if not entry.name.startswith(prefixes):
             continue

@@ -4,9 +4,16 @@
 :mod:`persimmon_tools.staged_leftovers`.
 
 * One writer per output: an exclusive lock ``.NAME.lock`` beside it (PID inside) for the whole run.
+* Every name derived from the output's NAME uses :func:`~persimmon_tools.safe_write.temp_stem` (NAME, or its
+  start and a hash when it is too long), so a 250-byte NAME still gets names within NAME_MAX.
+* The folders above the output that a run makes are removed again when it fails, only those and only if
+  they are empty (:func:`created_folders`); a path through a file is refused naming that file.
 * The output is checked (the record, the ``--force`` rule) before anything is read, and again just before
   the new one is installed; something that appeared meanwhile is kept, the new result left beside it as
   ``NAME.new-TOKEN``.
+* Modes follow the umask: the temp folder is private (0700) while it is written; just before it is installed
+  it and everything in it get what ``mkdir``/``open()`` would give them (folders ``0o777 & ~umask``, files
+  ``0o666 & ~umask``; :func:`~persimmon_tools.safe_write.publish_modes`), and so do files added to a folder.
 * Everything is written into ``.NAME.tmp-TOKEN-*`` beside the output. A folder is swapped in atomically
   (``renameat2(RENAME_EXCHANGE)``, else two renames undone on error) and the old one's recorded files are
   removed by name (anything else that appeared there is kept in ``NAME.previous-TOKEN``); a tarball, written
@@ -37,7 +44,10 @@ from persimmon_tools.safe_write import (
     exchange,
     fsync_dir,
     open_new_file,
+    publish_modes,
+    refuse_file_in_path,
     refuse_symlink,
+    temp_stem,
 )
 from persimmon_tools.staged_leftovers import (
     INNER_PREFIX,
@@ -55,12 +65,13 @@ from persimmon_tools.staged_record import (
     check_output,
     foreign_entries,
     listing,
+    refuse_overlap,
     refuse_unrecorded,
     refuse_unsafe_output,
     tar_is_ours,
 )
 
-__all__ = ["RUN_MARKER", "OutputClaim", "claim_output", "disk_full", "staged_files"]
+__all__ = ["RUN_MARKER", "OutputClaim", "claim_output", "created_folders", "disk_full", "staged_files"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +106,7 @@ class OutputClaim:
 
     def _keep(self, tmp: Path, token: str, found: list[str]) -> PersimmonToolsError:
         out, kind = self.out, self.kind
-        kept = out.with_name(f"{out.name}.new-{token}")
+        kept = out.with_name(f"{temp_stem(out.name)}.new-{token}")
         if kind.tar:
             os.rename(tmp / out.name, kept)
             remove_tree(tmp)
@@ -111,10 +122,11 @@ class OutputClaim:
         )
 
     def _install(self, tmp: Path, token: str) -> None:
+        out = self.out
+        publish_modes(tmp / out.name if self.kind.tar else tmp)  # private while written, not once installed
         found = self._blocking()
         if found:
             raise self._keep(tmp, token, found)
-        out = self.out
         if self.kind.tar:
             os.replace(tmp / out.name, out)  # rename never follows a link at OUT; it replaces the entry
             fsync_dir(out.parent)
@@ -136,7 +148,7 @@ class OutputClaim:
             if exchange(tmp, out):
                 old = tmp
             else:
-                old = out.with_name(f".{out.name}.old-{token}")
+                old = out.with_name(f".{temp_stem(out.name)}.old-{token}")
                 os.rename(out, old)
                 try:
                     os.rename(tmp, out)
@@ -159,7 +171,8 @@ class OutputClaim:
         left exactly as it was."""
         token = secrets.token_hex(8)
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{token}-", dir=self.out.parent))
+            prefix = f".{temp_stem(self.out.name)}.tmp-{token}-"
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
             write_marker(tmp, token, "new")
         except OSError as err:
             if err.errno in _DISK_FULL:
@@ -191,7 +204,45 @@ def _own_marker(out: Path) -> tuple[str, ...]:
 
 
 def _lock(out: Path, kind: OutputKind) -> LockHeld:
-    return acquire_lock(out.with_name(f".{out.name}.lock"), f"{kind.label} {out}", kind.error)
+    try:
+        return acquire_lock(out.with_name(f".{temp_stem(out.name)}.lock"), f"{kind.label} {out}", kind.error)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise disk_full(out, kind) from err
+        raise
+
+
+@contextlib.contextmanager
+def created_folders(folder: Path, kind: OutputKind, *, include_self: bool = True) -> Iterator[None]:
+    """Make ``folder`` (``include_self=False``: only its parents) with the missing folders above it; when
+    the block fails (or is interrupted), remove again the folders this call made, deepest first, each only
+    if it is still empty. A path through a file is refused naming that file (the OS says "File exists")."""
+    folder = Path(os.path.abspath(folder))
+    refuse_file_in_path(folder, kind.label, kind.error)
+    target = folder if include_self else folder.parent
+    made = [p for p in (target, *target.parents) if not os.path.lexists(p)]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove_empty(made)
+        if err.errno in _DISK_FULL:
+            raise disk_full(folder, kind) from err
+        raise
+    try:
+        yield
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty (someone else's files, or another run's): kept, and so are those above
+            return
 
 
 @contextlib.contextmanager
@@ -199,55 +250,59 @@ def claim_output(
     out: Path, kind: OutputKind, *, force: bool, protected: Sequence[tuple[str, Path | None]] = ()
 ) -> Iterator[OutputClaim]:
     """Refuse an unsafe output, lock it for this run, deal with leftovers of interrupted runs, then check
-    what it holds (``protected``: see :func:`~persimmon_tools.staged_record.refuse_unsafe_output`)."""
+    what it holds (``protected``: see :func:`~persimmon_tools.staged_record.refuse_unsafe_output`; a tarball
+    output may not be one of them either). The folders above the output that this run makes are removed
+    again when it fails."""
     out = Path(os.path.abspath(out))
     if kind.tar:
         refuse_symlink(out, kind.label, kind.error)
+        refuse_overlap(
+            out, protected, label=kind.label, error=kind.error, refuse=("is",), hint="choose another path"
+        )
     else:
         refuse_unsafe_output(out, kind, protected)
-    missing = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with created_folders(out, kind, include_self=False):
         lock = _lock(out, kind)
-    except OSError as err:
-        if err.errno in _DISK_FULL:
-            raise disk_full(out, kind) from err
-        raise
-    try:
-        recover_leftovers(out, kind)
-        check_output(out, kind, force, _own_marker(out))
-        yield OutputClaim(out, kind, force)
-    except BaseException:
-        lock.release()
-        for folder in missing:  # the parents this run created, if still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    lock.release()
+        try:
+            recover_leftovers(out, kind)
+            check_output(out, kind, force, _own_marker(out))
+            yield OutputClaim(out, kind, force)
+        finally:
+            lock.release()
 
 
 @contextlib.contextmanager
 def staged_files(
     folder: Path, kind: OutputKind, names: Sequence[str], *, private: bool = False
 ) -> Iterator[Path]:
-    """Add the files ``names`` to ``folder`` (created when missing) without replacing the folder: yields a
+    """Add the files ``names`` to ``folder`` (created when missing, and removed again with the folders made
+    for it, each if empty, when the block fails) without replacing the folder: yields a
     marked temp folder inside it; when the block succeeds each file is renamed into place. Files of those
     names already there are replaced only when the folder's record lists them. ``private``: ``folder`` is
     the caller's own existing staging folder (no lock, nothing to check, never created here: a job that its
     caller abandoned then fails once the folder is removed, rather than making it again)."""
     folder = Path(os.path.abspath(folder))
     refuse_symlink(folder, kind.label, kind.error)
-    if not private:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = None if private else _lock(folder, kind)
-    try:
-        if not private:
+    if private:
+        with _stage_into(folder, kind, names, private=True) as stage:
+            yield stage
+        return
+    with created_folders(folder, kind, include_self=False):
+        lock = _lock(folder, kind)
+        try:
             if folder.is_dir():
                 recover_inner(folder, kind)
             refuse_unrecorded(folder, kind, names)
-        if not private:
-            folder.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_hex(8)
+            with created_folders(folder, kind), _stage_into(folder, kind, names, private=False) as stage:
+                yield stage
+        finally:
+            lock.release()
+
+
+@contextlib.contextmanager
+def _stage_into(folder: Path, kind: OutputKind, names: Sequence[str], *, private: bool) -> Iterator[Path]:
+    token = secrets.token_hex(8)
+    try:
         stage = Path(tempfile.mkdtemp(prefix=f"{INNER_PREFIX}{token}-", dir=folder))
         try:
             write_marker(stage, token, "new")
@@ -255,6 +310,7 @@ def staged_files(
             if not private:
                 refuse_unrecorded(folder, kind, names)  # again: files may have appeared meanwhile
             for name in names:
+                publish_modes(stage / name)  # the umask's mode, whatever mode its writer gave it
                 os.replace(stage / name, folder / name)  # replaces a link of that name, never follows it
             fsync_dir(folder)
         finally:
@@ -263,6 +319,3 @@ def staged_files(
         if not private and err.errno in _DISK_FULL:
             raise disk_full(folder, kind) from err
         raise
-    finally:
-        if lock is not None:
-            lock.release()

@@ -10,7 +10,8 @@
   writing (plus the files another command adds, e.g. ``verification.json``); a tarball only when it carries
   its record. Anything else is listed and refused, and nothing is changed.
 * An output folder is never a symlink, and never is or contains SOURCE, the current folder or the home
-  folder (:func:`refuse_unsafe_output`).
+  folder (:func:`refuse_unsafe_output`); paths are compared by identity, not as strings
+  (:func:`refuse_overlap`: a symlinked folder or a bind mount shows one folder under two names).
 
 Messages name the output the way its command does (``OUT_DIR``, ``OUT``, ``DEST``, ``OUT_TAR``) and raise
 that command's error class (:class:`OutputKind`); the texts are the same for every command.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from persimmon_tools.errors import PersimmonToolsError
 from persimmon_tools.safe_read import read_json
-from persimmon_tools.safe_write import refuse_symlink
+from persimmon_tools.safe_write import refuse_file_in_path, refuse_symlink, relation
 
 ErrorType = type[PersimmonToolsError]
 
@@ -134,33 +135,56 @@ def foreign_entries(folder: Path, record: str | None, also_own: Iterable[str] = 
     return found
 
 
+def refuse_overlap(
+    out: Path,
+    protected: Sequence[tuple[str, Path | None]],
+    *,
+    label: str,
+    error: ErrorType,
+    refuse: Sequence[str] = ("is", "contains"),
+    hint: str = "choose a separate path; nothing was written",
+) -> None:
+    """Raise ``error`` when ``out`` is, contains or is inside (the relations in ``refuse``) one of
+    ``protected`` (``(label, path)``; None is skipped), compared by identity (device and inode, links
+    followed: a symlinked folder, a bind mount or a hard link is the same place;
+    :func:`persimmon_tools.safe_write.relation`), never as strings."""
+    words = {"is": "is", "contains": "contains", "inside": "is inside"}
+    for what, place in protected:
+        found = None if place is None else relation(out, Path(place))
+        if found in refuse:
+            harm = (
+                "writing there would change it" if found == "inside" else f"replacing {label} would delete it"
+            )
+            raise error(
+                f"{label} {out} {words[found]} {what} ({place}); refusing to write there: {harm}", hint=hint
+            )
+
+
 def refuse_unsafe_output(
     out: Path, kind: OutputKind, protected: Sequence[tuple[str, Path | None]] = ()
 ) -> Path:
-    """Refuse a folder output that is a symlink or a file, or that is or contains one of ``protected``
-    (``(label, path)``, e.g. SOURCE), the current folder or the home folder: replacing it would delete them.
-    Nothing is read or written. Returns the output as an absolute path."""
+    """Refuse a folder output that is a symlink or a file, whose path runs through a file, or that is or
+    contains one of ``protected`` (``(label, path)``, e.g. SOURCE), the current folder or the home folder:
+    replacing it would delete them (compared by identity: :func:`refuse_overlap`). Nothing is read or
+    written. Returns the output as an absolute path."""
     path = Path(os.path.abspath(out))
     refuse_symlink(path, kind.label, kind.error)
+    refuse_file_in_path(path, kind.label, kind.error)
     if os.path.lexists(path) and not path.is_dir():
         raise kind.error(
             f"{kind.label} {path} exists and is not a folder", hint=f"choose another {kind.label}"
         )
-    real = path.parent.resolve() / path.name
     places = [*protected, ("the current folder", Path.cwd())]
     with contextlib.suppress(RuntimeError, KeyError):
         places.append(("your home folder", Path.home()))
-    for label, place in places:
-        if place is None:
-            continue
-        resolved = Path(place).resolve()
-        if resolved == real or real in resolved.parents:
-            example = f", e.g. {kind.example}" if kind.example else ""
-            raise kind.error(
-                f"{kind.label} {out} {'is' if resolved == real else 'contains'} {label} ({place}); "
-                f"refusing to write there: replacing {kind.label} would delete it",
-                hint=f"choose a new, separate folder for {kind.label}{example}",
-            )
+    example = f", e.g. {kind.example}" if kind.example else ""
+    refuse_overlap(
+        Path(out),
+        places,
+        label=kind.label,
+        error=kind.error,
+        hint=f"choose a new, separate folder for {kind.label}{example}",
+    )
     return path
 
 
@@ -169,6 +193,7 @@ def check_output(out: Path, kind: OutputKind, force: bool, also_own: Iterable[st
     docstring); a folder that is missing or empty is always fine."""
     out = Path(out)
     refuse_symlink(out, kind.label, kind.error)
+    refuse_file_in_path(out, kind.label, kind.error)
     if kind.tar:
         _check_tar(out, kind, force)
         return
@@ -189,7 +214,7 @@ def check_output(out: Path, kind: OutputKind, force: bool, also_own: Iterable[st
     foreign = foreign_entries(out, kind.record, [*kind.also_own, *also_own])
     if foreign:
         raise kind.error(
-            f"{kind.label} {out} holds {len(foreign)} entries that persimmon-tools did not write: "
+            f"{kind.label} {out} holds {len(foreign)} {'entry' if len(foreign) == 1 else 'entries'} that persimmon-tools did not write: "
             f"{listing(foreign)}; --force replaces only a folder written by an earlier `{kind.command}` "
             f"(listed in its {kind.record})",
             hint=f"move them elsewhere or choose another {kind.label}; nothing was changed",

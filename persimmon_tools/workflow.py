@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 from persimmon_tools.conversion.convert import ConversionPlan, ConversionResult, ConvertOptions, prepare
 from persimmon_tools.conversion.convert import convert as convert_only
-from persimmon_tools.errors import UsageError, VerificationError
+from persimmon_tools.errors import Interrupted, UsageError, VerificationError
 from persimmon_tools.safe_read import format_size
 from persimmon_tools.verification.auto_check import estimate_auto_verify, should_auto_verify
 
@@ -93,6 +94,17 @@ class ConvertReport:
         return summary
 
 
+def verify_command(out_dir: Path | str, source: Path | str, options: ConvertOptions | None = None) -> str:
+    """The ``persimmon-tools verify`` command line that checks ``out_dir`` against ``source`` (quoted for a
+    shell; ``--iteration``/``--vocab`` when the conversion was given them)."""
+    words = ["persimmon-tools", "verify", str(out_dir), "--reference", str(source)]
+    if options is not None and options.iteration is not None:
+        words += ["--iteration", str(options.iteration)]
+    if options is not None and options.vocab is not None:
+        words += ["--vocab", str(options.vocab)]
+    return shlex.join(words)
+
+
 def _check_mode(verify: str) -> None:
     if verify not in VERIFY_MODES:
         raise UsageError(
@@ -109,6 +121,7 @@ def convert(
     verify: str = "auto",
     progress: Callable[[int], None] = lambda n: None,
     on_plan: Callable[[ConversionPlan], None] = lambda p: None,
+    verify_progress: Callable[[str], None] = lambda s: None,
 ) -> ConvertReport:
     """Convert SOURCE into OUT_DIR (complete or not at all), then check it as ``persimmon-tools convert`` does.
 
@@ -121,13 +134,18 @@ def convert(
             one is skipped, with a logged hint to run ``persimmon-tools verify``); ``"off"``: no check.
         progress: called with the number of weight bytes written, as they are written.
         on_plan: called once with the plan (its ``shards.total_size`` is what ``progress`` adds up to).
+        verify_progress: the automatic verify's steps (``readers: ...``, ``layer k/N``, ``head``, ...), as
+            :func:`persimmon_tools.verification.verify.verify` reports them to its ``progress``.
 
     Returns:
         A :class:`ConvertReport`.
 
     Raises:
-        The conversion's typed errors (nothing is left in OUT_DIR), and :class:`VerificationError` when the
-        automatic verify fails (OUT_DIR is complete then, with its ``verification.json``).
+        The conversion's typed errors (nothing is left in OUT_DIR), :class:`VerificationError` when the
+        automatic verify fails (OUT_DIR is complete then, with its ``verification.json``), ``KeyboardInterrupt``
+        when interrupted during the conversion (OUT_DIR is as it was), and
+        :class:`~persimmon_tools.errors.Interrupted` when interrupted once OUT_DIR is complete (during the
+        automatic verify: OUT_DIR is kept, without ``verification.json``; its hint is the ``verify`` command).
     """
     _check_mode(verify)
 
@@ -145,31 +163,49 @@ def convert(
 
     options = options or ConvertOptions()
     result = convert_only(Path(source), Path(out_dir), options, progress=progress, on_plan=planned)
-    rss = peak_rss_bytes()  # before verify: ru_maxrss only grows, so this is convert's own peak
-    checked = _auto_verify(result, Path(source), rss) if verify == "auto" else None
+    if verify == "off":
+        return ConvertReport(result, peak_rss_bytes(), None)
+    command = verify_command(result.out_dir, source, options)
+    try:
+        rss = peak_rss_bytes()  # before verify: ru_maxrss only grows, so this is convert's own peak
+        checked = _auto_verify(result, Path(source), options, rss, command, verify_progress)
+    except KeyboardInterrupt as err:  # OUT_DIR is complete: say so, and how to check it
+        raise Interrupted(
+            f"interrupted during the automatic verify; OUT_DIR {result.out_dir} is complete but not verified "
+            "(it has no verification.json)",
+            hint=command,
+        ) from err
     return ConvertReport(result, rss, checked)
 
 
-def _auto_verify(result: ConversionResult, source: Path, convert_rss: int) -> AutoVerify:
-    """Verify ``result`` against ``source`` on CPU when the model is small enough."""
+def _auto_verify(
+    result: ConversionResult,
+    source: Path,
+    options: ConvertOptions,
+    convert_rss: int,
+    command: str,
+    progress: Callable[[str], None],
+) -> AutoVerify:
+    """Verify ``result`` against ``source`` on CPU when the model is small enough (the iteration and the
+    vocabulary that the conversion read)."""
     if not should_auto_verify(result.plan.dims, "cpu"):
-        log.info(
-            "model too large for the automatic CPU check; run `persimmon-tools verify %s --reference %s`",
-            result.out_dir,
-            source,
-        )
+        log.info("model too large for the automatic CPU check; run `%s`", command)
         return AutoVerify(TOO_LARGE)
+    log.info(
+        "verifying %s against %s on CPU (the automatic check; --no-verify skips it)", result.out_dir, source
+    )
     # Imported here: the verifier (and transformers) load only when a check runs, not for a dry run.
     from persimmon_tools.verification.verify import VerifyOptions
     from persimmon_tools.verification.verify import verify as run_verify
 
     start = time.perf_counter()
-    report = run_verify(result.out_dir, source, VerifyOptions(device="cpu"))
+    checks = VerifyOptions(device="cpu", iteration=options.iteration, vocab=options.vocab)
+    report = run_verify(result.out_dir, source, checks, progress=progress)
     seconds, peak = time.perf_counter() - start, peak_rss_bytes()
     if not report.passed:
         raise VerificationError(
             f"the converted model in {result.out_dir} does not match the original: {report.summary_line()}",
-            hint="see verification.json in OUT_DIR; re-run `persimmon-tools verify` for the full report",
+            hint=f"see verification.json in OUT_DIR; `{command}` prints the full report",
         )
     log.info("verify: %s", report.summary_line())
     return AutoVerify("pass", round(seconds, 2), peak, peak > convert_rss)

@@ -142,6 +142,7 @@ def _run_doc(background, doc: str, scratch: Path) -> str | None:
     scripts.mkdir()
     (work / "fixtures").symlink_to(REPO / "fixtures", target_is_directory=True)
     env = _env(scratch, background.environ)
+    fixtures_before = _listing(REPO / "fixtures")
     for block in blocks:
         if block.lang not in LANGS:
             return f"{block.where}: a runnable block must be bash, sh or python, not {block.lang!r}"
@@ -161,7 +162,16 @@ def _run_doc(background, doc: str, scratch: Path) -> str | None:
                 f"--- example ---\n{block.code}--- stdout (tail) ---\n{done.stdout[-3000:]}\n"
                 f"--- stderr (tail) ---\n{done.stderr[-3000:]}"
             )
+        if _listing(REPO / "fixtures") != fixtures_before:  # wrote through the link into the checkout
+            return f"{block.where}: the example changed the checkout's fixtures/ (work in a scratch folder)"
     return None
+
+
+def _listing(folder: Path) -> list[tuple[str, int, int]]:
+    """Every entry under ``folder`` with its size and modification time (ns)."""
+    return sorted(
+        (str(p.relative_to(folder)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")
+    )
 
 
 def _key(doc: str) -> str:

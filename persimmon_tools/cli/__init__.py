@@ -31,7 +31,7 @@ from persimmon_tools import __version__
 from persimmon_tools.cli.failures import JSON_FLAG_ONLY, Command, Context, fail, json_requested
 from persimmon_tools.errors import EXIT_CODES
 
-__all__ = ["Command", "common_options", "echo_json", "is_quiet", "json_option", "main", "run"]
+__all__ = ["Command", "common_options", "echo_json", "is_quiet", "json_option", "main", "plural", "run"]
 
 
 def exit_codes_epilog() -> str:
@@ -73,11 +73,21 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
     @functools.wraps(func)
     def wrapper(*args: Any, quiet: bool, verbose: bool, debug: bool, **kwargs: Any) -> Any:
+        from persimmon_tools.cli.progress import BarSafeHandler  # imports this module
+
         level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
-        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+        # Messages go above a progress bar being drawn, never onto its line (cli/progress.py).
+        handler = BarSafeHandler(sys.stderr)
+        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``n`` and the noun that agrees with it: ``plural(1, "tensor") == "1 tensor"``,
+    ``plural(3, "entry", "entries") == "3 entries"``."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def is_quiet() -> bool:

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option, plural
 from persimmon_tools.cli.params import ITERATION, PATTERN, SIZE, DType, SafePath
-from persimmon_tools.cli.progress import byte_progress
+from persimmon_tools.cli.progress import byte_progress, step_progress
 from persimmon_tools.safe_read import format_size
 
 if TYPE_CHECKING:
@@ -164,6 +164,12 @@ def convert_cmd(
     if dry_run:
         _print_plan(plan_summary(source, options, verify=verify), out_dir, as_json)
         return
+    steps = step_progress()  # the automatic verify's steps, as `verify` shows them
+
+    def verify_step(step: str) -> None:
+        bar.close()  # the bytes are written: the bar is done (it closes itself at its total anyway)
+        steps(step)
+
     with byte_progress(None, "convert") as bar:
         report = convert(
             source,
@@ -172,13 +178,14 @@ def convert_cmd(
             verify=verify,
             progress=bar,
             on_plan=lambda plan: bar.set_total(plan.shards.total_size),
+            verify_progress=verify_step,
         )
     if as_json:
         echo_json(report.summary())
     elif not is_quiet():
         res = report.conversion
         click.echo(
-            f"Converted {res.stats.tensors} tensors ({format_size(res.stats.bytes_written, digits=2)}) to {out_dir} "
+            f"Converted {plural(res.stats.tensors, 'tensor')} ({format_size(res.stats.bytes_written, digits=2)}) to {out_dir} "
             f"in {res.seconds:.2f} s, peak RSS {format_size(report.peak_rss_bytes, digits=2)} (at the end of convert).",
             err=True,
         )
@@ -217,7 +224,9 @@ def _print_plan(summary: dict, out_dir: Path, as_json: bool) -> None:
     if summary.get("dropped_keys"):
         click.echo(f"  dropped (--drop-key): {', '.join(summary['dropped_keys'])}")
     for fname, shard in summary["shards"].items():
-        click.echo(f"  {fname}: {shard['tensors']} tensors, {format_size(shard['bytes'], digits=2)}")
+        click.echo(
+            f"  {fname}: {plural(shard['tensors'], 'tensor')}, {format_size(shard['bytes'], digits=2)}"
+        )
     click.echo(
         f"  estimated peak memory (convert): {format_size(summary['estimated_peak_memory_bytes'], digits=2)}; "
         "time not estimated (bound by the disks)"

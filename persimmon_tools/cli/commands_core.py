@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, json_option, plural
 from persimmon_tools.cli.commands_convert import convert_cmd
 from persimmon_tools.cli.params import ITERATION, POSITIVE_INT, SEED, DType, SafePath
 from persimmon_tools.cli.progress import byte_progress
@@ -49,7 +49,8 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
                     f"  {t['parallel'] or '?'}"
                 )
         elif key == "verification" and isinstance(value, dict) and "status" in value:
-            click.echo(f"verification: {value['status']} (report of {value.get('created')})")
+            created = value.get("created")
+            click.echo(f"verification: {value['status']}" + (f" (report of {created})" if created else ""))
         elif isinstance(value, (dict, list)):
             click.echo(f"{key}: {json.dumps(value)}")
         else:
@@ -94,7 +95,7 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> No
         )
     elif not is_quiet():
         click.echo(
-            f"Extracted {result.files} files ({format_size(result.bytes, digits=2)}) into {dest}; {md5}.",
+            f"Extracted {plural(result.files, 'file')} ({format_size(result.bytes, digits=2)}) into {dest}; {md5}.",
             err=True,
         )
 
@@ -183,7 +184,10 @@ def make_release_cmd(
             }
         )
     elif not is_quiet():
-        click.echo(f"Wrote {out_tar} ({format_size(size, digits=2)}).", err=True)
+        click.echo(
+            f"Wrote {out_tar} ({format_size(size, digits=2)}; preset {preset}, TP={tp} PP={pp}, {dtype}, seed {seed}).",
+            err=True,
+        )
 
 
 COMMANDS = [convert_cmd, inspect_cmd, unpack_cmd, make_release_cmd]

@@ -57,7 +57,13 @@ SET_ITEM = Text("KEY=VALUE", "e.g. --set seq_length=16384")
     multiple=True,
     type=SET_ITEM,
     metavar="KEY=VALUE",
-    help="Set an args field (repeatable), e.g. seq_length, which no config.json holds.",
+    help="Set an args field (repeatable), e.g. seq_length, which no config.json holds. Checked: a value "
+    "the model contradicts (sizes, rotary base, epsilon, tying) or convert refuses is an error.",
+)
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Export even if weights hold NaN/Inf (convert then needs --allow-nonfinite too).",
 )
 @click.option(
     "--force",
@@ -82,6 +88,7 @@ def export_cmd(
     tar: bool,
     vocab: Path | None,
     sets: tuple[str, ...],
+    allow_nonfinite: bool,
     force: bool,
     dry_run: bool,
     as_json: bool,
@@ -91,7 +98,10 @@ def export_cmd(
     SOURCE is a Hugging Face Persimmon folder (what `convert` or `save_pretrained` writes) or any Megatron
     source `convert` reads (a reshard). Each shard holds model, args, iteration and checkpoint_version: no
     optimizer or RNG state (ADEPT loads with --no-load-optim --no-load-rng), no classes beyond torch and
-    argparse (plain torch.load works). Output appears complete or not at all.
+    argparse.Namespace, so torch.load(path, weights_only=False) loads it without ADEPT's code (on trusted
+    files only; with torch's default weights_only=True, allow argparse.Namespace first with
+    torch.serialization.add_safe_globals). Before it is installed, the release is read back as `convert`
+    reads one: output appears complete, and convertible, or not at all.
 
     \b
     Examples:
@@ -113,6 +123,7 @@ def export_cmd(
         force=force,
         vocab=vocab,
         sets=sets,
+        allow_nonfinite=allow_nonfinite,
     )
     if dry_run:
         check_destination(out, source, options)
@@ -125,6 +136,7 @@ def export_cmd(
         "out": str(result.out),
         "bytes_written": result.bytes_written,
         "seconds": round(result.seconds, 2),
+        "read_back_seconds": round(result.read_back_seconds, 2),
         "peak_rss_bytes": peak_rss_bytes(),
     }
     if as_json:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from persimmon_tools.cli import Command, common_options, echo_json, is_quiet
+from persimmon_tools.cli.params import SafePath
 from persimmon_tools.hub.network import CONNECT_TIMEOUT, DEADLINE, READ_TIMEOUT
 from persimmon_tools.hub.plan import CARD_MODES
 from persimmon_tools.safe_read import format_size
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @click.command("push", cls=Command)
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=SafePath(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo_id")
 @click.option(
     "--private/--public", default=None, help="Visibility when the repo is created (default: Hub's)."
@@ -68,8 +69,10 @@ if TYPE_CHECKING:
     default=DEADLINE,
     show_default=True,
     metavar="SECONDS",
-    help="No retry of a Hub step (look-up, listing, repo or branch creation) starts after this long; "
-    "the upload itself is bounded by --max-retries and --timeout.",
+    help="A Hub step (look-up, listing, repo or branch creation) ends after this long, its retries and the "
+    "request in flight included; every answer, the upload's too, must be complete within this long of its "
+    "request being sent (a server that trickles bytes cannot hold push). The upload as a whole is bounded by "
+    "--max-retries.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (for scripts).")
 @common_options
@@ -149,6 +152,7 @@ def _render_plan(result: PushResult) -> None:
     pr = "; a pull request would be opened" if plan.create_pr else ""
     click.echo(f"Revision:   {plan.revision} ({plan.describe_revision()}{pr})")
     click.echo(f"Verified:   {'yes' if plan.verified else 'NO (--allow-unverified)'}")
+    click.echo(f"Token:      {plan.token}")
     click.echo(f"Commit:     {plan.commit_message}")
     if unknown:
         click.echo(f"Files: {len(plan.files)} to upload at most (which the Hub already has is unknown)")

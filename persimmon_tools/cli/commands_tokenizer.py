@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from persimmon_tools.cli import Command, common_options, echo_json, is_quiet
+from persimmon_tools.cli import Command, common_options, echo_json, is_quiet, plural
 from persimmon_tools.cli.params import SafePath
 from persimmon_tools.errors import UsageError
 
@@ -129,11 +129,12 @@ def _show_report(report: ParityReport, paths: tuple[Path, ...], as_json: bool) -
         echo_json(report.to_dict(), ensure_ascii=False)  # on a mismatch (exit 1) too: "ok": false
     elif not is_quiet() or not report.ok:
         source = ", ".join(str(p) for p in paths) if paths else "built-in sample"
-        ties = (
-            f" ({report.tie_mismatches} encode mismatches are float32 ties)" if report.tie_mismatches else ""
-        )
+        n_ties, ties = report.tie_mismatches, ""
+        if n_ties:
+            are = "is a float32 tie" if n_ties == 1 else "are float32 ties"
+            ties = f" ({plural(n_ties, 'encode mismatch', 'encode mismatches')} {are})"
         click.echo(
-            f"compared {report.items} texts ({source}): {report.encode_mismatches} encode, "
+            f"compared {plural(report.items, 'text')} ({source}): {report.encode_mismatches} encode, "
             f"{report.decode_mismatches} decode mismatches{ties}"
         )
         for example in report.examples:

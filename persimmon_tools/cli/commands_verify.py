@@ -18,10 +18,11 @@ from persimmon_tools.errors import UsageError
     "--reference",
     "-r",
     "reference",
-    required=True,
+    default=None,
     metavar="SOURCE",
     type=SafePath(exists=True, path_type=Path),
-    help="The original release: tarball, extracted folder, iter_* folder or model_optim_rng.pt.",
+    help="The original release: tarball, extracted folder, iter_* folder or model_optim_rng.pt [default: the "
+    "source OUT_DIR/conversion.json records, while it holds the recorded files].",
 )
 @click.option(
     "--device",
@@ -98,7 +99,7 @@ from persimmon_tools.errors import UsageError
 @common_options
 def verify_cmd(
     out_dir: Path,
-    reference: Path,
+    reference: Path | None,
     device: str,
     dtype: str | None,
     rotary: str,
@@ -121,10 +122,13 @@ def verify_cmd(
     compares the logits: max and mean |Δ|, KL, top-1/top-5 agreement. Also checks config.json against
     the checkpoint and (small models) every tensor by value. On failure it names the first diverging
     layer and the most likely tensor or config value. Writes OUT_DIR/verification.json either way.
+    Without --reference, SOURCE is the release OUT_DIR/conversion.json records, if it still holds the
+    recorded files (names, sizes, and the sha256 recorded for them); otherwise exit 2 saying what differs.
 
     \b
     Examples:
       persimmon-tools verify ./persimmon-8b-chat-hf --reference 8b_chat_model_release.tar
+      persimmon-tools verify ./persimmon-8b-chat-hf  # the source its conversion.json records
       persimmon-tools verify ./out -r release.tar --device cuda --rotary adept --json-file report.json
       persimmon-tools verify ./out -r release.tar --json > report.json  # printed on exit 3 too
       persimmon-tools verify ./out -r release.tar --prompt $'human: Hi\\n\\nadept:' --ids 71013,1,2  # $'...': real newlines
@@ -132,8 +136,9 @@ def verify_cmd(
     from persimmon_tools.verification.report import render_table, write_report
     from persimmon_tools.verification.verify import VerifyOptions, check_passed, verify
 
-    if json_path is not None and str(json_path) == "-":
-        raise UsageError("--json-file -: expected a file path", hint="--json prints the report on stdout")
+    if json_path is not None:
+        inputs = {"--reference": reference, "--vocab": vocab, "--prompts-file": prompts_file}
+        _check_json_file(json_path, out_dir, inputs)
     texts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
     options = VerifyOptions(
         device=device,
@@ -162,6 +167,32 @@ def verify_cmd(
     elif not is_quiet() or not report.passed:
         click.echo(render_table(report))
     check_passed(report)
+
+
+def _check_json_file(path: Path, out_dir: Path, inputs: dict[str, Path | None]) -> None:
+    """``--json-file``, checked before any work (not after the whole verify): a writable folder holds it, it
+    is no folder, link or path through a file (:func:`~persimmon_tools.safe_write.check_file_destination`),
+    it is none of the inputs (by identity: a symlinked folder or bind mount is the same place) and lies not
+    inside OUT_DIR, whose verified files it would change (OUT_DIR/verification.json itself is fine)."""
+    from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE
+    from persimmon_tools.safe_write import check_file_destination, relation
+
+    if str(path) == "-":
+        raise UsageError("--json-file -: expected a file path", hint="--json prints the report on stdout")
+    target = check_file_destination(path, "--json-file", UsageError)
+    for flag, given in inputs.items():
+        if given is not None and relation(target, given) == "is":
+            raise UsageError(
+                f"--json-file {path} is the {flag} file {given}; writing the report would replace it",
+                hint="choose another path for the report",
+            )
+    the_report = target.name == VERIFICATION_FILE and relation(target.parent, out_dir) == "is"
+    if relation(target, out_dir) == "inside" and not the_report:
+        raise UsageError(
+            f"--json-file {path} is inside OUT_DIR {out_dir}: a file added there changes the verified folder "
+            "(push would call it stale)",
+            hint=f"write the report outside OUT_DIR; verify writes {out_dir / VERIFICATION_FILE} anyway",
+        )
 
 
 def _read_prompts(path: Path) -> list[str]:

@@ -2,8 +2,9 @@
 the JSON error object on stdout.
 
 Every command is a :class:`Command`. Its errors come from two places, both handled here: parsing its
-arguments (:meth:`Command.make_context`: click's usage errors and the toolkit's parameter types) and running
-it (:meth:`Command.invoke`). Whether ``--json`` was asked for is what click parsed: ``ctx.params`` once the
+arguments (:meth:`Command.make_context`: click's usage errors, the toolkit's parameter types and one check
+of every value for bytes that are not UTF-8, :func:`~persimmon_tools.cli.params.refuse_undecodable`) and
+running it (:meth:`Command.invoke`). Whether ``--json`` was asked for is what click parsed: ``ctx.params`` once the
 command runs; for an error raised while parsing, before ``ctx.params`` holds the flag, a second parse of the
 same arguments by the command's own click parser (:func:`json_requested`), so ``--json`` after ``--`` or as
 the value of another option is no flag, exactly as for the command itself.
@@ -15,10 +16,12 @@ import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
+from persimmon_tools.cli.params import refuse_undecodable
 from persimmon_tools.errors import EXIT_FAILURE, PersimmonToolsError
 
 EXIT_INTERRUPTED = 130
@@ -56,7 +59,8 @@ def _describe(err: BaseException, ctx: click.Context) -> tuple[str, str | None, 
     if isinstance(err, PersimmonToolsError):
         return err.message, err.hint, err.exit_code, type(err).__name__
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted; temporary output was removed.", None, EXIT_INTERRUPTED, "Interrupted"
+        message, hint = interrupted(ctx)
+        return message, hint, EXIT_INTERRUPTED, "Interrupted"
     assert isinstance(err, OSError)
     return (
         f"{err.strerror or err} ({err.filename or 'no file'})",
@@ -64,6 +68,59 @@ def _describe(err: BaseException, ctx: click.Context) -> tuple[str, str | None, 
         EXIT_FAILURE,
         type(err).__name__,
     )
+
+
+_AGAIN = "run the same command again"
+#: Commands whose output appears complete or not at all: (the work, the output's label, its parameter).
+_STAGED = {
+    "convert": ("the conversion", "OUT_DIR", "out_dir"),
+    "export": ("the export", "OUT", "out"),
+    "unpack": ("the extraction", "DEST", "dest"),
+    "make-release": ("the release", "OUT_TAR", "out_tar"),
+}
+
+
+def _as_it_was(label: str, path: Any) -> str:
+    """``OUT_DIR x is as it was`` or ``... was not created``: outputs appear complete or not at all, so after an
+    interruption an existing one is the one from before the command."""
+    if path is None:
+        return f"{label} is as it was"
+    return f"{label} {path} " + ("is as it was" if os.path.lexists(path) else "was not created")
+
+
+def _interrupted_verify(params: dict[str, Any]) -> tuple[str, str | None]:
+    out_dir, json_path = params.get("out_dir"), params.get("json_path")
+    if out_dir is None:
+        return "verify interrupted; nothing was written", _AGAIN
+    report = Path(out_dir) / "verification.json"
+    kept = "the previous one is kept" if os.path.lexists(report) else "none was written"
+    also = f"; --json-file {json_path} was not written" if json_path is not None else ""
+    return f"verify interrupted before it finished; {report} is unchanged ({kept}){also}", _AGAIN
+
+
+def interrupted(ctx: click.Context | None) -> tuple[str, str | None]:
+    """``(message, hint)`` for a Ctrl-C (or SIGTERM, SIGHUP, SIGQUIT) that stopped the command of ``ctx``: what
+    it left, which is what it had before, since every output appears complete or not at all, and what to run
+    next. An interruption the library describes itself (``Interrupted``: convert's automatic verify, push) is a
+    PersimmonToolsError with its own message and never comes here."""
+    command = ctx.command.name if ctx is not None and ctx.command is not None else None
+    params: dict[str, Any] = dict(ctx.params) if ctx is not None else {}
+    if command == "inspect" or params.get("dry_run") or (command == "tokenizer" and params.get("check")):
+        flag = " --dry-run" if params.get("dry_run") else " --check" if params.get("check") else ""
+        return f"{command}{flag} interrupted; it writes nothing", None
+    if command in _STAGED:
+        work, label, param = _STAGED[command]
+        left = _as_it_was(label, params.get(param))
+        return f"interrupted before {work} was complete; {left} (the temporary output was removed)", _AGAIN
+    if command == "tokenizer":
+        paths = params.get("paths") or ()
+        where = f" to {paths[0]}" if len(paths) == 1 else ""
+        return f"interrupted; no tokenizer file was written{where}", _AGAIN
+    if command == "verify":
+        return _interrupted_verify(params)
+    if command == "push":  # push_folder itself describes an interruption of its work
+        return "push interrupted before it began; nothing was uploaded", _AGAIN
+    return "interrupted", None
 
 
 def json_requested(command: click.Command, args: list[str], parent: click.Context | None) -> bool:
@@ -115,7 +172,10 @@ class Command(click.Command):
     ) -> click.Context:
         given = list(args)  # click's parser consumes the list it is given
         try:
-            return super().make_context(info_name, args, parent=parent, **extra)
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+            if not ctx.resilient_parsing:
+                refuse_undecodable(ctx)  # every path and text value, before any work: one check
+            return ctx
         except _HANDLED as err:
             ctx = Context(self, info_name=info_name, parent=parent)
             fail(ctx, err, as_json=json_requested(self, given, parent))

@@ -6,6 +6,7 @@ what it expected and what it got, with a hint; the CLI renders it as ``Error:``/
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -144,6 +145,47 @@ class DType(click.Choice):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         text = str(value).strip().lower().removeprefix("torch.")
         return super().convert(self.ALIASES.get(text, text), param, ctx)
+
+
+def _undecodable(value: Any) -> tuple[str, list[int]] | None:
+    """``(shown, bad bytes)`` when ``value`` (a str or path) holds bytes that are not UTF-8 (Python surfaces
+    them as lone surrogates): ``shown`` has them as ``\\xff``. None when it is clean."""
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = sorted({ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF})
+        return os.fsencode(text).decode("utf-8", "backslashreplace"), bad
+    return None
+
+
+def refuse_undecodable(ctx: click.Context) -> None:
+    """Refuse, before the command runs, every argument and option value (paths, names, texts, each item of
+    a repeatable one) holding bytes that are not UTF-8 (e.g. a file name with byte 0xff from the shell):
+    the toolkit writes paths into UTF-8 JSON records, safetensors metadata and tokenizer files, which cannot
+    hold them. One check for every command (:class:`persimmon_tools.cli.failures.Command` calls it)."""
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            found = _undecodable(item)
+            if found is None:
+                continue
+            shown, bad = found
+            is_path = isinstance(param.type, click.Path)
+            what = "a path" if is_path else "text"
+            listed = ("byte " if len(bad) == 1 else "bytes ") + ", ".join(f"0x{b:02x}" for b in bad)
+            listed = listed if bad else "a lone surrogate"
+            raise UsageError(
+                f"{flag_name(param)} '{shown}': expected {what} that is valid UTF-8, but it holds {listed}",
+                hint="rename it to a UTF-8 name (or pass a symbolic link with a UTF-8 name): persimmon-tools "
+                "records paths in UTF-8 JSON and file metadata"
+                if is_path
+                else "check the terminal's encoding",
+            )
 
 
 class SafePath(click.Path):

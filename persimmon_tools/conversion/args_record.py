@@ -9,6 +9,9 @@ the plain values under ``args`` as they are, and the others under ``args_special
 :func:`restore_args` is the inverse, with one deliberate difference: an enum comes back as its plain value
 (``"megatron"``), because an exported checkpoint must load without ADEPT's code (no custom classes in the
 pickle); ADEPT's loader never reads ``model_backend``.
+
+Every walk over the args spends a :class:`~persimmon_tools.safe_graph.Budget` (a pickle can share one list
+a million times; CheckpointError past it).
 """
 
 from __future__ import annotations
@@ -19,18 +22,33 @@ from typing import Any
 
 import torch
 
+from persimmon_tools.errors import CheckpointError
+from persimmon_tools.safe_graph import Budget
+
 _PLAIN = (bool, int, str, type(None))
 
 
-def _is_plain(value: Any, depth: int = 0) -> bool:
+def _budget() -> Budget:
+    """What reading one checkpoint's args may visit (a pickle can share one list a million times)."""
+    return Budget(
+        "the checkpoint's args",
+        CheckpointError,
+        hint="real Megatron args hold a few hundred plain values; the file is corrupt or was tampered with",
+    )
+
+
+def _is_plain(value: Any, budget: Budget, depth: int = 0) -> bool:
+    """JSON holds ``value`` as it is: finite numbers, strings, lists/tuples and str-keyed dicts nested at most
+    4 deep. Every value visited (a shared one once per visit) is spent from ``budget``."""
+    budget.visit(value, depth)
     if isinstance(value, float):
         return math.isfinite(value)  # JSON has no NaN/inf
     if isinstance(value, _PLAIN):
         return True
     if depth < 4 and isinstance(value, (list, tuple)):
-        return all(_is_plain(v, depth + 1) for v in value)
+        return all(_is_plain(v, budget, depth + 1) for v in value)
     if depth < 4 and isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+        return all(isinstance(k, str) and _is_plain(v, budget, depth + 1) for k, v in value.items())
     return False
 
 
@@ -44,14 +62,20 @@ def args_fields(args: Any) -> dict[str, Any] | None:
     return dict(state) if isinstance(state, dict) else None
 
 
-def enum_value(value: Any) -> tuple[str, Any] | None:
+def enum_value(value: Any, budget: Budget | None = None) -> tuple[str, Any] | None:
     """``(class name, value)`` of an enum member or an enum stand-in holding one plain value, else None."""
+    budget = _budget() if budget is None else budget
     qualname = getattr(value, "qualname", None)
     args = getattr(value, "args", None)
-    if isinstance(qualname, str) and isinstance(args, tuple) and len(args) == 1 and _is_plain(args[0]):
+    if (
+        isinstance(qualname, str)
+        and isinstance(args, tuple)
+        and len(args) == 1
+        and _is_plain(args[0], budget)
+    ):
         return qualname, args[0]
     member = getattr(value, "value", None)
-    if hasattr(type(value), "__members__") and _is_plain(member):
+    if hasattr(type(value), "__members__") and _is_plain(member, budget):
         return f"{type(value).__module__}.{type(value).__qualname__}", member
     return None
 
@@ -62,14 +86,16 @@ def record_args(args: Any) -> dict[str, Any]:
     if fields is None:
         return {"args": None, "args_special": {}, "args_dropped": []}
     plain, special, dropped = {}, {}, []
+    budget = _budget()  # one for all fields
     for name, value in sorted(fields.items()):
-        if isinstance(value, tuple) and _is_plain(value):
+        is_plain = _is_plain(value, budget)
+        if isinstance(value, tuple) and is_plain:
             special[name] = {"tuple": list(value)}
-        elif _is_plain(value):
+        elif is_plain:
             plain[name] = value
         elif isinstance(value, torch.dtype):
             special[name] = {"torch_dtype": str(value).removeprefix("torch.")}
-        elif (enum := enum_value(value)) is not None:
+        elif (enum := enum_value(value, budget)) is not None:
             special[name] = {"enum": enum[0], "value": enum[1]}
         else:
             dropped.append(f"{name} ({type(value).__name__})")
@@ -92,6 +118,6 @@ def restore_args(record: dict[str, Any]) -> dict[str, Any] | None:
                 out[name] = dtype
         elif isinstance(tagged.get("tuple"), list):
             out[name] = tuple(tagged["tuple"])
-        elif "enum" in tagged and _is_plain(tagged.get("value")):
+        elif "enum" in tagged and _is_plain(tagged.get("value"), _budget()):
             out[name] = tagged["value"]
     return out

@@ -1,7 +1,9 @@
 """Model dimensions and the HF ``config.json`` from the checkpoint itself: ``args`` cross-checked with shapes.
 
 Shapes are the ground truth for sizes; ``ckpt["args"]`` (spec §B.5) supplies what shapes cannot tell
-(``rotary_emb_base``, ``layernorm_epsilon``, ``seq_length``) and is cross-checked wherever both speak.
+(``rotary_emb_base``, ``layernorm_epsilon``, ``seq_length``) and is cross-checked wherever both speak; every
+layer's stored ``inv_freq``, on every shard, must be what the rotary base gives
+(:mod:`persimmon_tools.conversion.rotary`).
 Where ``args`` is silent we use what ADEPT's own inference code would use (its CLI defaults:
 ``layernorm_epsilon`` 1e-5, ``rotary_emb_base`` 25000) and log that we did. Every disagreement is collected
 and reported in one :class:`ConfigError` naming both values.
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from persimmon_tools.conversion.rotary import inv_freq_problems
 from persimmon_tools.errors import ConfigError
 from persimmon_tools.megatron.checkpoint import Checkpoint
 from persimmon_tools.ops import layer_index
@@ -109,29 +112,11 @@ def _not_persimmon(ckpt: Checkpoint, why: str) -> ConfigError:
         }
     )
     return ConfigError(
-        f"not a Persimmon checkpoint: {why}. Found {len(ckpt.tensors)} tensors: "
+        f"not a Persimmon checkpoint: {why}. Found {len(ckpt.tensors)} tensor{'' if len(ckpt.tensors) == 1 else 's'}: "
         + ", ".join(families[:14])
         + (" ..." if len(families) > 14 else ""),
         hint="persimmon-tools converts ADEPT Persimmon checkpoints (rotary, QK-layernorm, squared ReLU)",
     )
-
-
-def _estimate_theta(inv_freq: torch.Tensor, rotary_dim: int) -> float:
-    """Least-squares base from ``inv_freq[j] = base ** (-2j / rotary_dim)`` (j ≥ 1)."""
-    f = inv_freq.float()
-    j = torch.arange(1, f.numel(), dtype=torch.float64)
-    if not len(j):
-        return float("nan")
-    logs = -torch.log(f[1:].double()) * rotary_dim / (2 * j)
-    return float(torch.exp(logs.mean()))
-
-
-def check_inv_freq(inv_freq: torch.Tensor, base: float, rotary_dim: int) -> bool:
-    """Whether a stored ``inv_freq`` equals ``1/base**(arange(0, rd, 2)/rd)`` up to its dtype's rounding."""
-    expected = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    rel = ((inv_freq.double() - expected).abs() / expected).max().item()
-    tol = {torch.float32: 1e-5, torch.float64: 1e-9}.get(inv_freq.dtype, 2.0**-7)
-    return rel <= tol
 
 
 #: ``args`` fields derive_dims reads as numbers: name -> (integer?, lowest, highest); floats must be > lowest.
@@ -281,15 +266,12 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
             "cannot tell the rotary dimension: args.rotary_pct is missing and there is no inv_freq"
         )
         rotary_dim = head_dim
-    base = arg(args, "rotary_emb_base")
+    base, base_from = arg(args, "rotary_emb_base"), "args.rotary_emb_base"
     if base is None:
-        base = ADEPT_DEFAULT_ROPE_BASE
+        base, base_from = ADEPT_DEFAULT_ROPE_BASE, "ADEPT's default"
         log.info("args has no rotary_emb_base; using ADEPT's default %s (checked against inv_freq)", base)
-    if inv is not None and rotary_dim and not check_inv_freq(inv, float(base), rotary_dim):
-        problems.append(
-            f"rotary base {base} (args.rotary_emb_base or ADEPT's default) disagrees with the stored "
-            f"inv_freq, which implies about {_estimate_theta(inv, rotary_dim):.6g}"
-        )
+    if rotary_dim and (rd_inv is None or rd_inv == rotary_dim):  # every layer's buffer, on every rank
+        problems += inv_freq_problems(ckpt, float(base), rotary_dim, base_from)
     eps = arg(args, "layernorm_epsilon")
     if eps is None:
         eps = ADEPT_DEFAULT_EPS

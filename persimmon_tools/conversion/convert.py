@@ -242,9 +242,9 @@ def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]
         "num_parameters": plan.summary()["parameters"],
         # the source's args, exactly (export rebuilds ckpt["args"] from this: persimmon_tools.conversion.args_record)
         **record_args(plan.checkpoint.args),
-        "checkpoint_version": plan.checkpoint.checkpoint_version
-        if isinstance(plan.checkpoint.checkpoint_version, (int, float, str))
-        else None,
+        # as saved (>= 2.0, the same in every shard), or None: absent (ADEPT's loader never reads it);
+        # megatron.consistency.check_checkpoint_version is the rule, export applies it to this record again
+        "checkpoint_version": plan.checkpoint.checkpoint_version,
     }
 
 

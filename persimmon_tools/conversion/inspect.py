@@ -14,10 +14,10 @@ from typing import Any
 
 from persimmon_tools.conversion.config import derive_dims
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, verification_status
-from persimmon_tools.errors import ConversionError, PersimmonToolsError
+from persimmon_tools.errors import CheckpointError, ConversionError, PersimmonToolsError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
-from persimmon_tools.safe_graph import small_repr
+from persimmon_tools.safe_graph import Budget, small_repr
 from persimmon_tools.safe_read import (
     MAX_SAFETENSORS_HEADER_BYTES,
     open_regular,
@@ -27,14 +27,34 @@ from persimmon_tools.safe_read import (
 )
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, budget: Budget, depth: int = 0) -> Any:
+    """``value`` as JSON (other objects as their bounded repr); every value visited, a shared one once per
+    visit, is spent from ``budget``."""
+    budget.visit(value, depth)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, budget, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            budget.visit(k, depth + 1)
+            out[k if isinstance(k, str) else small_repr(k, 200)] = _jsonable(v, budget, depth + 1)
+        return out
     return small_repr(value, 200)
+
+
+def _args_json(ckpt: Any, shard: str) -> Any:
+    """``ckpt["args"]`` as JSON: a Namespace's or stand-in's fields, a dict's items (an ``OrderedDict``'s
+    instance attributes are not args), other values as they are."""
+    args = ckpt.args
+    fields = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else args
+    budget = Budget(
+        f"{shard}: ckpt['args']",
+        CheckpointError,
+        hint="real Megatron args hold a few hundred plain values; the file is corrupt or was tampered with",
+    )
+    return _jsonable(fields, budget)
 
 
 def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, Any]:
@@ -54,7 +74,7 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
         "vocab": release.vocab.name if release.vocab else None,
         "top_level_keys": ckpt.top_level_keys,
         "pickle_globals": ckpt.globals_seen,
-        "args": _jsonable(vars(ckpt.args)) if hasattr(ckpt.args, "__dict__") else _jsonable(ckpt.args),
+        "args": _args_json(ckpt, release.shard_list()[0][1].name),
         "tensors": [
             {
                 "name": k,
@@ -126,6 +146,20 @@ def inspect_converted(folder: Path) -> dict[str, Any]:
             "verdict": report.get("verdict"),
             "created": report.get("created"),
             **status.to_dict(),
+        }
+    else:  # never verified (--no-verify, an interrupted automatic verify): the command that checks it
+        import shlex
+
+        recorded = (conversion or {}).get("source")
+        source = recorded.get("path") if isinstance(recorded, dict) else None
+        reference = shlex.quote(source) if isinstance(source, str) else "SOURCE"
+        command = f"persimmon-tools verify {shlex.quote(str(folder))} --reference {reference}"
+        info["verification"] = {
+            "verdict": None,
+            "created": None,
+            **verification_status(folder, None).to_dict(),  # state "missing", as push judges it
+            "status": f"not run ({command})",
+            "command": command,
         }
     info["files"] = scan.files
     if scan.irregular:

@@ -1,7 +1,8 @@
 """``convert``'s output folder: the shared staged output (:mod:`persimmon_tools.staged_output`) with
 ``conversion.json`` as its record.
 
-OUT_DIR may not be a symlink, nor be or contain SOURCE, ``--vocab``, the current folder or the home folder;
+OUT_DIR may not be a symlink, nor be or contain SOURCE, ``--vocab``, the current folder or the home folder
+(compared by identity, not as strings: a symlinked folder or a bind mount is the same place);
 ``--force`` replaces only an OUT_DIR holding nothing but the files ``conversion.json`` lists (plus
 ``verification.json``, which ``verify`` adds); the new folder is written beside it and swapped in whole.
 """

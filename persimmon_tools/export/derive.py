@@ -3,7 +3,8 @@
 When no args travel with the source (an HF folder not written by ``convert``), the fields ADEPT's loader
 restores (``_get_checkpoint_specific_args``, spec §B.5) are derived from the model's dimensions, each listed
 with where it came from. Fields no ``config.json`` holds (``seq_length``) take the nearest value
-(``max_position_embeddings``) and can be set with ``--set seq_length=16384``.
+(``max_position_embeddings``) and can be set with ``--set seq_length=16384``. Every ``--set`` is checked
+(:mod:`persimmon_tools.export.args_check`): it may set what the model does not say, never contradict it.
 
 The pickled args hold only plain values and ``torch`` dtypes: an ADEPT enum (``model_backend``) becomes its
 plain value, so the file loads without ADEPT's code.
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 
 from persimmon_tools.conversion.args_record import enum_value
-from persimmon_tools.errors import ConfigError, UsageError
+from persimmon_tools.conversion.hf_config import short
+from persimmon_tools.errors import UsageError
+from persimmon_tools.export.args_check import COMPUTED, VALUE_RULES, check_args, fill_missing
 from persimmon_tools.export.source import ExportSource
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,12 @@ _PLAIN = (bool, int, float, str, type(None))
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["seq_length=16384", "sp_model_file='x.model'"]`` → fields; values are Python literals, else strings."""
+    """``["seq_length=16384", "sp_model_file='x.model'"]`` → fields; values are Python literals, else strings.
+
+    Refused (:class:`UsageError` naming the flag and the key): no ``=`` or a KEY that is not a field name, a
+    field export sets itself (:data:`~persimmon_tools.export.args_check.COMPUTED`), one KEY given twice, and
+    a value of the wrong type or range for a field convert reads (:data:`~persimmon_tools.export.args_check.
+    VALUE_RULES`). Whether a value agrees with the model is checked once the source is open."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = str(item).partition("=")
@@ -39,14 +47,31 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
                 f"--set {item!r}: expected KEY=VALUE with an args field name as KEY",
                 hint="e.g. --set seq_length=16384 or --set tokenizer_type=SentencePiece",
             )
+        if key in COMPUTED:
+            raise UsageError(
+                f"--set {key}: export sets args.{key} itself, from {COMPUTED[key]}",
+                hint=f"use {COMPUTED[key]} instead" if COMPUTED[key].startswith("--") else "leave it out",
+            )
         try:
             value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
             value = raw.strip()
         if not isinstance(value, _PLAIN) or (isinstance(value, float) and not math.isfinite(value)):
             raise UsageError(
                 f"--set {item!r}: the value must be a number, a string, True/False or None",
                 hint="e.g. --set rotary_emb_base=25000",
+            )
+        rule = VALUE_RULES.get(key)
+        need = rule(value) if rule is not None and value is not None else None
+        if need is not None:
+            raise UsageError(
+                f"--set {key}={short(value)}: args.{key} must be {need}",
+                hint="convert refuses a release whose args hold anything else; nothing was written",
+            )
+        if key in out and out[key] != value:
+            raise UsageError(
+                f"--set {key} is given twice, as {short(out[key])} and {short(value)}",
+                hint="give each field once",
             )
         out[key] = value
     return out
@@ -107,10 +132,11 @@ def config_args(source: ExportSource, dtype: torch.dtype, iteration: int) -> lis
 def derive_args(
     source: ExportSource, dtype: torch.dtype, iteration: int, sets: dict[str, Any]
 ) -> tuple[dict[str, Any], list[tuple[str, Any, str]]]:
-    """``(args fields, derived list)``: the source's args (dtype fields following ``dtype``), or derived."""
+    """``(args fields, derived list)``: the source's args (dtype fields following ``dtype``), or derived;
+    then ``--set``. The result is checked (:func:`~persimmon_tools.export.args_check.check_args`): values
+    convert accepts, agreeing with the model (``config.json`` for an HF folder)."""
     derived: list[tuple[str, Any, str]] = []
     if source.args is not None:
-        _check_recorded(source)
         args: dict[str, Any] = {}
         for name, value in source.args.items():
             ok, plain = _plain(name, value, source.notes)
@@ -121,36 +147,12 @@ def derive_args(
             if name in args and args[name] != value:
                 derived.append((name, value, f"--dtype {str(dtype).removeprefix('torch.')}"))
                 args[name] = value
+        derived += fill_missing(source, args)
     else:
         derived = config_args(source, dtype, iteration)
         args = {name: value for name, value, _ in derived}
     for name, value in sets.items():
         derived = [item for item in derived if item[0] != name] + [(name, value, "--set")]
         args[name] = value
+    check_args(source, args, sets)
     return args, derived
-
-
-def _check_recorded(source: ExportSource) -> None:
-    """Recorded args (``conversion.json``) must still describe the weights: a folder fine-tuned into another
-    shape after conversion would otherwise get the old model's args."""
-    d = source.dims
-    expected = {
-        "num_layers": d.num_layers,
-        "hidden_size": d.hidden_size,
-        "ffn_hidden_size": d.intermediate_size,
-        "num_attention_heads": d.num_heads,
-        "padded_vocab_size": d.vocab_size,
-    }
-    args = source.args or {}
-    wrong = [
-        f"args.{k} = {args[k]!r} but the weights have {v}"
-        for k, v in expected.items()
-        if k in args and args[k] != v
-    ]
-    if wrong:
-        raise ConfigError(
-            f"{source.path}: the args recorded in {source.args_from} do not describe these weights: "
-            + "; ".join(wrong),
-            hint=f"the model changed after conversion; move {source.args_from} out of the folder to derive "
-            "args from config.json (--dry-run lists them)",
-        )

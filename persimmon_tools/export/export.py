@@ -5,9 +5,19 @@
 ``--force`` prove the folder is an earlier export) or, with ``tar=True``, one uncompressed tarball at OUT.
 Output appears complete or not at all (a private temporary beside OUT, renamed into place).
 
+A release that export writes is one that ``convert`` accepts: before it is installed, the release in the
+temporary is read back through convert's own reading and checks
+(:func:`~persimmon_tools.export.checks.read_back`: the shards' consistency, args against shapes,
+``inv_freq`` against the rotary base, the mapping table, the vocabulary) and must describe the source's
+model; otherwise nothing is installed. Before anything is written, the source is held to what convert would
+refuse in a release (:mod:`persimmon_tools.export.checks`, :mod:`persimmon_tools.export.args_check`), and
+NaN/Inf weights are counted while writing and refused as convert refuses them (``allow_nonfinite``:
+``--allow-nonfinite``).
+
 ``args`` come from the source's own args (Megatron source), from ``conversion.json`` (an HF folder that
-``convert`` wrote: an exact round trip), or are derived from ``config.json`` (each derived value listed);
-``--set KEY=VALUE`` overrides any field.
+``convert`` wrote: an exact round trip, refused where ``config.json`` now says otherwise), or are derived
+from ``config.json`` (each derived value listed); ``--set KEY=VALUE`` sets a field the model does not
+determine (checked: :mod:`persimmon_tools.export.args_check`).
 """
 
 from __future__ import annotations
@@ -24,15 +34,20 @@ from typing import Any
 import torch
 
 from persimmon_tools import __version__
+from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.conversion.values import output_dtype
 from persimmon_tools.errors import UsageError
-from persimmon_tools.export.derive import derive_args, parse_sets
-from persimmon_tools.export.layout import (
+from persimmon_tools.export.checks import (
     MEGATRON_DEFAULT_DIVISIBLE_BY,
+    ValueCounts,
     check_layout,
+    check_vocab,
     padded_vocab,
-    shard_objects,
+    read_back,
+    refuse_nonfinite,
 )
+from persimmon_tools.export.derive import derive_args, parse_sets
+from persimmon_tools.export.layout import shard_objects
 from persimmon_tools.export.output import (
     check_export_dir,
     check_export_tar,
@@ -42,6 +57,7 @@ from persimmon_tools.export.output import (
 )
 from persimmon_tools.export.source import ExportSource, open_source
 from persimmon_tools.mapping import parallel_kind
+from persimmon_tools.megatron.consistency import check_checkpoint_version
 from persimmon_tools.megatron.release_writer import (
     EMBEDDING,
     HEAD,
@@ -50,6 +66,7 @@ from persimmon_tools.megatron.release_writer import (
     write_release_tar,
 )
 from persimmon_tools.ops import Parallel
+from persimmon_tools.staged_record import refuse_overlap
 from persimmon_tools.tokenizer.spm import vocab_text
 
 log = logging.getLogger(__name__)
@@ -69,6 +86,7 @@ class ExportOptions:
     force: bool = False
     vocab: Path | None = None
     sets: Sequence[str] = ()
+    allow_nonfinite: bool = False  # write NaN/Inf weights (convert's --allow-nonfinite)
 
 
 @dataclass
@@ -162,6 +180,7 @@ def prepare(source: Path, options: ExportOptions = ExportOptions()) -> ExportPla
             f"{source} holds no adept_vocab.model",
             hint="pass the SentencePiece model with --vocab; nothing was written",
         )
+    check_vocab(src)
     check_layout(src, options.tp, options.pp)
     dtype = _out_dtype(options.dtype, src)
     iteration = options.iteration if options.iteration is not None else (src.iteration or 1)
@@ -171,7 +190,7 @@ def prepare(source: Path, options: ExportOptions = ExportOptions()) -> ExportPla
         )
     args, derived = derive_args(src, dtype, iteration, sets)
     divisible = args.get("make_vocab_size_divisible_by") or MEGATRON_DEFAULT_DIVISIBLE_BY
-    vocab_rows = padded_vocab(src.dims.vocab_size, options.tp, int(divisible))
+    vocab_rows = padded_vocab(src.dims.vocab_size, options.tp, divisible)
     notes = list(src.notes)
     if vocab_rows != src.dims.vocab_size:
         notes.append(
@@ -180,6 +199,8 @@ def prepare(source: Path, options: ExportOptions = ExportOptions()) -> ExportPla
             f"make_vocab_size_divisible_by {divisible} x TP)"
         )
         log.warning("%s", notes[-1])
+    where = src.path / CONVERSION_FILE if src.kind == "hf" else f"{src.path} (its shards)"
+    check_checkpoint_version(src.checkpoint_version, str(where))  # refuses < 2.0 (issue 22)
     version = src.checkpoint_version if src.checkpoint_version is not None else 3.0
     name = options.name or src.release_name or DEFAULT_NAME
     if not name or "/" in name or name in (".", "..") or name.startswith("."):
@@ -197,6 +218,7 @@ class ExportResult:
     files: list[str]
     bytes_written: int
     seconds: float
+    read_back_seconds: float = 0.0  # read_back's share of ``seconds``
 
 
 def export_release(
@@ -212,6 +234,7 @@ def export_release(
     out = check_destination(out, source, options)
     plan = prepare(source, options)
     on_plan(plan)
+    counts = ValueCounts()
     objects = shard_objects(
         plan.source,
         tp=options.tp,
@@ -222,6 +245,7 @@ def export_release(
         base_args=plan.args,
         checkpoint_version=plan.checkpoint_version,
         rope_base=plan.rope_base,
+        counts=counts,
     )
     files = ReleaseFiles(
         plan.name,
@@ -231,7 +255,9 @@ def export_release(
         objects,
         {
             "adept_vocab.model": plan.source.vocab_bytes,
-            "adept_vocab.vocab": vocab_text(plan.source.vocab_bytes),
+            "adept_vocab.vocab": vocab_text(
+                plan.source.vocab_bytes, plan.source.vocab_origin or "the SentencePiece model"
+            ),
         },
     )
     written = [0]
@@ -241,21 +267,29 @@ def export_release(
         progress(n)
 
     if options.tar:
-        with claim_export_tar(out, options.force) as fh:  # checked again: it may have appeared meanwhile
+        with claim_export_tar(out, options.force, _protected(source, options.vocab)) as (
+            fh,
+            path,
+        ):  # checked again: it may have appeared
             write_release_tar(files, fh, progress=count)
+            fh.flush()
+            refuse_nonfinite(counts, options.allow_nonfinite)
+            checked = read_back(path, plan.source, plan.vocab_rows)
         listed = [str(out)]
     else:
-        with claim_export_dir(out, options.force) as tmp:
+        with claim_export_dir(out, options.force, _protected(source, options.vocab)) as tmp:
             write_release_folder(files, tmp, progress=count, workers=min(2, os.cpu_count() or 1))
+            refuse_nonfinite(counts, options.allow_nonfinite)
+            checked = read_back(tmp / plan.name, plan.source, plan.vocab_rows)
             listed = write_record(tmp, plan.summary(), __version__)
-    return ExportResult(plan, out, listed, written[0], time.perf_counter() - start)
+    return ExportResult(plan, out, listed, written[0], time.perf_counter() - start, checked)
 
 
 def check_destination(out: Path, source: Path, options: ExportOptions) -> Path:
     """Refuse an OUT that the run would refuse, before anything is read (``--dry-run`` too). Returns the
     absolute OUT."""
     out = Path(os.path.abspath(out))
-    _refuse_inside_source(out, Path(source))
+    _refuse_inside_source(out, Path(source), options.vocab)
     if options.tar:
         check_export_tar(out, options.force)
     else:
@@ -263,12 +297,18 @@ def check_destination(out: Path, source: Path, options: ExportOptions) -> Path:
     return out
 
 
-def _refuse_inside_source(out: Path, source: Path) -> None:
-    src = Path(os.path.abspath(source))
-    # As spelled and with links resolved: OUT under a link to SOURCE (or SOURCE a link) is the same place.
-    for o, s in ((out, src), (Path(os.path.realpath(out)), Path(os.path.realpath(src)))):
-        if o == s or s in o.parents or o in s.parents:
-            raise UsageError(
-                f"OUT {out} is, contains or is inside SOURCE {src}",
-                hint="choose a separate path for the exported release; nothing was written",
-            )
+def _refuse_inside_source(out: Path, source: Path, vocab: Path | None) -> None:
+    """OUT may not be, contain or lie inside SOURCE (or the ``--vocab`` file), compared by identity: a
+    symlinked folder or a bind mount showing SOURCE under another path is the same place."""
+    refuse_overlap(
+        out,
+        _protected(source, vocab),
+        label="OUT",
+        error=UsageError,
+        refuse=("is", "contains", "inside"),
+        hint="choose a separate path for the exported release; nothing was written",
+    )
+
+
+def _protected(source: Path, vocab: Path | None) -> list[tuple[str, Path | None]]:
+    return [("SOURCE", Path(source)), ("the --vocab file", vocab)]

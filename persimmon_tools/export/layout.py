@@ -1,5 +1,6 @@
-"""The target layout of an export: checks that TP/PP divide the model, vocab padding, ``args``, and one
-``model_optim_rng.pt`` object per (tensor rank, pipeline stage) whose tensors stream from the source.
+"""The target layout of an export: ``args`` and one ``model_optim_rng.pt`` object per (tensor rank, pipeline
+stage) whose tensors stream from the source (what TP/PP and the vocab padding must be:
+:mod:`persimmon_tools.export.checks`).
 
 Splitting is the inverse of ``convert``'s merge, driven by the same table (:mod:`persimmon_tools.mapping`,
 each rule's parallel kind) through :func:`persimmon_tools.ops.shard_rows` (bounds from
@@ -24,13 +25,14 @@ import math
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from persimmon_tools.conversion.values import count_overflow, narrows
-from persimmon_tools.errors import ConversionError, UsageError
+from persimmon_tools.errors import ConversionError
+from persimmon_tools.export.checks import ValueCounts
 from persimmon_tools.export.source import ExportSource, RowTensor
 from persimmon_tools.mapping import INV_FREQ, RULES, match_source, parallel_kind
 from persimmon_tools.megatron.ptwriter import TensorSpec
@@ -40,50 +42,12 @@ from persimmon_tools.ops import Parallel, shard_rows, shard_shape
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 16 << 20
-MEGATRON_DEFAULT_DIVISIBLE_BY = 128  # megatron/arguments.py --make-vocab-size-divisible-by
 
 
 def inv_freq(base: float, rotary_dim: int, dtype: torch.dtype) -> torch.Tensor:
     """ADEPT's buffer: ``1 / base ** (arange(0, rotary_dim, 2) / rotary_dim)`` in float32, then cast with the
     module to the params dtype (``RotaryEmbedding.__init__``; ``Float16Module``). Shape ``[rotary_dim/2]``."""
     return (1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))).to(dtype)
-
-
-def check_layout(source: ExportSource, tp: int, pp: int) -> None:
-    """Refuse a TP/PP that does not divide the model, naming the numbers."""
-    d = source.dims
-    problems = []
-    if tp < 1 or pp < 1:
-        raise UsageError(f"--tp {tp} / --pp {pp}: expected whole numbers >= 1", hint="e.g. --tp 2 --pp 2")
-    if d.num_heads % tp:
-        problems.append(
-            f"TP={tp} does not divide the {d.num_heads} attention heads (each rank holds whole heads)"
-        )
-    if d.intermediate_size % tp:
-        problems.append(f"TP={tp} does not divide the MLP width (ffn_hidden_size) {d.intermediate_size}")
-    if d.num_layers % pp:
-        problems.append(f"PP={pp} does not divide the {d.num_layers} layers (every stage holds as many)")
-    if not d.untied and pp > 1:
-        problems.append(
-            f"PP={pp} with tied embeddings: Megatron keeps a copy of the embedding on the last stage, which "
-            "ADEPT's release layout does not describe"
-        )
-    if problems:
-        divisors = [n for n in range(1, 9) if not d.num_heads % n and not d.intermediate_size % n]
-        raise UsageError(
-            "the requested layout does not fit the model:\n  - " + "\n  - ".join(problems),
-            hint=f"TP values that fit: {', '.join(map(str, divisors))}; PP values must divide {d.num_layers}; "
-            "nothing was written",
-        )
-
-
-def padded_vocab(rows: int, tp: int, divisible_by: int) -> int:
-    """Rows of the exported embedding: the source's rows when TP divides them, else Megatron's own padding
-    (``_vocab_size_with_padding``: the next multiple of ``make_vocab_size_divisible_by × TP``)."""
-    if rows % tp == 0:
-        return rows
-    multiple = divisible_by * tp
-    return -(-rows // multiple) * multiple
 
 
 @dataclass
@@ -98,7 +62,7 @@ class ShardTensor:
     rank: int
     dtype: torch.dtype
     computed: torch.Tensor | None = None
-    stats: dict[str, int] = field(default_factory=dict)
+    counts: ValueCounts | None = None  # where NaN/Inf source values are counted (None: not counted)
 
     def spec(self) -> TensorSpec:
         if self.computed is not None:
@@ -117,8 +81,11 @@ class ShardTensor:
         def read(lo: int, hi: int) -> torch.Tensor:
             return self._read(lo, hi, have)
 
+        counts = self.counts if self.kind is not Parallel.REPLICATED or self.rank == 0 else None
         for a in range(0, rows, step):
             block = shard_rows(read, self.full_shape, self.kind, self.tp, self.rank, a, min(rows, a + step))
+            if counts is not None:
+                counts.add(self.key, block)
             yield self._cast(block)
 
     def _read(self, a: int, b: int, have: int) -> torch.Tensor:
@@ -224,9 +191,11 @@ def shard_objects(
     base_args: dict[str, Any],
     checkpoint_version: Any,
     rope_base: float,
+    counts: ValueCounts | None = None,
 ) -> dict[tuple[int, int], dict]:
     """One checkpoint object per (tp_rank, pp_rank): ``args``, ``checkpoint_version``, ``iteration`` and
-    ``model`` (no optimizer or RNG state: ADEPT loads with ``--no-load-optim --no-load-rng``)."""
+    ``model`` (no optimizer or RNG state: ADEPT loads with ``--no-load-optim --no-load-rng``). ``counts``
+    collects NaN/Inf source values while the shards are written."""
     d = source.dims
     computed = _inv_freqs(source, dtype, rope_base)
     objects = {}
@@ -240,7 +209,9 @@ def shard_objects(
                 shape = tuple(tensor.shape) if tensor is not None else tuple(computed[key].shape)
                 if key in (EMBEDDING, HEAD):
                     shape = (vocab_rows, *shape[1:])
-                piece = ShardTensor(key, tensor, kind, shape, tp, t, dtype, computed=computed.get(key))
+                piece = ShardTensor(
+                    key, tensor, kind, shape, tp, t, dtype, computed=computed.get(key), counts=counts
+                )
                 specs[key] = piece.spec()
             args = shard_args(
                 base_args, tp=tp, pp=pp, tp_rank=t, pp_rank=s, vocab_rows=vocab_rows, iteration=iteration

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from persimmon_tools.errors import ConversionError
-from persimmon_tools.safe_write import write_new_file
+from persimmon_tools.safe_write import open_new_file, write_new_file
 from persimmon_tools.staged_output import RUN_MARKER, claim_output
 from persimmon_tools.staged_record import OutputKind, check_output, output_files, refuse_unsafe_output
 
@@ -40,17 +40,27 @@ def check_export_tar(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def claim_export_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Lock OUT, check it, yield a private temporary folder that replaces OUT when the block succeeds."""
-    with claim_output(out, EXPORT_FOLDER, force=force) as claim, claim.staging() as tmp:
+def claim_export_dir(
+    out: Path, force: bool, protected: Sequence[tuple[str, Path | None]] = ()
+) -> Iterator[Path]:
+    """Lock OUT, check it, yield a private temporary folder that replaces OUT when the block succeeds
+    (``protected``: SOURCE and the like, see :func:`~persimmon_tools.staged_output.claim_output`)."""
+    with claim_output(out, EXPORT_FOLDER, force=force, protected=protected) as claim, claim.staging() as tmp:
         yield tmp
 
 
 @contextlib.contextmanager
-def claim_export_tar(out: Path, force: bool) -> Iterator[BinaryIO]:
-    """Lock OUT, check it, yield the new tarball open for writing; it replaces OUT when the block succeeds."""
-    with claim_output(out, EXPORT_TAR, force=force) as claim, claim.staged_file() as fh:
-        yield fh
+def claim_export_tar(
+    out: Path, force: bool, protected: Sequence[tuple[str, Path | None]] = ()
+) -> Iterator[tuple[BinaryIO, Path]]:
+    """Lock OUT, check it, yield the new tarball open for writing and its path (in the private temporary
+    folder, so that it can be read back before it is installed); it replaces OUT when the block succeeds."""
+    with claim_output(out, EXPORT_TAR, force=force, protected=protected) as claim, claim.staging() as tmp:
+        path = tmp / Path(os.path.abspath(out)).name
+        with open_new_file(path) as fh:
+            yield fh, path
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def write_record(tmp: Path, summary: dict[str, Any], version: str) -> list[str]:

@@ -13,7 +13,10 @@ it came with, its iteration and its SentencePiece model.
   (:mod:`persimmon_tools.conversion.safetensors_read`); names go back through THE TABLE
   (:mod:`persimmon_tools.mapping`, target → source). Every tensor must map, every expected one must exist,
   every shape must match ``config.json``. ``conversion.json``, when ``convert`` wrote the folder, supplies
-  the source's args, iteration and release name.
+  the source's args, iteration, ``checkpoint_version`` and release name (its args are then checked against
+  ``config.json``: :mod:`persimmon_tools.export.args_check`). The weights are the set transformers would
+  load: one ``model.safetensors`` or the index's shards, never a folder holding both; a ``config.json``
+  naming another file (``transformers_weights``) is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from persimmon_tools.conversion.args_record import args_fields, restore_args
 from persimmon_tools.conversion.config import ModelDims, derive_dims
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
-from persimmon_tools.conversion.hf_config import parse_hf_config, read_config_json, short
+from persimmon_tools.conversion.hf_config import HFConfig, parse_hf_config, read_config_json, short
 from persimmon_tools.conversion.plan import expected_targets
 from persimmon_tools.conversion.safetensors_read import SafetensorsFolder
 from persimmon_tools.errors import ConfigError, ConversionError, MappingError, UsageError
@@ -96,6 +99,8 @@ class ExportSource:
     tp: int = 1
     pp: int = 1
     notes: list[str] = field(default_factory=list)
+    config: HFConfig | None = None  # an HF folder's checked config.json
+    vocab_origin: str = "the SentencePiece model"  # what messages call vocab_bytes
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -125,6 +130,7 @@ def _open_megatron(source: Path, iteration: int | None, vocab: Path | None) -> E
     ckpt = load_release_checkpoint(release)
     dims = derive_dims(ckpt)
     vocab_bytes = release.vocab.read_all() if release.vocab is not None else None
+    vocab_origin = release.vocab.name if release.vocab is not None else ""
     return ExportSource(
         kind="megatron",
         path=source,
@@ -140,13 +146,19 @@ def _open_megatron(source: Path, iteration: int | None, vocab: Path | None) -> E
         release_name=_megatron_name(release.source, release.kind),
         tp=release.tp,
         pp=release.pp,
+        vocab_origin=vocab_origin,
     )
 
 
 def hf_dims(config: dict[str, Any], path: Path) -> ModelDims:
-    """:class:`ModelDims` from a Persimmon ``config.json``, read the way transformers reads it (the shared
-    reader, :func:`~persimmon_tools.conversion.hf_config.parse_hf_config`), refusing what ADEPT's layout
-    cannot express: another activation than squared ReLU / GeLU, no q/k layernorm, RoPE scaling."""
+    """:class:`ModelDims` from a Persimmon ``config.json`` (:func:`hf_model_config`)."""
+    return hf_model_config(config, path).dims()
+
+
+def hf_model_config(config: dict[str, Any], path: Path) -> HFConfig:
+    """A Persimmon ``config.json``, read the way transformers reads it (the shared reader,
+    :func:`~persimmon_tools.conversion.hf_config.parse_hf_config`), refusing what ADEPT's layout cannot
+    express: another activation than squared ReLU / GeLU, no q/k layernorm, RoPE scaling."""
     where = str(path / "config.json")
     cfg = parse_hf_config(config, where=where, error=ConfigError, hint=_CONFIG_HINT)
     cannot = "this model cannot be expressed in ADEPT's layout"
@@ -165,11 +177,19 @@ def hf_dims(config: dict[str, Any], path: Path) -> ModelDims:
             f"{where}: RoPE scaling {cfg.rope_scaling or cfg.rope_parameters}; ADEPT's rotary has none",
             hint=cannot,
         )
-    return cfg.dims()
+    return cfg
 
 
-def _hf_tensors(folder: Path, dims: ModelDims) -> dict[str, RowTensor]:
+def _hf_tensors(folder: Path, dims: ModelDims, config: dict[str, Any]) -> dict[str, RowTensor]:
     st = SafetensorsFolder(folder, ConversionError, redo="save the model again or check the folder")
+    named = config.get("transformers_weights")
+    if named is not None and named != st.weights_file:
+        raise ConfigError(
+            f"{folder / 'config.json'}: transformers_weights = {short(named)}, so transformers loads that "
+            f"file, not {st.weights_file}, which export reads",
+            hint="remove transformers_weights from config.json or keep only the weights it names as "
+            "model.safetensors; nothing was written",
+        )
     symbols = dims.symbols()
     expected = set(expected_targets(dims))
     problems: list[str] = []
@@ -205,20 +225,22 @@ def _conversion_record(folder: Path) -> dict[str, Any] | None:
     return record if record is not None and record.get("tool") == "persimmon-tools" else None
 
 
-def _hf_vocab(folder: Path, vocab: Path | None) -> bytes:
+def _hf_vocab(folder: Path, vocab: Path | None) -> tuple[bytes, str]:
     if vocab is not None:
-        return read_small(
+        data = read_small(
             Path(vocab), what="--vocab SentencePiece model", max_bytes=_MAX_VOCAB_BYTES, error=UsageError
         )
+        return data, f"--vocab {vocab}"
     for name in _VOCAB_FILES:
         if os.path.lexists(folder / name):
-            return read_small(
+            data = read_small(
                 folder / name,
                 what="SentencePiece model",
                 max_bytes=_MAX_VOCAB_BYTES,
                 follow_symlinks=False,
                 error=ConversionError,
             )
+            return data, str(folder / name)
     raise UsageError(
         f"{folder} has no tokenizer.model (the SentencePiece model a release ships as adept_vocab.model)",
         hint="pass it with --vocab: the release's adept_vocab.model, or the tokenizer.model of the folder "
@@ -227,16 +249,18 @@ def _hf_vocab(folder: Path, vocab: Path | None) -> bytes:
 
 
 def _open_hf(folder: Path, vocab: Path | None) -> ExportSource:
-    dims = hf_dims(read_config_json(folder, error=ConfigError), folder)
-    tensors = _hf_tensors(folder, dims)
-    vocab_bytes = _hf_vocab(folder, vocab)
+    raw_config = read_config_json(folder, error=ConfigError)
+    config = hf_model_config(raw_config, folder)
+    dims = config.dims()
+    tensors = _hf_tensors(folder, dims, raw_config)
+    vocab_bytes, vocab_origin = _hf_vocab(folder, vocab)
     record = _conversion_record(folder)
     args, args_from, iteration, version, name = None, "config.json", None, None, None
     if record is not None:
         args = restore_args(record)
         src = record.get("source") if isinstance(record.get("source"), dict) else {}
         iteration = src.get("iteration") if type(src.get("iteration")) is int else None
-        version = record.get("checkpoint_version")
+        version = record.get("checkpoint_version")  # checked by export.prepare
         name = _release_name(src)
         if args is not None:
             args_from = CONVERSION_FILE
@@ -251,6 +275,8 @@ def _open_hf(folder: Path, vocab: Path | None) -> ExportSource:
         checkpoint_version=version,
         vocab_bytes=vocab_bytes,
         release_name=name,
+        config=config,
+        vocab_origin=vocab_origin,
     )
 
 

@@ -29,6 +29,8 @@ from huggingface_hub.errors import (
 )
 
 from persimmon_tools.errors import HubError, PersimmonToolsError
+from persimmon_tools.hub.credentials import HOW_TO_LOG_IN
+from persimmon_tools.hub.network import step_deadline
 
 logger = logging.getLogger("persimmon_tools.hub.push")
 T = TypeVar("T")
@@ -93,8 +95,9 @@ def _is_transient(err: BaseException) -> bool:
     return any(isinstance(e, _NETWORK_ERRORS) for e in _chain(err))
 
 
-def _as_hub_error(err: BaseException, what: str) -> HubError | None:
-    """The HubError (message + hint) for a permanent failure; ``None`` if it is not a Hub error (stays loud)."""
+def _as_hub_error(err: BaseException, what: str, token: str | None = "a token") -> HubError | None:
+    """The HubError (message + hint) for a permanent failure; ``None`` if it is not a Hub error (stays loud).
+    ``token``: where the token sent came from (``None``: no token was sent, which a 401 then says)."""
     status, chain = _status(err), list(_chain(err))
     said = next((f": {e.server_message.strip()}" for e in chain if getattr(e, "server_message", None)), "")
     if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
@@ -102,9 +105,15 @@ def _as_hub_error(err: BaseException, what: str) -> HubError | None:
             f"cannot {what}: HF_HUB_OFFLINE is set",
             hint="unset HF_HUB_OFFLINE to push; `push --dry-run` works offline",
         )
+    if status == 401 and token is None:
+        return HubError(
+            f"the Hub asks for a token to {what} (401 Unauthorized){said}, and none was sent: no --token, "
+            "no HF_TOKEN and no stored login were found",
+            hint=HOW_TO_LOG_IN,
+        )
     if status == 401:
         return HubError(
-            f"the Hub refused the credentials when trying to {what} (401 Unauthorized){said}",
+            f"the Hub refused the token from {token} when trying to {what} (401 Unauthorized){said}",
             hint="set HF_TOKEN or run `hf auth login` (or pass --token); the token needs write access",
         )
     if status == 403:
@@ -147,9 +156,10 @@ def _as_hub_error(err: BaseException, what: str) -> HubError | None:
 class Retry:
     """Run one step, retrying transient failures with bounded exponential backoff (with jitter).
 
-    ``deadline``: seconds after which a step starts no further attempt (``None``: only ``max_retries``
-    bounds it); a step thus ends within ``deadline`` plus one request timeout. ``endpoint`` names the Hub
-    in messages.
+    ``deadline``: seconds after which a step ends, the request in flight included however its server
+    trickles (:func:`~persimmon_tools.hub.network.step_deadline`), and no further attempt starts (``None``:
+    only ``max_retries`` bounds it). ``endpoint`` names the Hub in messages; ``token`` where the token sent
+    comes from (``None``: none is sent, and a 401 says so).
     """
 
     def __init__(
@@ -160,12 +170,17 @@ class Retry:
         *,
         deadline: float | None = None,
         endpoint: str = "the Hub",
+        token: str | None = "a token",
     ) -> None:
         self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
-        self.deadline, self.endpoint = deadline, endpoint
+        self.deadline, self.endpoint, self.token = deadline, endpoint, token
 
     def __call__(self, what: str, fn: Callable[[], T], *, deadline: bool = True) -> T:
         """Run ``fn``; ``deadline=False`` for a step whose length grows with the data (the upload)."""
+        with step_deadline(self.deadline if deadline else None):  # also cuts the request in flight
+            return self._attempts(what, fn, deadline)
+
+    def _attempts(self, what: str, fn: Callable[[], T], deadline: bool) -> T:
         attempt, start = 0, time.monotonic()
         while True:
             try:
@@ -179,7 +194,7 @@ class Retry:
                         f"cannot reach {self.endpoint} to {what}: {reason}", hint=_REACH_HINT
                     ) from err
                 if not _is_transient(err):
-                    mapped = _as_hub_error(err, what)
+                    mapped = _as_hub_error(err, what, self.token)
                     if mapped is None:
                         raise
                     raise mapped from err
@@ -189,7 +204,8 @@ class Retry:
                 elapsed = time.monotonic() - start
                 late = deadline and self.deadline is not None and elapsed + delay >= self.deadline
                 if attempt > self.max_retries or late:
-                    tried = f"{attempt} attempt" + ("s" * (attempt > 1)) + f" in {elapsed:.0f} s"
+                    took = f"{elapsed:.1f}" if elapsed < 10 else f"{elapsed:.0f}"
+                    tried = f"{attempt} attempt" + ("s" * (attempt > 1)) + f" in {took} s"
                     if _status(err) is not None:
                         raise HubError(
                             f"could not {what}: the Hub kept failing ({cause}) after {tried}",

@@ -26,8 +26,8 @@ from persimmon_tools.conversion.fingerprint import (
     VerificationStatus,
     verification_status,
 )
-from persimmon_tools.errors import HubError
-from persimmon_tools.hub.model_card import build_model_card, detect_variant, folder_digest, read_record
+from persimmon_tools.errors import HubError, UsageError
+from persimmon_tools.hub.model_card import build_model_card, folder_digest, folder_variant, read_record
 from persimmon_tools.safe_read import MAX_JSON_BYTES, describe_irregular, file_kind, read_small
 from persimmon_tools.safe_read import scan_folder as _walk
 
@@ -103,6 +103,40 @@ def scan_folder(folder: Path) -> FolderScan:
     return FolderScan(Path(folder), files)
 
 
+#: Files only a Megatron release has (what ``export`` and ``unpack`` write, what ``convert`` reads).
+_MEGATRON_FILES = ("model_optim_rng.pt", "latest_checkpointed_iteration.txt")
+_EXPORT_RECORD = "export.json"
+
+
+def refuse_megatron_release(scan: FolderScan) -> None:
+    """Refuse a folder holding a Megatron release (``export``'s output, an extracted release) and no
+    ``config.json``: it is no converted Hugging Face folder, whatever its verification says.
+
+    Raises:
+        UsageError: naming the Megatron files found, with a hint to convert it first.
+    """
+    found = sorted(
+        rel for rel in scan.files if rel == _EXPORT_RECORD or rel.rsplit("/", 1)[-1] in _MEGATRON_FILES
+    )
+    if not found or "config.json" in scan.files:
+        return
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    raise UsageError(
+        f"{scan.folder} is not a converted Hugging Face folder: it holds a Megatron release "
+        f"({', '.join(found[:3])}{more}; no config.json), which push does not publish",
+        hint=f"convert it first (persimmon-tools convert {scan.folder} ./hf-out, then verify ./hf-out) and "
+        "push that folder, or push the Hugging Face folder it was exported from",
+    )
+
+
+def check_records(folder: Path) -> None:
+    """Read ``conversion.json`` and ``verification.json`` once before anything else is judged, so that a
+    damaged record (not JSON, a link, a value of the wrong type) is named as such, key included, rather
+    than reported as a stale verification (:func:`~persimmon_tools.hub.model_card.read_record`)."""
+    for name in (CONVERSION_FILE, VERIFICATION_FILE):
+        read_record(folder, name)
+
+
 def read_verification_report(folder: Path) -> bytes | None:
     """The bytes of ``verification.json`` (sent as read, so what was checked is what is sent); None if absent."""
     path = folder / VERIFICATION_FILE
@@ -162,7 +196,7 @@ def choose_card(
 
 
 def default_message(folder: Path, verified: bool) -> str:
-    variant = detect_variant(read_record(folder, CONVERSION_FILE), read_record(folder, VERIFICATION_FILE))
+    variant = folder_variant(folder).variant
     name = {"base": "Persimmon-8B base", "chat": "Persimmon-8B chat"}.get(variant, "Persimmon-8B")
     return f"Upload {name} converted by persimmon-tools {__version__}" + ("" if verified else " (unverified)")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -23,10 +23,13 @@ from huggingface_hub import ModelCard, ModelCardData
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
 from persimmon_tools.errors import HubError, UsageError
-from persimmon_tools.megatron.variant import name_says
+from persimmon_tools.hub.records import check_record_types
+from persimmon_tools.hub.variant import VariantEvidence, detect_variant, variant_evidence
 from persimmon_tools.safe_read import format_size, read_json_record
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["build_model_card", "detect_variant", "folder_variant", "folder_digest", "read_record"]
 
 DEFAULT_LICENSES = {"base": "apache-2.0", "chat": "cc-by-nc-4.0"}
 BASE_MODELS = {"base": "adept/persimmon-8b-base", "chat": "adept/persimmon-8b-chat"}
@@ -39,36 +42,28 @@ def read_record(folder: Path, name: str) -> dict[str, Any] | None:
 
     A record that is there but is a link, FIFO or other non-regular file, larger than
     :data:`~persimmon_tools.safe_read.MAX_JSON_BYTES`, not UTF-8 JSON or not a JSON object raises
-    :class:`~persimmon_tools.errors.HubError` naming the file (it is never read through a link).
+    :class:`~persimmon_tools.errors.HubError` naming the file (it is never read through a link), and so does
+    a value of a type push cannot use (:func:`~persimmon_tools.hub.records.check_record_types`).
     """
-    return read_json_record(
+    record = read_json_record(
         Path(folder) / name,
         what=f"the {name} record",
         error=HubError,
         hint=f"{name} is damaged; convert (or verify) again to re-create it",
     )
+    if record is not None:
+        check_record_types(Path(folder) / name, record)  # a value of the wrong type: named, no traceback
+    return record
 
 
-def detect_variant(conversion: dict[str, Any] | None, verification: dict[str, Any] | None) -> str:
-    """``"base"``, ``"chat"`` or ``"unknown"``, as the records say.
-
-    Since 0.1.0 (2026-11-29) the records carry the variant decided by the release's own name
-    (:mod:`persimmon_tools.megatron.variant`) and ``variant_from``, which says why: an ``unknown`` there is
-    final. Older records without ``variant_from`` fall back to the release file's own name (never to other
-    words of its path: ``chat_experiments/8b_base_model_release.tar`` is a base model).
-    """
-    sources = [(rec or {}).get("source") or {} for rec in (conversion, verification)]
-    for src in sources:
-        if src.get("variant") in ("base", "chat"):
-            return src["variant"]
-    for src in sources:
-        if src.get("variant_from"):
-            continue  # decided from the release's name: unknown is the answer
-        name = src.get("name") or PurePosixPath(str(src.get("path") or "")).name
-        said = name_says(name)
-        if said in ("base", "chat"):
-            return said
-    return "unknown"
+def folder_variant(folder: Path) -> VariantEvidence:
+    """Base or chat from every record of ``folder`` (:func:`~persimmon_tools.hub.variant.variant_evidence`:
+    the recorded variant or release name, and ``convert --chat``), with where it came from."""
+    return variant_evidence(
+        read_record(folder, CONVERSION_FILE),
+        read_record(folder, VERIFICATION_FILE),
+        read_record(folder, "tokenizer_config.json"),
+    )
 
 
 def folder_digest(files: dict[str, dict[str, Any]]) -> str:
@@ -274,13 +269,16 @@ def build_model_card(
     folder = Path(folder)
     conv = read_record(folder, CONVERSION_FILE) or {}
     ver = read_record(folder, VERIFICATION_FILE) or {}
-    variant = detect_variant(conv, ver)
-    license = license or DEFAULT_LICENSES.get(variant)
-    if license is None:
+    evidence = folder_variant(folder)
+    variant = evidence.variant
+    if license is None and variant not in DEFAULT_LICENSES:
         raise UsageError(
-            f"cannot tell whether {folder} holds the base or the chat model, so the licence is unknown",
+            f"cannot tell whether {folder} holds the base or the chat model, so the licence is unknown: "
+            f"{evidence.origin}",
             hint="pass --license apache-2.0 (base) or --license cc-by-nc-4.0 (chat), as ADEPT's README states",
         )
+    chosen = f"`{license}`, set with --license" if license else None
+    license = license or DEFAULT_LICENSES[variant]
     if files is None:
         recorded = ver.get("files")
         files = recorded if isinstance(recorded, dict) and recorded else fingerprint_folder(folder)
@@ -314,7 +312,18 @@ def build_model_card(
     ]
     if not verified:
         body += ["", "> **Unverified upload**: see [Verification](#verification)."]
-    body += ["", "## Licence", "", licence_note, ""]
+    said = (
+        f"**{variant}**, from {evidence.origin}" if variant != "unknown" else f"unknown ({evidence.origin})"
+    )
+    body += [
+        "",
+        "## Licence",
+        "",
+        licence_note,
+        "",
+        f"Variant: {said}" + (f"; licence {chosen}." if chosen else "."),
+    ]
+    body += [""]
     body += _provenance(conv, ver, files) + [""]
     body += _verification(ver, verified, unverified_reason) + [""]
     add_bos = (read_record(folder, "tokenizer_config.json") or {}).get("add_bos_token")

@@ -49,6 +49,7 @@ class PushPlan:
     files: tuple[PlannedFile, ...]
     remote_unknown: str | None = None  # dry run without the Hub: why its state is unknown
     remote_private: bool | None = None  # dry run: the existing repo's visibility on the Hub (None: not known)
+    token: str = ""  # where the token comes from, or that none was found (never the token itself)
 
     @property
     def is_default_revision(self) -> bool:

@@ -34,14 +34,17 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import fingerprint_folder
 from persimmon_tools.errors import HubError, Interrupted, UsageError
+from persimmon_tools.hub.credentials import HOW_TO_LOG_IN, find_token, needs_token_up_front, no_token_error
 from persimmon_tools.hub.errors import HubUnreachable, Retry, signals_raise_interrupt
 from persimmon_tools.hub.local import (
     FolderScan,
+    check_records,
     check_verification,
     choose_card,
     commit_description,
     default_message,
     read_verification_report,
+    refuse_megatron_release,
     scan_folder,
     verification_state,
 )
@@ -91,7 +94,9 @@ class PushOptions:
         revision: Target branch (created from ``main`` when missing) or an existing ``refs/pr/N``.
         create_pr: Open a pull request against ``revision`` (default ``main``) instead of committing to it.
         commit_message: Commit title; the default names the model and the tool.
-        token: Hub token; default ``HF_TOKEN``, then the token stored by ``hf auth login``.
+        token: Hub token; default ``HF_TOKEN``, then the token stored by ``hf auth login``. With none at all a
+            push to huggingface.co is refused before anything is read (HubError); to another endpoint it is
+            tried (with a warning); ``dry_run`` says a real push would need one.
         endpoint: Hub URL (``http(s)://host[:port]``); default ``HF_ENDPOINT``, then https://huggingface.co.
         dry_run: Only read the remote and return the plan; upload nothing. Without the Hub (offline,
             unreachable) the plan has ``remote_unknown`` set to the reason.
@@ -164,12 +169,26 @@ def _push(folder: Path, repo_id: str, options: PushOptions, call: Retry) -> Push
     _check_args(folder, repo_id, options.card, call.max_retries)
     endpoint = call.endpoint = resolve_endpoint(options.endpoint, constants.ENDPOINT)
     offline = constants.is_offline_mode()
+    token = find_token(options.token)
+    call.token = token.source
+    if not token.found and not options.dry_run:  # before hashing gigabytes: say so first
+        if needs_token_up_front(endpoint):
+            raise no_token_error(endpoint, offline=offline)
+        logger.warning(
+            "No Hub token found (no --token, no HF_TOKEN, no stored login): pushing to %s without one; it "
+            "refuses unless it accepts anonymous writes",
+            endpoint,
+        )
     if offline and not options.dry_run:  # before hashing gigabytes: this push cannot happen
         raise HubUnreachable(
-            f"cannot push to {endpoint}: HF_HUB_OFFLINE is set",
-            hint="unset HF_HUB_OFFLINE to push; `push --dry-run` shows the local plan offline",
+            f"cannot push to {endpoint}: HF_HUB_OFFLINE is set"
+            + ("" if token.found else ", and no Hub token was found"),
+            hint="unset HF_HUB_OFFLINE to push; `push --dry-run` shows the local plan offline"
+            + ("" if token.found else f"; {HOW_TO_LOG_IN}"),
         )
     scan = scan_folder(folder)  # refuses links and special files before anything in the folder is read
+    refuse_megatron_release(scan)  # an export's output: "not converted", not "not verified"
+    check_records(folder)  # a damaged record is named (file and key), not judged "stale"
     status = verification_state(folder)  # the same judgement as `inspect`'s verification status
     problems, recorded = list(status.problems), status.recorded
     if problems and not options.allow_unverified:
@@ -201,6 +220,7 @@ def _push(folder: Path, repo_id: str, options: PushOptions, call: Retry) -> Push
         card=card_text,
         commit_message=options.commit_message or default_message(folder, verified),
         files=(),
+        token=token.describe(),
     )
     if options.dry_run:
         plan = dry_run_plan(api, plan, local, call, "HF_HUB_OFFLINE is set" if offline else None)

@@ -2,10 +2,14 @@
 
 Each shard's ``ckpt["model"]`` is flattened with dots (spec §B.2). Pipeline stages number their layers
 from 0; stage ``s`` is shifted by the number of layers in stages ``< s``. Tensor-parallel ranks are merged
-per the mapping table's parallel kind (:mod:`persimmon_tools.ops`); replicated tensors are checked equal.
-Only ``ckpt["model"]``, ``ckpt["iteration"]`` and ``ckpt["args"]`` are used; optimizer state and RNG state
-are never read. Before merging, :mod:`persimmon_tools.megatron.consistency` checks that the shards belong
-together (same iteration and args, stage roles, canonical layer numbers).
+per the mapping table's parallel kind (:mod:`persimmon_tools.ops`); replicated tensors are checked equal,
+except ``rotary_emb.inv_freq``: every rank's copy of it is kept (:attr:`MergedTensor.parts`) and checked
+against the rotary base by :func:`persimmon_tools.conversion.config.derive_dims`, which can say what base a
+wrong copy implies. Only ``ckpt["model"]``, ``ckpt["iteration"]``, ``ckpt["args"]`` and
+``ckpt["checkpoint_version"]`` are used; optimizer state and RNG state are never read. Before merging,
+:mod:`persimmon_tools.megatron.consistency` checks that the shards belong together (same iteration, args
+and checkpoint_version, stage roles, canonical layer numbers) and refuses a ``checkpoint_version`` below 2.0
+(:func:`~persimmon_tools.megatron.consistency.check_checkpoint_version`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 import torch
 
 from persimmon_tools.errors import CheckpointError
-from persimmon_tools.mapping import parallel_kind
+from persimmon_tools.mapping import INV_FREQ, match_source, parallel_kind
 from persimmon_tools.megatron.consistency import (
     check_args,
+    check_checkpoint_versions,
     check_iterations,
     check_layer_keys,
     check_rank_positions,
@@ -137,11 +142,22 @@ class Checkpoint:
     globals_seen: dict[str, str]
     top_level_keys: list[str]
     non_tensor_leaves: list[str] = field(default_factory=list)
-    checkpoint_version: Any = None  # ckpt["checkpoint_version"] of the first shard, when present
+    #: ``ckpt["checkpoint_version"]`` as saved, the same in every shard and >= 2.0; None when absent (ADEPT's
+    #: loader never reads it: :func:`~persimmon_tools.megatron.consistency.check_checkpoint_version`)
+    checkpoint_version: float | int | None = None
+    #: merged key -> (pipeline stage, the key as that stage's shards spell it: stage-local layer numbers)
+    origin: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def tensor(self, key: str) -> torch.Tensor:
         """Materialise one merged tensor by its Megatron key."""
         return self.tensors[key].materialize()
+
+    def shard_of(self, key: str, tp_rank: int = 0) -> str:
+        """Where tensor-parallel rank ``tp_rank``'s part of merged ``key`` is stored, for messages: the shard
+        (``iter_0001251/mp_rank_01_001``), and the key as that shard spells it when it differs."""
+        stage, local = self.origin.get(key, (0, key))
+        label = self.release.shard_label((tp_rank, stage))
+        return label if local == key else f"{label} (as {local})"
 
 
 _MAX_DEPTH = 16  # ckpt["model"] nests 4 deep (spec §B.2)
@@ -210,12 +226,14 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
         check_layer_keys(list(flat), release.shard_label(rank))
     iteration = check_iterations(release, objects)
     check_args(release, objects)
+    version = check_checkpoint_versions(release, objects)
     # roles first: "stages out of order" explains a swap better than the saving rank does
     check_stage_roles(release, {pp: list(flats[(0, pp)][0]) for pp in range(release.pp)})
     check_rank_positions(release, objects)
 
     # Pipeline stages: shift stage-local layer numbers by the layer count of the earlier stages.
     stage_keys: dict[int, dict[int, dict[str, LazyTensor]]] = {}
+    local_names: dict[int, dict[str, str]] = {pp: {} for pp in range(release.pp)}  # renamed keys only
     offset = 0
     for pp in range(release.pp):
         layers = {layer_index(k) for k in flats[(0, pp)][0] if layer_index(k) is not None}
@@ -230,9 +248,12 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
             stage_keys.setdefault(pp, {})[tp] = {
                 renumber_layer(k, offset) if offset else k: v for k, v in flat.items()
             }
+        if offset:
+            local_names[pp] = {renumber_layer(k, offset): k for k in flats[(0, pp)][0]}
         offset += len(layers)
 
     tensors: dict[str, MergedTensor] = {}
+    origin: dict[str, tuple[int, str]] = {}
     for pp, by_tp in stage_keys.items():
         keysets = {tp: set(d) for tp, d in by_tp.items()}
         for tp, ks in keysets.items():
@@ -250,6 +271,7 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
                 )
             parts = tuple(by_tp[tp][key] for tp in range(release.tp))
             tensors[key] = _merge(key, parts)
+            origin[key] = (pp, local_names[pp].get(key, key))
     return Checkpoint(
         release=release,
         tensors=tensors,
@@ -258,7 +280,8 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
         globals_seen=globals_seen,
         top_level_keys=sorted(map(str, first)) if isinstance(first, dict) else [],
         non_tensor_leaves=odd,
-        checkpoint_version=first.get("checkpoint_version") if isinstance(first, dict) else None,
+        checkpoint_version=version,
+        origin=origin,
     )
 
 
@@ -274,6 +297,11 @@ def _merge(key: str, parts: tuple[LazyTensor, ...]) -> MergedTensor:
         if kind is None:
             kind = Parallel.REPLICATED  # unknown keys are reported by the mapping step; compare them anyway
         merged_shape([p.shape for p in parts], kind, key)  # raises when the shard shapes do not fit
-        if kind.concat_dim is None:
+        if kind.concat_dim is None and not _is_inv_freq(key):  # inv_freq: derive_dims checks every copy
             check_replicated([p.materialize() for p in parts], key)
     return MergedTensor(key, parts, kind)
+
+
+def _is_inv_freq(key: str) -> bool:
+    match = match_source(key)
+    return match is not None and match.rule is INV_FREQ

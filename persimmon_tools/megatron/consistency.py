@@ -12,7 +12,9 @@ otherwise merge without a word into weights that differ from the source. Checks:
   folder position in Megatron's rank layout (tensor rank fastest, pipeline stage outermost);
 - stage roles: the word embedding only on the first pipeline stage, the final layernorm and the output
   head only on the last, stage-local layer numbers ``0..n-1`` on every stage;
-- layer numbers are canonical ASCII decimals (``5``, never ``05``, ``+5`` or ``٥``).
+- layer numbers are canonical ASCII decimals (``5``, never ``05``, ``+5`` or ``٥``);
+- every shard's ``checkpoint_version`` is the same (absent from every shard, or one number in all), and
+  :func:`check_checkpoint_version` accepts it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.lazy import LazyTensor
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.megatron.unpickle import Opaque
-from persimmon_tools.safe_graph import small_repr
+from persimmon_tools.safe_graph import Budget, small_repr
 
 Rank = tuple[int, int]  # (tensor rank, pipeline stage)
 
@@ -112,7 +114,7 @@ def check_iterations(release: Release, objects: dict[Rank, Any]) -> int | None:
     value = values[first]
     if value is not None and release.iteration is not None and value != release.iteration:
         raise CheckpointError(
-            f"{release.shard_label(first)}: the checkpoint says iteration {value} but its folder says "
+            f"{release.shard_label(first)}: the checkpoint says iteration {_show(value)} but its folder says "
             f"{release.iteration}",
             hint="the shard was copied from another iteration or the folder was renamed; use the iter_* folder "
             "the checkpoint was saved in",
@@ -126,16 +128,24 @@ def check_iterations(release: Release, objects: dict[Rank, Any]) -> int | None:
 _MAX_NODES = 1_000_000  # real args hold a few hundred scalars; a pickle can share one list a million times
 
 
-def _canon(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
+def _args_budget() -> Budget:
+    """The visits every comparison of one release's args may make together (see :func:`_canon`)."""
+    return Budget(
+        "the checkpoint's args",
+        CheckpointError,
+        nodes=_MAX_NODES,
+        max_depth=12,
+        summary="the checkpoint's args are too large or too deeply nested to compare between shards",
+        hint="real Megatron args hold a few hundred plain values; the file is corrupt or was tampered with",
+    )
+
+
+def _canon(value: Any, budget: Budget | None = None, depth: int = 0) -> Any:
     """A comparable stand-in for an args value (pickled objects may be stand-ins, NaN, nested, shared,
-    cyclic); raises CheckpointError past :data:`_MAX_NODES` values."""
-    budget = [_MAX_NODES] if budget is None else budget
-    budget[0] -= 1
-    if budget[0] < 0 or depth > 12:
-        raise CheckpointError(
-            "the checkpoint's args are too large or too deeply nested to compare between shards",
-            hint="real Megatron args hold a few hundred plain values; the file is corrupt or was tampered with",
-        )
+    cyclic); every value visited, a shared one once per visit, is spent from ``budget`` (CheckpointError past
+    :data:`_MAX_NODES` values, 64 MiB of text or 12 levels)."""
+    budget = _args_budget() if budget is None else budget
+    budget.visit(value, depth)
     if isinstance(value, float):
         return ("float", "nan" if math.isnan(value) else value)
     if value is None or isinstance(value, bool | int | str | bytes):
@@ -146,9 +156,10 @@ def _canon(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
             type(value).__name__,
             tuple(sorted(items, key=repr) if isinstance(value, set | frozenset) else items),
         )
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # keys canonical too: their repr may be truncated (stand-ins) or huge
         pairs = sorted(
-            ((repr(k), _canon(v, budget, depth + 1)) for k, v in value.items()), key=lambda kv: kv[0]
+            ((_canon(k, budget, depth + 1), _canon(v, budget, depth + 1)) for k, v in value.items()),
+            key=lambda kv: repr(kv[0]),
         )
         return ("dict", tuple(pairs))
     if isinstance(value, argparse.Namespace):
@@ -156,6 +167,8 @@ def _canon(value: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
     if isinstance(value, Opaque):
         parts = (value.args, value.kwargs, value.state)
         return ("opaque", value.qualname, *(_canon(p, budget, depth + 1) for p in parts))
+    if isinstance(value, slice):
+        return ("slice", *(_canon(p, budget, depth + 1) for p in (value.start, value.stop, value.step)))
     if isinstance(value, torch.dtype):
         return ("dtype", str(value))
     if isinstance(value, LazyTensor):
@@ -177,7 +190,7 @@ def check_args(release: Release, objects: dict[Rank, Any]) -> None:
     ranks = sorted(args)
     first = ranks[0]
     ref = _fields(args[first])
-    budget = [_MAX_NODES]  # shared by every comparison below
+    budget = _args_budget()  # shared by every comparison below
     ref_canon: dict[str, Any] = {}
 
     def canon(fields: dict[str, Any], name: str) -> Any:
@@ -271,3 +284,82 @@ def check_stage_roles(release: Release, stage_keys: dict[int, list[str]]) -> Non
             hint="the mp_rank_XX_YYY folders were swapped, renamed or mixed from different releases; "
             "restore the names Megatron gave them (stage 000 holds the embedding, the last stage the head)",
         )
+
+
+# ---- checkpoint_version ----------------------------------------------------------------------------------
+
+#: Megatron-LM's legacy loader (``megatron/checkpointing.py``) calls ``fix_query_key_value_ordering`` on
+#: checkpoints whose ``checkpoint_version`` is below this: their fused query_key_value rows are in another order.
+MIN_CHECKPOINT_VERSION = 2.0
+
+
+def check_checkpoint_version(value: Any, where: str) -> float | None:
+    """The one rule for ``ckpt["checkpoint_version"]`` (convert's reader, export; verify has its own copy).
+
+    ``None`` (absent) is accepted and returns None: ADEPT's inference code never reads the key (spec §B.1,
+    ``_CHECKPOINT_VERSION`` is never set) and its releases were written and served by that code, so an absent
+    version says nothing about the layout (Megatron-LM would read absent as 0; we do not). A present version
+    must be a real, finite number (``int`` or ``float``, not ``bool``) of at least
+    :data:`MIN_CHECKPOINT_VERSION`: older checkpoints hold their fused query_key_value rows in an order that
+    Megatron-LM reorders on load, which persimmon-tools does not re-implement. Returns the version as a float;
+    raises :class:`CheckpointError` naming ``where`` (the shard or record the value came from) otherwise.
+    """
+    if value is None:
+        return None
+    finite = isinstance(value, int | float) and not isinstance(value, bool)
+    try:
+        finite = finite and math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        finite = False
+    if not finite:
+        shown = f"<{value.bit_length()}-bit integer>" if isinstance(value, int) else _show(value)
+        raise CheckpointError(
+            f"{where}: checkpoint_version is {shown} ({type(value).__name__}); Megatron saves a number "
+            "(current Megatron-LM: 3.0)",
+            hint="the file is corrupt or was tampered with; load and save it again with a current Megatron-LM",
+        )
+    version = float(value)
+    if version < MIN_CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{where}: checkpoint_version is {_show(value)}, older than {MIN_CHECKPOINT_VERSION}. Megatron-LM's "
+            "loader reorders the fused query_key_value rows of such checkpoints "
+            "(fix_query_key_value_ordering); persimmon-tools does not re-implement that reordering, so their "
+            "rows would be copied in an order Megatron never computes with",
+            hint="load the checkpoint with a current Megatron-LM and save it again (it writes "
+            "checkpoint_version 3.0), then convert that",
+        )
+    return version
+
+
+def _version_key(value: Any) -> tuple[Any, ...]:
+    """What two shards' ``checkpoint_version`` must share: absent, a number (3 == 3.0, NaN == NaN), or else
+    the type and a bounded repr."""
+    if value is None or isinstance(value, bool):
+        return ("absent",) if value is None else ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", "nan" if value != value else value)
+    return ("other", type(value).__name__, small_repr(value, 200))
+
+
+def check_checkpoint_versions(release: Release, objects: dict[Rank, Any]) -> float | int | None:
+    """Every shard's ``checkpoint_version`` agrees (absent everywhere, or the same number everywhere) and
+    :func:`check_checkpoint_version` accepts it; returns the value as saved (None when absent)."""
+    values = {r: o.get("checkpoint_version") if isinstance(o, dict) else None for r, o in objects.items()}
+    ranks = sorted(values)
+    first = ranks[0]
+    for rank in ranks[1:]:
+        if _version_key(values[rank]) != _version_key(values[first]):
+            a, b = (
+                "no checkpoint_version" if values[r] is None else f"checkpoint_version {_show(values[r])}"
+                for r in (first, rank)
+            )
+            raise CheckpointError(
+                f"shards disagree on their checkpoint_version: {release.shard_label(first)} holds {a} but "
+                f"{release.shard_label(rank)} holds {b}",
+                hint=_HINT_MIXED,
+            )
+    where = (
+        release.shard_label(first) if len(ranks) == 1 else f"every shard ({release.shard_label(first)}, ...)"
+    )
+    check_checkpoint_version(values[first], where)
+    return values[first]

@@ -5,7 +5,9 @@ SOURCE may be:
 - an extracted release folder (holding ``latest_checkpointed_iteration.txt``, ``adept_vocab.model``,
   ``iter_XXXXXXX/``);
 - one ``iter_XXXXXXX`` folder (shards ``mp_rank_XX`` or ``mp_rank_XX_YYY`` inside);
-- one ``model_optim_rng.pt`` file.
+- one ``model_optim_rng.pt`` file, or the ``mp_rank_XX`` (``mp_rank_XX_YYY``) folder holding it: the same
+  single shard (TP=1, PP=1); a folder that is one rank of a sharded release (other ``mp_rank_*`` beside it,
+  a rank other than 0, or args saying TP or PP > 1) is refused, naming the ``iter_*`` folder to give instead.
 
 The iteration comes from ``latest_checkpointed_iteration.txt`` when present, else from the only
 ``iter_*`` folder (spec §A). Shards form a complete TP×PP grid: ``mp_rank_{tp:02d}`` without pipeline
@@ -44,6 +46,7 @@ _SHARD_RE = re.compile(
 #: Anything that looks like a shard path; one that is not also canonical (_SHARD_RE) is refused.
 _SHARD_LIKE_RE = re.compile(r"(?:^|/)iter_[^/]*/mp_rank_[^/]*/(?:model_optim_rng|model_rng)\.pt$")
 _ITER_DIR_RE = re.compile(r"iter_[0-9]+")
+_RANK_DIR_RE = re.compile(r"mp_rank_(?P<tp>[0-9]{2})(?:_(?P<pp>[0-9]{3}))?")
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,9 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt",
         )
     own_name = Path(os.path.abspath(source)).name  # "." and ".." resolved, symlinks kept as named
-    if source.is_dir():
+    if source.is_dir() and _RANK_DIR_RE.fullmatch(own_name):
+        release = _rank_folder(source)
+    elif source.is_dir():
         kind = "iteration" if _ITER_DIR_RE.fullmatch(source.name) else "folder"
         tree = _folder_tree(source)
         if kind == "iteration":
@@ -350,6 +355,70 @@ def _single_pt(source: Path) -> Release:
         variant_from=variant_from if witnesses else "unknown: the .pt file is not inside a release folder",
         shard_dirs={(0, 0): rel.rsplit("/", 1)[0] if m else here.name},
     )
+
+
+def _rank_folder(source: Path) -> Release:
+    """An ``mp_rank_XX`` / ``mp_rank_XX_YYY`` folder: its one shard, read as that ``.pt`` file would be
+    (:func:`_single_pt`), when it is a whole checkpoint (TP=1, PP=1); one rank of a sharded release is
+    refused, naming the folders to give instead."""
+    here = Path(os.path.abspath(source))
+    files = [source / n for n in SHARD_FILES if os.path.lexists(source / n)]
+    if not files:
+        raise ReleaseError(
+            f"{source}: no checkpoint found (expected {SHARD_FILES[0]} inside this mp_rank folder)",
+            hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt file",
+        )
+    if len(files) > 1:
+        raise ReleaseError(
+            f"{source}: two checkpoint files, {files[0].name} and {files[1].name}",
+            hint="keep either model_optim_rng.pt or model_rng.pt",
+        )
+    m = _RANK_DIR_RE.fullmatch(here.name)
+    assert m is not None  # open_release checked the name
+    rank = (int(m["tp"]), int(m["pp"] or 0))
+    shard = _release_file(files[0], files[0].name)  # a regular file, not a link, as in a release folder
+    siblings = sorted(
+        p.name for p in here.parent.iterdir() if p.name != here.name and p.name.startswith("mp_rank_")
+    )
+    reason = (
+        f"{here.parent.name} also holds {', '.join(siblings[:4])}{' ...' if len(siblings) > 4 else ''}"
+        if siblings
+        else f"it is rank {rank} (a single-shard checkpoint is mp_rank_00)"
+        if rank != (0, 0)
+        else _sharded_args(shard)
+    )
+    if reason:
+        where = (
+            f"the iter_* folder ({here.parent}) or the release folder above it"
+            if _ITER_DIR_RE.fullmatch(here.parent.name)
+            else "the iter_* folder holding every mp_rank_* folder of that iteration, or the release folder"
+        )
+        raise ReleaseError(
+            f"{source} is one rank of a sharded checkpoint ({reason}); a single mp_rank folder converts only "
+            "when the checkpoint is not sharded (TP=1, PP=1)",
+            hint=f"give {where} (or the release tarball): every tensor/pipeline rank is needed",
+        )
+    return _replace(_single_pt(files[0]), source=source, shards={(0, 0): shard})
+
+
+def _sharded_args(src: ByteSource) -> str:
+    """Why the shard's own args say it is one of several ("" when they do not; the pickle only is read)."""
+    from persimmon_tools.megatron.torchzip import load_checkpoint
+
+    obj = load_checkpoint(src).obj
+    args = obj.get("args") if isinstance(obj, dict) else None
+    said = [
+        f"args.{name} = {value}"
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+        if isinstance(value := getattr(args, name, None), int) and value > 1
+    ]
+    return ", ".join(said)
+
+
+def _replace(release: Release, **changes) -> Release:
+    from dataclasses import replace
+
+    return replace(release, **changes)
 
 
 def _replace_vocab(release: Release, vocab: ByteSource) -> Release:

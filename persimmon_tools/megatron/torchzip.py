@@ -2,11 +2,13 @@
 
 Layout: ``<prefix>/data.pkl`` (the pickled object; storages appear as persistent ids
 ``("storage", <Type>Storage, key, location, numel)``) and ``<prefix>/data/<key>`` records stored
-uncompressed. We parse the zip directory, check every record lies inside the file and that records do
-not overlap, unpickle ``data.pkl`` with :mod:`persimmon_tools.megatron.unpickle`, and hand out
-:class:`~persimmon_tools.megatron.lazy.LazyTensor` objects that point at the records' bytes. A storage is
-what ``torch.load`` builds: ``numel`` elements of its type (views are bounded by that, not by the record's
-size), one object per key (a key named again with another type is refused).
+uncompressed. We parse the zip directory, check that no record name appears twice (``torch.load`` would
+silently read the last one), that each record's local header names the same record as the directory, that
+every record lies inside the file and that records do not overlap, unpickle ``data.pkl`` with
+:mod:`persimmon_tools.megatron.unpickle`, and hand out :class:`~persimmon_tools.megatron.lazy.LazyTensor`
+objects that point at the records' bytes. A storage is what ``torch.load`` builds: ``numel`` elements of its
+type (views are bounded by that, not by the record's size), one object per key (a key named again with
+another type is refused).
 
 This is the one byte layer of the toolkit: ``convert``, ``inspect``, ``export`` and ``verify``'s reference
 side all read checkpoints through it; ``tests/megatron/test_byte_layer_oracle.py`` proves it against
@@ -32,6 +34,7 @@ from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.lazy import StorageRef
 from persimmon_tools.megatron.unpickle import restricted_loads
+from persimmon_tools.safe_graph import small_repr
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch's legacy magic number
 #: Largest data.pkl we unpickle. Real ones are ~150 kB for 8B (tensors live in records, not in the pickle);
@@ -84,9 +87,39 @@ class LoadedCheckpoint:
     records: int
 
 
+_TAMPERED = "the file is damaged or was tampered with; download it again"
+
+
+def _shown(name: str) -> str:
+    """A storage key or record name for messages: torch writes ``0``, ``archive/data/0``; a hostile pickle's
+    key may be megabytes long."""
+    return name if len(name) <= 80 else small_repr(name, 80)
+
+
+def _check_unique_names(zf: zipfile.ZipFile, src: ByteSource) -> None:
+    """Refuse a record name listed twice in the zip directory: ``torch.load`` reads the last of them, other
+    zip readers the first, so the file means two different checkpoints."""
+    seen: set[str] = set()
+    for info in zf.infolist():
+        if info.filename in seen:
+            raise CheckpointError(
+                f"{src.name}: the zip holds two records named {small_repr(info.filename, 120)} (torch.load "
+                "would silently read the last one)",
+                hint=_TAMPERED,
+            )
+        seen.add(info.filename)
+
+
+def _local_name(info: zipfile.ZipInfo, header: bytes, fh) -> str:
+    """The record name in a local file header (decoded as :mod:`zipfile` decodes the directory's)."""
+    raw = fh.read(struct.unpack("<H", header[26:28])[0])
+    return raw.decode("utf-8" if info.flag_bits & 0x800 else "cp437", errors="replace")
+
+
 def _record_offsets(zf: zipfile.ZipFile, src: ByteSource, fh) -> dict[str, tuple[int, int]]:
     """``{record name: (absolute data offset, size)}`` for every zip entry, validated."""
     spans = {}
+    misnamed = []  # checked after the overlaps, which explain a record pointing at another one better
     for info in zf.infolist():
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise CheckpointError(
@@ -107,6 +140,8 @@ def _record_offsets(zf: zipfile.ZipFile, src: ByteSource, fh) -> dict[str, tuple
                 hint="the file is truncated or corrupt; download it again",
             )
         name_len, extra_len = struct.unpack("<HH", header[26:30])
+        if _local_name(info, header, fh) != info.orig_filename:
+            misnamed.append(info.filename)
         start = info.header_offset + 30 + name_len + extra_len
         if start + info.file_size > src.size:
             raise CheckpointError(
@@ -122,6 +157,12 @@ def _record_offsets(zf: zipfile.ZipFile, src: ByteSource, fh) -> dict[str, tuple
                 f"{src.name}: zip records {name_a} and {name_b} overlap",
                 hint="the file is corrupt or was tampered with",
             )
+    if misnamed:
+        raise CheckpointError(
+            f"{src.name}: the zip directory's record {small_repr(misnamed[0], 120)} points at a local header "
+            "that names another record",
+            hint=_TAMPERED,
+        )
     return {name: (src.offset + a, n) for name, (a, n) in spans.items()}
 
 
@@ -153,6 +194,7 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
                 hint="the file is truncated or corrupt; download it again",
             ) from err
         with zf:
+            _check_unique_names(zf, src)
             pkl_names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pkl_names) != 1:
                 raise CheckpointError(
@@ -180,20 +222,22 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
         if key in made:
             if made[key].dtype != dtype:
                 raise CheckpointError(
-                    f"{src.name}: storage {key} is referenced as {made[key].dtype} and as {dtype}",
+                    f"{src.name}: storage {_shown(key)} is referenced as {made[key].dtype} and as {dtype}",
                     hint="torch.save writes each storage with one type; the file is corrupt or was tampered with",
                 )
             return made[key]
         name = f"{prefix}data/{key}"
         if name not in spans:
             raise CheckpointError(
-                f"{src.name}: the pickle references storage {key!r}, which has no record {name}",
+                f"{src.name}: the pickle references storage {small_repr(key, 60)}, which has no record "
+                f"{_shown(name)}",
                 hint="the file is truncated or corrupt",
             )
         offset, size = spans[name]
         if numel * dtype.itemsize > size:
             raise CheckpointError(
-                f"{src.name}: storage {key} claims {numel} x {dtype} but its record holds {size} bytes",
+                f"{src.name}: storage {_shown(key)} claims {numel} x {dtype} but its record holds "
+                f"{size} bytes",
                 hint="the file is corrupt or was tampered with",
             )
         # Views are bounded by the storage torch would build (numel elements), not by the record's size.

@@ -1,5 +1,11 @@
 """``unpack``: safe extraction of a release tarball, with the published md5 checked for known releases.
 
+DEST: an existing folder, or a path ending in ``/``, is a parent: the release goes into ``DEST/NAME/``,
+NAME being the archive's top folder (``8b_chat_model_release``) or, for an archive without one, its file
+name without ``.tar``; only ``DEST/NAME`` must be new (or empty), and nothing else in DEST is touched, so
+several releases unpack side by side. A DEST that does not exist yet is made and the archive extracted into
+it as it is (a release with a top folder then also lands in ``DEST/NAME/``).
+
 Safety rules: only regular files and folders are extracted; absolute paths, ``..`` components, symlinks,
 hard links, devices, FIFOs and sparse members make the whole extraction fail, as does a member bigger than
 the free space left; DEST may not be a symlink, and files are created with O_EXCL | O_NOFOLLOW. Files are
@@ -33,9 +39,10 @@ KNOWN_RELEASES = {
     "8b_chat_model_release.tar": "663aeace07269c44e90f4e8bcd07f32a",
 }
 _CHUNK = 8 << 20
-#: DEST: new or empty (``unpack`` has no --force); the shared staged output writes it (lock, marked temp
-#: folder beside DEST, recovery of a killed run's leftovers, rename into place).
+#: The folder unpack writes (DEST, or DEST/NAME): new or empty (``unpack`` has no --force); the shared staged
+#: output writes it (lock, marked temp folder beside it, recovery of a killed run's leftovers, rename).
 UNPACK_OUTPUT = OutputKind(label="DEST", error=ReleaseError, run="extraction")
+_TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class UnpackOptions:
 
 @dataclass(frozen=True)
 class UnpackResult:
+    """``dest``: the folder written (DEST, or ``DEST/NAME`` when DEST was a parent folder)."""
+
     dest: Path
     files: int
     bytes: int
@@ -107,23 +116,29 @@ def _refuse_sparse(member: tarfile.TarInfo, tar_path: Path) -> None:
 
 def unpack(
     tar_path: Path,
-    dest: Path,
+    dest: Path | str,
     options: UnpackOptions = UnpackOptions(),
     *,
     progress: Callable[[int], None] = lambda n: None,
 ) -> UnpackResult:
-    """Extract ``tar_path`` into ``dest`` (which must not exist, or be empty)."""
+    """Extract ``tar_path`` into ``dest``: a new folder, or ``dest/NAME`` when ``dest`` is an existing folder
+    or a ``str`` ending in ``/`` (module docstring); the folder written must be new or empty."""
+    parent = str(dest).endswith(("/", os.sep))
     tar_path, dest = Path(tar_path), Path(dest).absolute()
     refuse_symlink(dest, "DEST", ReleaseError)
     if not tar_path.is_file():
         raise ReleaseError(f"{tar_path} does not exist or is not a file", hint="check the path")
+    strip = None
+    if parent or dest.is_dir():
+        name, strip = _release_name(tar_path)
+        dest = dest / name
     expected = KNOWN_RELEASES.get(tar_path.name) if options.check_md5 else None
     protected = [("RELEASE_TAR", tar_path)]
     with (
         claim_output(dest, UNPACK_OUTPUT, force=False, protected=protected) as claim,
         claim.staging() as tmp,
     ):
-        files, total, digest = _extract(tar_path, tmp, dest, progress)
+        files, total, digest = _extract(tar_path, tmp, dest, progress, strip)
         if expected and digest != expected:
             raise ReleaseError(
                 f"{tar_path.name}: md5 {digest} does not match the published {expected}; nothing was extracted",
@@ -132,15 +147,53 @@ def unpack(
     return UnpackResult(dest, files, total, digest, expected)
 
 
-def _extract(tar_path: Path, tmp: Path, dest: Path, progress: Callable[[int], None]) -> tuple[int, int, str]:
-    """Extract every member into the staging folder ``tmp``; ``(files, bytes, md5 of the whole tar)``."""
+def _release_name(tar_path: Path) -> tuple[str, str | None]:
+    """The folder a release goes into below a parent DEST, and the top folder to strip from the members:
+    the archive's top folder (from its first member; reading it costs one header), else the file's name
+    without its ``.tar`` suffix (nothing stripped)."""
+    try:
+        with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+            for member in tf:
+                rel = safe_member_path(member.name, str(tar_path))
+                if rel == PurePosixPath("."):
+                    continue
+                if len(rel.parts) > 1 or member.isdir():
+                    return rel.parts[0], rel.parts[0]
+                break
+    except (tarfile.TarError, EOFError) as err:
+        raise ReleaseError(
+            f"{tar_path} is not a readable tar archive ({err})",
+            hint="the download is truncated or corrupt; download it again",
+        ) from err
+    stem = next((tar_path.name[: -len(s)] for s in _TAR_SUFFIXES if tar_path.name.endswith(s)), tar_path.name)
+    return (stem if stem not in ("", ".", "..") else "release"), None
+
+
+def _inside(rel: PurePosixPath, strip: str | None, member: str, tar_path: Path) -> PurePosixPath:
+    """``rel`` below the release folder ``strip`` (None: as it is); a member outside it is refused."""
+    if strip is None or rel == PurePosixPath("."):
+        return rel
+    if rel.parts[:1] != (strip,):
+        raise ReleaseError(
+            f"{tar_path}: member {member!r} lies outside {strip}/, the release folder the archive starts "
+            "with; nothing was extracted",
+            hint="unpack into a DEST that does not exist yet: the archive is then extracted as it is",
+        )
+    return PurePosixPath(*rel.parts[1:]) if len(rel.parts) > 1 else PurePosixPath(".")
+
+
+def _extract(
+    tar_path: Path, tmp: Path, dest: Path, progress: Callable[[int], None], strip: str | None
+) -> tuple[int, int, str]:
+    """Extract every member (below ``strip``, which is left out) into the staging folder ``tmp``;
+    ``(files, bytes, md5 of the whole tar)``."""
     files = total = 0
     with open(tar_path, "rb") as raw:
         reader = _HashingReader(raw, progress)
         try:
             with tarfile.open(fileobj=reader, mode="r|*", tarinfo=RecordingTarInfo) as tf:  # type: ignore[call-overload]
                 for member in tf:
-                    rel = safe_member_path(member.name, str(tar_path))
+                    rel = _inside(safe_member_path(member.name, str(tar_path)), strip, member.name, tar_path)
                     target = tmp / rel
                     if member.isdir():
                         target.mkdir(parents=True, exist_ok=True)
@@ -177,7 +230,6 @@ def _extract(tar_path: Path, tmp: Path, dest: Path, progress: Callable[[int], No
                             f"{tar_path}: member {member.name} is truncated",
                             hint="download the release again",
                         )
-                    os.chmod(target, 0o644)
                     files += 1
                     total += member.size
                 # tarfile stops silently at a damaged header; the rest must be the end-of-archive marker

@@ -9,12 +9,16 @@ code (or anything else a hostile file names). Here every global goes through :me
   (no bytes are read while unpickling);
 - ``tool_use.*``, ``megatron.*``, ``apex.*`` and numpy objects become :class:`Opaque` stand-ins that only
   record their name and arguments;
-- a handful of plain containers and dtypes are allowed as themselves;
+- a handful of plain containers and dtypes are allowed as themselves, ``torch.device`` as its name;
 - anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ``torch`` internals other than
   tensor rebuilds, ...) raises :class:`UnsafeCheckpointError` naming the global, before it is called;
 - ``BUILD`` (``__setstate__`` / ``__dict__`` update) is only allowed on stand-ins, ``argparse.Namespace`` and
   ``OrderedDict``: a pickle must not rewrite the fields of a validated tensor view or storage reference
   (e.g. point a tensor at ``/etc/passwd``).
+
+After loading, :func:`~persimmon_tools.safe_graph.check_tree` bounds what any later walk of the object can
+cost (values and text once shared parts are unfolded, nesting, integer sizes), and every message that shows
+a pickled value uses :func:`~persimmon_tools.safe_graph.small_repr`.
 
 It is the toolkit's only unpickler of checkpoints: convert, inspect, export and verify's reference side all
 read through it (``tests/megatron/test_byte_layer_oracle.py`` compares what it gives with ``torch.load``).
@@ -26,6 +30,7 @@ checkpoint's ``data.pkl`` is small (about 150 kB for 8B), so the speed differenc
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import io
@@ -38,6 +43,9 @@ import torch
 from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
 from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
 from persimmon_tools.safe_graph import MAX_KEY_NODES, check_tree, guard_pickle_hashing, small_repr
+
+#: torch stores sizes, strides, offsets and element counts as 64-bit integers.
+_INT64 = range(-(1 << 63), 1 << 63)
 
 #: Module prefixes whose classes become inert stand-ins (ADEPT / Megatron / numpy objects in args, rng state).
 OPAQUE_PREFIXES = ("tool_use.", "megatron.", "apex.", "numpy.", "transformer_engine.")
@@ -88,13 +96,18 @@ class Opaque:
         """The enum value for Enum stand-ins (``ModelBackend("megatron")``), else the first argument."""
         return self.args[0] if self.args else None
 
-    def __repr__(self) -> str:  # bounded: args may be a shared structure that unfolds exponentially
+    def __small_repr__(self, short: Any) -> str:
+        """How :func:`~persimmon_tools.safe_graph.small_repr` shows a stand-in: ``short`` renders each shown
+        argument one level down, so nested stand-ins sharing their arguments stay bounded."""
         inner = (
-            ", ".join(small_repr(a, 40) for a in self.args[:4])
+            ", ".join(short(a) for a in self.args[:4]) + (", ..." if len(self.args) > 4 else "")
             if self.args
             else ("..." if self.state is not None else "")
         )
         return f"{self.qualname}({inner})"
+
+    def __repr__(self) -> str:  # bounded: args may be a shared structure that unfolds exponentially
+        return small_repr(self, 200)
 
 
 class _StorageType:
@@ -112,14 +125,16 @@ def _opaque_class(module: str, name: str) -> type[Opaque]:
 
 
 def _view(offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """Offset, shape and stride as ints, checked here: messages about them must not ``repr`` a pickle bomb."""
+    """Offset, shape and stride as 64-bit ints, checked here: messages about them must not ``repr`` a pickle
+    bomb, and arithmetic on them (the view's extent) must not run on integers of millions of digits."""
     dims = (size, stride)
-    if type(offset) is not int or not all(
-        isinstance(d, tuple | list) and len(d) <= 64 and all(type(n) is int for n in d) for d in dims
+    if not (type(offset) is int and offset in _INT64) or not all(
+        isinstance(d, tuple | list) and len(d) <= 64 and all(type(n) is int and n in _INT64 for n in d)
+        for d in dims
     ):
         raise CheckpointError(
             f"malformed tensor view: offset {small_repr(offset, 30)}, size {small_repr(size, 60)}, "
-            f"stride {small_repr(stride, 60)} (expected integers)",
+            f"stride {small_repr(stride, 60)} (expected 64-bit integers)",
             hint="the checkpoint is corrupt or was tampered with",
         )
     return offset, tuple(size), tuple(stride)
@@ -181,6 +196,18 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     raise UnsafeCheckpointError(f"copyreg._reconstructor of {cls!r} is not allowed")
 
 
+def _device(kind: str, index: int | None = None) -> str:
+    """``torch.device(kind[, index])`` as its name (``"cpu"``, ``"cuda:0"``); only a short name and a small
+    index (``str()`` of a pickled shared structure would unfold all of it)."""
+    small_index = index is None or (type(index) is int and 0 <= index < 1 << 16)
+    if not (type(kind) is str and 0 < len(kind) <= 32 and small_index):
+        raise UnsafeCheckpointError(
+            f"torch.device with unexpected arguments ({small_repr(kind, 40)}, {small_repr(index, 40)})",
+            hint="torch pickles a device as torch.device('cuda', 0); the file is corrupt or tampered with",
+        )
+    return kind if index is None else f"{kind}:{index}"
+
+
 def _codecs_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8"):
         raise UnsafeCheckpointError("_codecs.encode with unexpected arguments")
@@ -205,7 +232,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("copy_reg", "_reconstructor"): _reconstructor,
     ("_codecs", "encode"): _codecs_encode,
-    ("torch", "device"): str,
+    ("torch", "device"): _device,
 }
 
 
@@ -225,6 +252,12 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
         self._resolve = storage_resolver
 
     def find_class(self, module: str, name: str) -> Any:
+        # As pickle does: protocol 2 (torch.save's) names Python 2 modules (__builtin__.set, copy_reg).
+        if self.proto < 3 and self.fix_imports:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         qual = f"{module}.{name}"
         if (module, name) in _ALLOWED:
             self.globals_seen.setdefault(qual, "allowed")
@@ -254,7 +287,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
             raise UnsafeCheckpointError(
                 f"{self.origin}: persistent id names {small_repr(storage_type)}, not a storage type"
             )
-        if type(key) is not str or type(numel) is not int or numel < 0:  # torch writes str and int
+        if type(key) is not str or type(numel) is not int or not 0 <= numel < 1 << 63:  # torch: str and int64
             raise UnsafeCheckpointError(f"{self.origin}: malformed storage reference {small_repr(pid)}")
         return self._resolve(key, storage_type.dtype, numel)
 
@@ -298,8 +331,11 @@ def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[A
     unpickler = RestrictedUnpickler(data, origin, storage_resolver)
     try:
         obj = unpickler.load()
-    except UnsafeCheckpointError:
-        raise
+    except CheckpointError as err:  # name the file and say what to do where a rebuild or check did not
+        if err.message.startswith(origin) and err.hint:
+            raise
+        message = err.message if err.message.startswith(origin) else f"{origin}: {err.message}"
+        raise type(err)(message, hint=err.hint or "the file is corrupt or was tampered with") from err
     except (
         pickle.UnpicklingError,
         EOFError,

@@ -247,5 +247,6 @@ def make_release(
         name = o.name or out.name.removesuffix(".tar")
         with claim.staged_file() as fh:
             write_release_tar(rel.files(name), fh, dump=dump_shard, progress=progress)
-    log.info("wrote %s (preset %s, TP=%d, PP=%d, %s, seed %d)", out, o.preset, o.tp, o.pp, dtype, o.seed)
+    # debug: the command's own summary line says what was written (one line, not two)
+    log.debug("wrote %s (preset %s, TP=%d PP=%d, %s, seed %d)", out, o.preset, o.tp, o.pp, dtype, o.seed)
     return out

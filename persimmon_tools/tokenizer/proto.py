@@ -173,6 +173,14 @@ def read_spm(sp_model: Path) -> SpmInfo:
             f"{sp_model} has {len(unk)} pieces of type UNKNOWN; SentencePiece requires exactly one",
             hint="the model is corrupt; SentencePiece itself refuses to load it",
         )
+    unk_surface = ts.unk_surface if ts.HasField("unk_surface") else " \u2047 "
+    if not isinstance(unk_surface, str):  # protobuf keeps a string field that is not UTF-8 as bytes
+        raise TokenizerError(
+            f"{sp_model}: the surface of the unknown piece (id {unk[0]}, {pieces[unk[0]]!r}), "
+            f"trainer_spec.unk_surface {bytes(unk_surface)!r}, is not valid UTF-8; decoding <unk> would "
+            "need it",
+            hint="the model file is corrupt or was edited; re-extract adept_vocab.model from the release",
+        )
     options = {
         name: getattr(ts, name)
         for name in (
@@ -199,7 +207,7 @@ def read_spm(sp_model: Path) -> SpmInfo:
         escape_whitespaces=ns.escape_whitespaces,
         treat_whitespace_as_suffix=ts.treat_whitespace_as_suffix,
         denormalizer_charsmap=bytes(proto.denormalizer_spec.precompiled_charsmap),
-        unk_surface=ts.unk_surface if ts.HasField("unk_surface") else " \u2047 ",
+        unk_surface=unk_surface,
         trainer_options=options,
     )
 

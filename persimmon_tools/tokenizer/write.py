@@ -8,7 +8,6 @@ parity check lives in :mod:`persimmon_tools.tokenizer.check`; the built-in sampl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -16,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
-from persimmon_tools.staged_output import staged_files
+from persimmon_tools.safe_write import refuse_file_in_path
+from persimmon_tools.staged_output import created_folders, staged_files
 from persimmon_tools.staged_record import OutputKind
 from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_info
 from persimmon_tools.tokenizer.check import ParityReport, check_parity, parity_report, require_parity
 from persimmon_tools.tokenizer.corpus import builtin_sample
 from persimmon_tools.tokenizer.proto import read_spm
 from persimmon_tools.tokenizer.reload import check_reload
-from persimmon_tools.tokenizer.spm import eod_piece, load_sp
+from persimmon_tools.tokenizer.spm import eod_piece, load_sp, piece_text
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -80,7 +80,7 @@ def special_tokens(sp_model: Path) -> dict[str, tuple[str, int] | None]:
 
 
 def _special_tokens(sp, origin: str) -> dict[str, tuple[str, int] | None]:
-    unk = (sp.id_to_piece(sp.unk_id()), sp.unk_id())
+    unk = (piece_text(sp, sp.unk_id(), origin), sp.unk_id())
     eod = eod_piece(sp, origin)  # the same piece config.json's bos/eos ids name
     return {"bos": eod, "eos": eod, "unk": unk}
 
@@ -117,9 +117,10 @@ class TokenizerOptions:
             as written by the toolkit are replaced; anything else is refused before writing.
         model_max_length: ``model_max_length`` in ``tokenizer_config.json`` (``convert`` passes the
             checkpoint's ``max_position_embeddings``); ``None``: :data:`MODEL_MAX_LENGTH`, the 8B's.
-        remove_created_out_dir: create ``out_dir`` first and, when it did not exist, remove it again if the
-            write is refused (the ``tokenizer`` command leaves no empty OUT_DIR behind). False (the default):
-            a missing ``out_dir`` is created when the files are staged and stays if a later step refuses.
+        remove_created_out_dir: create ``out_dir`` (and the missing folders above it) first and remove
+            them again, each if still empty, when the write is refused (the ``tokenizer`` command leaves
+            nothing behind a refused model). False (the default): a missing ``out_dir`` is created when the
+            files are staged (and removed again, with the folders made for it, if staging fails).
     """
 
     add_bos_token: bool = True
@@ -154,19 +155,13 @@ def write_tokenizer(sp_model: Path, out_dir: Path, options: TokenizerOptions | N
     """
     options = options or TokenizerOptions()
     sp_model, out_dir = Path(sp_model), Path(out_dir)
+    refuse_file_in_path(out_dir, "OUT_DIR", TokenizerError)  # notes.txt/out: name the file in the way
     if out_dir.exists() and not out_dir.is_dir():
         raise TokenizerError(f"{out_dir} exists and is not a directory", hint="choose another OUT_DIR")
     if not options.remove_created_out_dir:
         return _write(sp_model, out_dir, options)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with created_folders(out_dir, TOKENIZER_OUTPUT):  # removed again (if empty) when the model is refused
         return _write(sp_model, out_dir, options)
-    except BaseException:
-        if created:  # leave no empty OUT_DIR behind a refused model
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
-        raise
 
 
 def _write(sp_model: Path, out_dir: Path, options: TokenizerOptions) -> list[Path]:

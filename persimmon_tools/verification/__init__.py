@@ -2,7 +2,9 @@
 
 The reference forward pass written from the spec (``reference``), the prompts, ADEPT's published logits, the
 metrics and tolerances, the two converted-side loaders (``hf_side`` without transformers,
-``transformers_side`` with it), findings, diagnosis, the lockstep run and the report.
+``transformers_side`` with it; ``sides`` picks one, the device and the dtype), findings, diagnosis, the
+lockstep run and the report; without ``--reference``, the source ``conversion.json`` records, while it is
+still that source (``recorded_source``).
 
 The public function is ``persimmon_tools.verify``; the package is named ``verification`` so that it does not
 shadow it.

@@ -256,7 +256,7 @@ def compare_readers(theirs: Any, ours: Any, *, block_bytes: int = BLOCK_BYTES) -
     if odd > MAX_KEY_FINDINGS:
         findings.append(Finding("reader", "tensors", f"... and {odd - MAX_KEY_FINDINGS} more tensors differ"))
     seconds = time.perf_counter() - start
-    log.info(
+    log.debug(  # the report says it (verify's table on stdout, verification.json's "readers")
         "readers: %d tensors compared by shape, dtype and byte ranges (%d bytes by value) in %.2f s; "
         "%d differences",
         compared,

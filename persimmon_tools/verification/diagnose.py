@@ -62,11 +62,13 @@ def diagnose(
     hidden_rel: float,
     checker: ContentChecker | None,
     tensors: list[Finding] | None = None,
+    skipped: str | None = None,
 ) -> dict:
     """Locate the failure (first diverging stage of the first failing prompt) and explain it.
 
     ``tensors``: findings of a full weight check already made; when None, the tensors of the diverging
-    stage are checked now (and every tensor, for models below :data:`FULL_SCAN_PARAMS`).
+    stage are checked now (and every tensor, for models below :data:`FULL_SCAN_PARAMS`). ``skipped``: why
+    no forward pass ran (None: it ran), said instead of anything about the logits.
     """
     first = locate(stages, hidden_rel) if stages else None
     if first is not None:
@@ -95,12 +97,14 @@ def diagnose(
             "ranges they read), so no forward pass was run (a bug in interpreting the release would make both "
             "the conversion and a reference built on the same interpretation wrong)"
         )
+    elif skipped is not None:
+        bits.append(skipped)
     elif stages:
         bits.append(
             f"no stage differs by more than {hidden_rel:g} (relative); the logits differ slightly "
             "everywhere, which looks like precision rather than a mapping mistake"
         )
-    elif prompt is None and findings:
+    elif prompt is None and findings:  # every prompt compared passed: the exact checks failed
         bits.append("the logits agree within tolerance, but the conversion is not faithful")
     if likely is not None:
         bits.append("most likely: " + likely.line())

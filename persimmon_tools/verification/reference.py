@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from persimmon_tools.errors import ConfigError
+from persimmon_tools.verification.source_checks import stored_inv_freq_problems
 from persimmon_tools.verification.source_merge import SourceCheckpoint, SourceTensor
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,18 @@ def megatron_hyper(ckpt: SourceCheckpoint) -> Hyper:
             base, base_src = est, "estimated from the stored inv_freq (no args.rotary_emb_base)"
         log.info("args has no rotary_emb_base; the reference uses %s (%s)", base, base_src)
     origin.append(("rope_theta", base_src))
+    # ADEPT computes each layer with its own stored buffer; one base must give all of them (or none stored)
+    like = stored if base_src.startswith("estimated") else None
+    wrong = stored_inv_freq_problems(t, ckpt.where, float(base), base_src, rotary_dim, like)
+    if wrong:
+        more = f"; and {len(wrong) - 3} more layer(s)" if len(wrong) > 3 else ""
+        raise ConfigError(
+            "the checkpoint's stored rotary_emb.inv_freq buffers are not all what one rotary base gives: "
+            + "; ".join(wrong[:3])
+            + more,
+            hint="ADEPT's model computes each layer with the buffer stored for it, and a Persimmon config has "
+            "one rope_theta for all layers: no conversion of this checkpoint computes what it computes",
+        )
     eps = arg(args, "layernorm_epsilon")
     origin.append(("eps", "args.layernorm_epsilon" if eps is not None else "ADEPT's default 1e-5"))
     if eps is not None and float(eps) != ADEPT_EPS:

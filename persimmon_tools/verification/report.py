@@ -45,6 +45,7 @@ class VerifyReport:
     tokenizer: str
     config_findings: tuple[dict, ...] = ()
     readers: dict | None = None  # Agreement.to_dict(): do both readers of the source agree?
+    forward_pass: dict | None = None  # {"ran", "prompts", "skipped_because"}: were logits compared at all?
     weights: dict | None = None  # {"compared": n, "differing": [findings], "scope": ...}
     diagnosis: dict | None = None
     published_reference: dict | None = None
@@ -70,7 +71,7 @@ class VerifyReport:
                 f"{worst.max_abs_diff:.3g} ({worst.max_abs_diff / (worst.logit_scale or 1):.2g} of scale, "
                 f"prompt {worst.name}), {where}"
             )
-        else:
+        else:  # why: the diagnosis says
             head = f"{self.verdict}: no logits compared, {where}"
         if self.diagnosis:
             head += "; " + self.diagnosis["summary"]
@@ -91,6 +92,7 @@ class VerifyReport:
             "tokenizer": self.tokenizer,
             "source": self.source,
             "readers": self.readers,
+            "forward_pass": self.forward_pass,
             "tolerances": self.tolerances,
             "metrics": [m.to_dict() for m in self.metrics],
             "config_findings": list(self.config_findings),
@@ -129,7 +131,9 @@ def sha256_bytesource(src: ByteSource) -> str:
     return digest.hexdigest()
 
 
-def _member_name(release: Release, src: ByteSource) -> str:
+def member_name(release: Release, src: ByteSource) -> str:
+    """How the report names a source file: a tar member's name, a path relative to the release folder, or
+    the file's name."""
     if release.kind == "tar":
         return src.name.removeprefix(f"{release.source}:")
     if src.path != release.source:
@@ -168,7 +172,7 @@ def source_fingerprint(
     if len(digests) != len(sources):
         raise ValueError(f"{len(digests)} digests for {len(sources)} source files")
     files = [
-        {"name": _member_name(release, s), "size": s.size, "sha256": d if hash_files else None}
+        {"name": member_name(release, s), "size": s.size, "sha256": d if hash_files else None}
         for s, d in zip(sources, digests, strict=True)
     ]
     counts = {} if reads is None else {"bytes_read": reads.bytes_read, "bytes_reread": reads.bytes_reread}
@@ -197,8 +201,11 @@ def _fmt(x: float) -> str:
 
 def render_table(report: VerifyReport) -> str:
     """The human summary printed by ``persimmon-tools verify``."""
+    chosen = report.source.get("reference_from") or "--reference"
+    recorded = "" if chosen == "--reference" else ", recorded in conversion.json"
+    skipped = (report.forward_pass or {}).get("skipped_because")
     lines = [
-        f"verify {report.out_dir}  (reference: {report.source.get('path')})",
+        f"verify {report.out_dir}  (reference: {report.source.get('path')}{recorded})",
         f"device {report.device}, dtype {report.dtype}, rotary {report.rotary}, converted side loaded with "
         f"{report.converted_loader}; tokenizer: {report.tokenizer}",
         "",
@@ -207,7 +214,7 @@ def render_table(report: VerifyReport) -> str:
         f"{'prompt':<10} {'tokens':>6} {'max|Δ|':>9} {'mean|Δ|':>9} {'KL':>9} {'top1':>6} {'top5':>6} "
         f"{'scale':>8}  ok"
     )
-    lines += [head, "-" * len(head)]
+    lines += [head, "-" * len(head)] if report.metrics or not skipped else [skipped]
     for m in report.metrics:
         lines.append(
             f"{m.name[:10]:<10} {m.tokens:>6} {_fmt(m.max_abs_diff):>9} {_fmt(m.mean_abs_diff):>9} "
@@ -215,17 +222,13 @@ def render_table(report: VerifyReport) -> str:
             f"{_fmt(m.logit_scale):>8}  {'yes' if m.passed else 'NO'}"
         )
     tol = report.tolerances
-    lines.append(
-        f"tolerance ({tol.get('name')}): max|Δ| <= {tol.get('max_rel')} x scale, mean|Δ| <= "
-        f"{tol.get('mean_rel')} x scale, KL <= {tol.get('kl')}"
-    )
-    if report.readers is not None:
-        r = report.readers
+    if report.metrics or not skipped:
         lines.append(
-            f"readers: {'agree' if r['agree'] else 'DISAGREE'} (the converter's and verify's own "
-            f"interpretation: {r['tensors_compared']} tensors, shapes, dtypes and byte ranges compared in "
-            f"{r['seconds']:.2f} s)"
+            f"tolerance ({tol.get('name')}): max|Δ| <= {tol.get('max_rel')} x scale, mean|Δ| <= "
+            f"{tol.get('mean_rel')} x scale, KL <= {tol.get('kl')}"
         )
+    if report.readers is not None:
+        lines.append(_readers_line(report.readers))
     for f in report.config_findings:
         lines.append(f"{f['kind']}: {f['where']}: {f['message']}")
     if report.weights and report.weights.get("compared"):
@@ -253,5 +256,25 @@ def render_table(report: VerifyReport) -> str:
         lines += ["", "diagnosis: " + report.diagnosis["summary"]]
         for f in report.diagnosis.get("findings", [])[:12]:
             lines.append(f"  - {f['where']}: {f['message']}")
-    lines += ["", f"verdict: {report.verdict.upper()}"]
+    lines += ["", f"verdict: {report.verdict.upper()}" + (f" ({skipped})" if skipped else "")]
     return "\n".join(lines)
+
+
+def _readers_line(r: dict[str, Any]) -> str:
+    """The agreement of the two readings of the source, and what the tensors read are: the converted model
+    holds the weights; the rotary ``inv_freq`` buffers are not in it (transformers computes them)."""
+    kinds = r.get("source_tensors") or {}
+    parts = [f"{kinds['weights']} weights (what the HF model holds)"] if "weights" in kinds else []
+    if kinds.get("inv_freq_buffers"):
+        parts.append(
+            f"{kinds['inv_freq_buffers']} rotary inv_freq buffers, not in the HF model (transformers computes "
+            "them from rope_theta, which is checked against them)"
+        )
+    if kinds.get("other"):
+        parts.append(f"{kinds['other']} other tensors the conversion does not write")
+    what = ": " + " + ".join(parts) if parts else ""
+    verdict = "agree" if r["agree"] else f"DISAGREE ({len(r.get('differences') or [])} differences below)"
+    return (
+        f"readers: {verdict}: {r['tensors_compared']} checkpoint tensors, as the converter and verify's own "
+        f"reader interpret the source (shapes, dtypes, byte ranges; {r['seconds']:.2f} s){what}"
+    )

@@ -19,7 +19,9 @@ table and its ops (an import-linter contract in ``pyproject.toml`` keeps it so):
   ``RowParallelLinear``): split on dim 0 are the word embedding and the untied head (vocab rows), and
   ``self_attention.query_key_value`` and ``mlp.dense_h_to_4h`` (weight and bias: output features); split
   on dim 1 are ``self_attention.dense.weight`` and ``mlp.dense_4h_to_h.weight`` (input features);
-  everything else is replicated and must be byte-identical on every TP rank (checked here, in blocks).
+  everything else is replicated and must be byte-identical on every TP rank (checked here, in blocks);
+- ``ckpt["checkpoint_version"]``: the same in every shard (or in none), and none below 2.0
+  (:func:`persimmon_tools.verification.source_checks.checkpoint_version`).
 
 :class:`SourceTensor` is lazy: rows are read on demand from every part, so neither merging nor reading an
 8B model ever holds more than one block. :meth:`SourceTensor.read_plan` says which bytes of which file this
@@ -42,6 +44,7 @@ from persimmon_tools.megatron.lazy import LazyTensor, Reader
 from persimmon_tools.megatron.release import Release, open_release
 from persimmon_tools.megatron.torchzip import load_checkpoint
 from persimmon_tools.safe_graph import small_repr
+from persimmon_tools.verification.source_checks import checkpoint_version
 
 _LAYER = re.compile(r"^language_model\.encoder\.layers\.([0-9]+)\.")
 _ROWS_SPLIT = re.compile(
@@ -165,6 +168,14 @@ class SourceCheckpoint:
     args: Any  # argparse.Namespace, or None
     iteration: int | None
     globals_seen: set[str] = field(default_factory=set)
+    checkpoint_version: float | None = None  # None: no shard records one
+    #: merged key -> the shard of each TP rank that holds it (with the stage-local key, when renumbered)
+    shards: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        """The shard(s) a merged tensor comes from, for messages."""
+        held = self.shards.get(key, ())
+        return " and ".join(held) if held else str(self.release.source)
 
 
 def _flatten(
@@ -215,7 +226,7 @@ def _same_bytes(a: LazyTensor, b: LazyTensor) -> bool:
     return True
 
 
-def _merge(key: str, parts: tuple[LazyTensor, ...]) -> SourceTensor:
+def _merge(key: str, parts: tuple[LazyTensor, ...], shards: tuple[str, ...] = ()) -> SourceTensor:
     dim = split_dim(key) if len(parts) > 1 else None
     first = parts[0]
     for rank, p in enumerate(parts[1:], 1):
@@ -229,8 +240,9 @@ def _merge(key: str, parts: tuple[LazyTensor, ...]) -> SourceTensor:
                 hint="the shards come from different checkpoints",
             )
         if dim is None and not _same_bytes(first, p):
+            named = f" ({shards[rank]} vs {shards[0]})" if len(shards) == len(parts) else ""
             raise CheckpointError(
-                f"{key} is replicated across tensor-parallel ranks, but rank {rank} differs from rank 0",
+                f"{key} is replicated across tensor-parallel ranks, but rank {rank} differs from rank 0{named}",
                 hint="the shards come from different checkpoints, or one is damaged",
             )
     return SourceTensor(key, parts, dim)
@@ -279,6 +291,7 @@ def load_source(
         flats[rank] = _model(objs[rank], src.name)
         if reader is not None:
             flats[rank] = {k: t.through(reader) for k, t in flats[rank].items()}
+    version = checkpoint_version(objs, {rank: release.shard_label(rank) for rank in objs})
     recorded = {small_repr(o.get("iteration")) for o in objs.values()}
     if len(recorded) > 1:
         raise CheckpointError(
@@ -286,6 +299,7 @@ def load_source(
             hint="the shards come from different checkpoints",
         )
     merged: dict[str, tuple[LazyTensor, ...]] = {}
+    shards: dict[str, tuple[str, ...]] = {}
     offset = 0
     for s in range(pp):
         keys, label = flats[(0, s)], release.shards[(0, s)].name
@@ -313,12 +327,16 @@ def load_source(
                     f"{release.source}: {name} is held by two pipeline stages", hint="the shards overlap"
                 )
             merged[name] = tuple(flats[(t, s)][key] for t in range(tp))
+            spelled = f" (as {key})" if name != key else ""
+            shards[name] = tuple(release.shard_label((t, s)) + spelled for t in range(tp))
         offset += len(local)
     it = objs[(0, 0)].get("iteration")
     return SourceCheckpoint(
         release=release,
-        tensors={k: _merge(k, parts) for k, parts in merged.items()},
+        tensors={k: _merge(k, parts, shards[k]) for k, parts in merged.items()},
         args=objs[(0, 0)].get("args"),
         iteration=it if type(it) is int else release.iteration,
         globals_seen=seen,
+        checkpoint_version=version,
+        shards=shards,
     )

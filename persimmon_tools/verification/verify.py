@@ -54,7 +54,8 @@ from persimmon_tools.verification.metrics import compare_logits, drift_by_positi
 from persimmon_tools.verification.prompts import Prompt, build_prompts
 from persimmon_tools.verification.provenance import keep_existing_report, reference_mismatch
 from persimmon_tools.verification.published import INPUT_IDS, compare_published, is_8b_chat
-from persimmon_tools.verification.reference import MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
+from persimmon_tools.verification.recorded_source import check_digests, open_recorded, recorded_source
+from persimmon_tools.verification.reference import INV_FREQ, MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
 from persimmon_tools.verification.report import (
     VerifyReport,
     fingerprint_sources,
@@ -63,13 +64,16 @@ from persimmon_tools.verification.report import (
     write_report,
 )
 from persimmon_tools.verification.run import LayerwiseModel, peak_memory, run_lockstep
+from persimmon_tools.verification.sides import (
+    DTYPES,
+    choose_loader,
+    converted_side,
+    resolve_device,
+    resolve_dtype,
+)
 from persimmon_tools.verification.source_merge import load_source
-from persimmon_tools.verification.transformers_side import TransformersTrace, fits, transformers_available
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOADERS = ("auto", "transformers", "persimmon-tools")
 
 
 @dataclass(frozen=True)
@@ -91,93 +95,18 @@ class VerifyOptions:
     write: bool = True  # write verification.json into OUT_DIR
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            why = (
-                "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            )
-            raise UsageError(
-                f"--device {name}: CUDA is not available ({why}, torch {torch.__version__})",
-                hint="use --device cpu (or auto), or install a CUDA build of torch on a GPU machine",
-            )
-        return torch.device(name)
-    raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda", hint="e.g. --device cuda")
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UsageError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _choose_loader(
-    options: VerifyOptions, conv: HFWeights, dtype: torch.dtype, device: torch.device
-) -> tuple[str, str]:
-    if options.loader not in LOADERS:
-        raise UsageError(f"--loader {options.loader!r} is not one of {', '.join(LOADERS)}")
-    if options.loader == "persimmon-tools":
-        return "persimmon-tools", "asked for (--loader persimmon-tools)"
-    have = transformers_available()
-    if options.loader == "transformers":
-        if not have:
-            raise UsageError(
-                "--loader transformers: transformers is not installed",
-                hint="pip install 'persimmon-tools[transformers]', or use --loader auto",
-            )
-        return "transformers", "asked for (--loader transformers)"
-    if not have:
-        return "persimmon-tools", "transformers is not installed"
-    ok, why = fits(conv.hyper, dtype, device)
-    return (
-        ("transformers", why)
-        if ok
-        else ("persimmon-tools", why + ": too big for transformers, layer by layer")
-    )
-
-
-def _converted_side(
-    loader: str,
-    reason: str,
-    conv: HFWeights,
-    dtype: torch.dtype,
-    device: torch.device,
-    findings: list[Finding],
-) -> tuple[TransformersTrace | LayerwiseModel, str, str]:
-    """The converted model to run. A folder transformers refuses to load is a failing finding; then the
-    toolkit's own reader runs it, so the report still has numbers."""
-    if loader == "transformers":
-        try:
-            return TransformersTrace(conv.folder, dtype=dtype, device=device), loader, reason
-        except Exception as err:  # any refusal by transformers is reported, and fails the verdict
-            import transformers
-
-            msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            findings.append(
-                Finding(
-                    "load",
-                    "the converted folder",
-                    f"transformers {transformers.__version__} cannot load it ({msg})",
-                )
-            )
-            reason = f"transformers failed to load the folder ({type(err).__name__}); ran it layer by layer"
-    return LayerwiseModel(conv, dtype=dtype, device=device), "persimmon-tools", reason
-
-
 def verify(
     out_dir: Path,
-    reference: Path,
+    reference: Path | None,
     options: VerifyOptions = VerifyOptions(),
     *,
     progress: Callable[[str], None] = lambda s: None,
 ) -> VerifyReport:
-    """Compare converted folder ``out_dir`` with release ``reference``; writes ``verification.json``."""
+    """Compare converted folder ``out_dir`` with release ``reference``; writes ``verification.json``.
+
+    ``reference=None``: the source ``out_dir/conversion.json`` records, while it is still that source
+    (:mod:`persimmon_tools.verification.recorded_source`; a UsageError naming what differs otherwise).
+    """
     out_dir, start = Path(out_dir), time.perf_counter()
     if options.rotary not in ROTARY_MODES:
         raise UsageError(f"--rotary {options.rotary!r} is not one of {', '.join(ROTARY_MODES)}")
@@ -185,7 +114,19 @@ def verify(
     dtype = resolve_dtype(options.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    release = open_release(Path(reference), iteration=options.iteration, vocab=options.vocab)
+    recorded = None
+    if reference is None:
+        recorded = recorded_source(out_dir)
+        release = open_recorded(recorded, iteration=options.iteration, vocab=options.vocab)
+        log.info(
+            "verify: no --reference given; comparing with the source recorded in %s: %s (%s)",
+            recorded.record,
+            recorded.path,
+            recorded.describe(hashed=options.hash_source),
+        )
+        reference = recorded.path
+    else:
+        release = open_release(Path(reference), iteration=options.iteration, vocab=options.vocab)
     # Every weight verify reads goes through this reader, which hashes the source files in the same pass.
     reads = HashingReader(fingerprint_sources(release), hash_files=options.hash_source)
     progress("readers: the converter's and verify's own interpretation of the source")
@@ -207,9 +148,14 @@ def verify(
     if not any(f.kind == "structure" for f in findings):
         findings += presence_findings(conv)
     structural = [f for f in findings if f.kind in ("structure", "reader")]  # no forward pass on those
+    # names and sizes only (nothing read): is --reference the source conversion.json records?
+    wrong_reference = reference_mismatch(
+        out_dir, source_fingerprint(release, ckpt.iteration, hash_files=False)
+    )
+    skipped = _why_skipped(structural, wrong_reference)
     source_dtype = ckpt.tensors[MEGATRON_GLOBALS["embed"]].dtype
     tol = tolerance_for(dtype, source_dtype, conv.storage_dtype())
-    loader, reason = _choose_loader(options, conv, dtype, device)
+    loader, reason = choose_loader(options, conv, dtype, device)
     vocab = min(src.hyper.vocab_size, conv.hyper.vocab_size)
     max_tokens = int(conv.config.get("max_position_embeddings") or 16384)
     prompts, tok_desc = build_prompts(
@@ -226,7 +172,7 @@ def verify(
     metrics, run, drift, pub = [], None, None, None
     if not structural:
         ref_model = LayerwiseModel(src, dtype=dtype, device=device)
-        conv_model, loader, reason = _converted_side(loader, reason, conv, dtype, device, findings)
+        conv_model, loader, reason = converted_side(loader, reason, conv, dtype, device, findings)
         run = run_lockstep(
             ref_model,
             conv_model,
@@ -258,13 +204,16 @@ def verify(
             hidden_rel=tol.hidden_rel,
             checker=checker,
             tensors=tensors,
+            skipped=_why_skipped(structural, None),  # the summary names a wrong --reference itself
         )
     progress("fingerprints")
     t_fp = time.perf_counter()
     source_fp = source_fingerprint(
         release, ckpt.iteration, hash_files=options.hash_source, digests=reads.finish(), reads=reads
     )
-    wrong_reference = reference_mismatch(out_dir, source_fp)
+    if recorded is not None:  # a file rewritten in place with its old size: refused before any report
+        check_digests(recorded, source_fp["files"])
+    source_fp["reference_from"] = "conversion.json (no --reference given)" if recorded else "--reference"
     if wrong_reference is not None:
         findings.append(Finding("note", "--reference", f"likely not this folder's source: {wrong_reference}"))
         if diagnosis is not None:
@@ -292,7 +241,8 @@ def verify(
         metrics=tuple(metrics),
         tokenizer=tok_desc,
         config_findings=tuple(f.to_dict() for f in findings),
-        readers=readers.to_dict(),
+        readers={**readers.to_dict(), "source_tensors": _source_tensors(src, ckpt.tensors)},
+        forward_pass={"ran": run is not None, "prompts": len(metrics), "skipped_because": skipped},
         diagnosis=diagnosis,
         published_reference=pub,
         weights={
@@ -319,14 +269,38 @@ def verify(
     return report
 
 
+def _why_skipped(structural: list[Finding], wrong_reference: str | None) -> str | None:
+    """Why no forward pass runs (None: it runs): what the verdict line, the table and the diagnosis say."""
+    if not structural:
+        return None
+    if any(f.kind == "reader" for f in structural):
+        return "no prompts were compared: the converter's and verify's own reading of the source disagree"
+    if wrong_reference is not None:
+        return (
+            "no prompts were compared: --reference is likely not this folder's source (see the note), and its "
+            "shapes differ from config.json's"
+        )
+    return "no prompts were compared: the checkpoint's shapes differ from config.json's"
+
+
+def _source_tensors(src: MegatronWeights, tensors: dict) -> dict[str, int]:
+    """The checkpoint's tensors by what became of them: weights of the converted model, the rotary
+    ``inv_freq`` buffers (not in the HF model: transformers computes them from rope_theta), others."""
+    model = {src.key(name, i) for name, i in all_fields(src.hyper)}
+    inv_freq = sum(k.endswith(INV_FREQ) for k in tensors)
+    weights = sum(k in model for k in tensors)
+    return {"weights": weights, "inv_freq_buffers": inv_freq, "other": len(tensors) - weights - inv_freq}
+
+
 def check_passed(report: VerifyReport) -> None:
     """Raise VerificationError (exit code 3) naming the diagnosis when ``report`` failed."""
     if report.passed:
         return
     summary = (report.diagnosis or {}).get("summary", "see verification.json")
     failed = [m.name for m in report.metrics if not m.passed]
+    what = "does not compute what the checkpoint computes" if report.metrics else "fails verification"
     raise VerificationError(
-        f"{report.out_dir} does not compute what the checkpoint computes"
+        f"{report.out_dir} {what}"
         + (f" (prompts failing: {', '.join(failed)})" if failed else "")
         + f": {summary}",
         hint=(

@@ -1,5 +1,7 @@
 """Helpers for the export tests: read releases (tar or folder) with plain torch, compare tensors by bytes,
-and ADEPT's expected shard layout computed independently of the toolkit (spec §B.2)."""
+ADEPT's expected shard layout computed independently of the toolkit (spec §B.2), and (issue 22) builders of
+broken sources (safetensors written by hand, edited config.json / weights, edited synthetic releases) with
+:func:`refused`, which asserts that a refused export leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from persimmon_tools.errors import PersimmonToolsError
+from persimmon_tools.export.export import ExportOptions, export_release
 from persimmon_tools.synth.shard import with_adept_module
 from persimmon_tools.synth.values import PRESETS
 
@@ -173,3 +178,101 @@ def shard_paths(iteration: int, tp: int, pp: int) -> dict[str, tuple[int, int]]:
         for t in range(tp)
         for s in range(pp)
     }
+
+
+# ---- builders of broken sources (tests/export/test_export_trust.py) ------------------------------------
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder: Path, **changes: Any) -> dict:
+    """Change ``config.json``'s keys (None removes one); returns the new config."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    return config
+
+
+def edit_weights(folder: Path, edit) -> None:
+    """``edit(tensors)`` on the single ``model.safetensors`` of ``folder``, saved back with safetensors."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def safetensors_parts(path: Path) -> tuple[dict[str, dict], bytes]:
+    """``(header without __metadata__, data bytes)`` of a safetensors file, read by hand."""
+    import json
+    import struct
+
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return header, raw[8 + n :]
+
+
+def write_safetensors_raw(path: Path, header: dict | bytes, data: bytes) -> None:
+    """Write a safetensors file from a header (a dict, or JSON bytes as given) and data bytes, unchecked."""
+    import json
+    import struct
+
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def by_offset(header: dict[str, dict]) -> list[str]:
+    """Tensor names of a header in data order."""
+    return sorted(header, key=lambda k: tuple(header[k]["data_offsets"]))
+
+
+def megatron_release(folder: Path, edit=None, *, tp: int = 1, pp: int = 1) -> Path:
+    """A tiny synthetic release folder (seed 0) after ``edit(objects)`` on its per-rank checkpoint dicts
+    (``{(tp_rank, pp_rank): {"args", "checkpoint_version", "iteration", "model"}}``, TensorSpec leaves)."""
+    from persimmon_tools.synth.build import build_release, write_release_folder
+
+    rel = build_release(seed=0, tp=tp, pp=pp)
+    if edit is not None:
+        edit(rel.objects)
+    return write_release_folder(rel, folder)
+
+
+def spec_of(tensor: torch.Tensor):
+    from persimmon_tools.megatron.ptwriter import TensorSpec
+
+    return TensorSpec.of(tensor)
+
+
+HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+PLAIN = ExportOptions()
+
+
+def refused(source, outs, options=PLAIN, error=PersimmonToolsError, match=None):
+    """Export ``source`` into ``outs/new/out``; it must raise ``error`` and leave ``outs`` empty."""
+    with pytest.raises(error, match=match) as err:
+        export_release(source, outs / "new" / ("out.tar" if options.tar else "out"), options)
+    assert listing(outs) == [], "a refused export left something behind"
+    return err.value
+
+
+def drop_head(folder):
+    edit_weights(folder, lambda t: t.pop(HEAD))
+    edit_config(folder, tie_word_embeddings=True)

@@ -183,7 +183,7 @@ def test_float32_ties_fail_the_check_unless_allowed(tmp_path):
     runner = CliRunner()
     strict = runner.invoke(main, ["tokenizer", "--check", str(SP_TEST_MODEL), str(corpus)])
     assert strict.exit_code == 1
-    assert "1 encode mismatches are float32 ties" in strict.output and "float32 rounding" in strict.output
+    assert "1 encode mismatch is a float32 tie" in strict.output and "float32 rounding" in strict.output
     allowed = runner.invoke(main, ["tokenizer", "--check", "--allow-ties", str(SP_TEST_MODEL), str(corpus)])
     assert allowed.exit_code == 0, allowed.output
     assert "1 encode, 0 decode mismatches" in allowed.output

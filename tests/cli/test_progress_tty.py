@@ -1,0 +1,146 @@
+"""What a user sees in a terminal while a command works (cli/progress.py): a bar with a percentage where the
+total is known, binary units (KiB, MiB) as in every message, messages above the bar and never glued onto its
+line, the automatic verify's steps as ``verify`` shows them; and nothing of that on a pipe.
+
+One real ``convert`` runs with stderr on a pseudo-terminal; the rest runs in process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from persimmon_tools.cli import main
+from persimmon_tools.cli.progress import BarSafeHandler, ByteBar, _BinaryBar
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "fixtures" / "tiny_release.tar"
+# tqdm's own decimal units (unit_scale): "843k", "95.3kB/s", "1.13M"
+DECIMAL_UNITS = re.compile(r"\d(?:[kMG]B|[kMG](?:/|\b))")
+#: The first words of what is not a bar: log messages, the verify steps, the summary.
+MESSAGES = (
+    "converting ",
+    "tokenizer parity",
+    "verifying ",
+    "  readers",
+    "  layer ",
+    "verify: ",
+    "Converted ",
+)
+
+
+def _run_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run ``persimmon_tools.cli`` with stderr on a 100-column pseudo-terminal; (exit code, what it drew)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "persimmon_tools.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        cwd=cwd,
+    )
+    os.close(follower)
+    drawn = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        proc.wait(timeout=120)
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, drawn.decode("utf-8", "replace")
+
+
+def test_convert_in_a_terminal(tmp_path):
+    code, drawn = _run_on_a_terminal(["convert", str(FIXTURE), str(tmp_path / "out")], tmp_path)
+    assert code == 0, drawn
+    segments = re.split(r"[\r\n]", drawn)
+    bars = [s for s in segments if s.startswith("convert: ")]
+    assert any(re.search(r"convert:\s+\d+%\|", s) for s in bars), drawn  # the total is known: a percentage
+    assert any("100%|" in s and "842.8 KiB/842.8 KiB" in s for s in bars), drawn
+    assert "KiB" in drawn and not DECIMAL_UNITS.search(drawn), drawn
+    for segment in segments:  # a bar's line holds the bar alone; a message starts a line of its own
+        assert "convert: " not in segment[1:], f"a bar after a message on one line: {segment!r}"
+        if segment.startswith("convert: "):
+            assert segment.rstrip(" ").endswith("]"), f"a message glued onto the bar: {segment!r}"
+        for start in MESSAGES:
+            if start.strip() in segment:
+                assert segment.startswith(start), f"glued onto another line: {segment!r}"
+    lines = [s for s in segments if s]
+    for step in ("verifying ", "  readers: ", "  layer 1/6", "  layer 6/6", "  head", "verify: pass"):
+        assert any(line.startswith(step) for line in lines), (step, drawn)  # the automatic verify's steps
+    last_bar = max(i for i, s in enumerate(lines) if s.startswith("convert: "))
+    first_step = min(i for i, s in enumerate(lines) if s.startswith("  layer "))
+    assert last_bar < first_step  # the bar is done before verify starts: no bar below the verify steps
+
+
+def test_nothing_but_messages_on_a_pipe(releases, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(releases["tar"]), str(tmp_path / "out"), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr and "%|" not in result.stderr and "B/s" not in result.stderr
+    assert result.stderr.splitlines()[0].startswith("converting ")
+
+
+def test_a_bar_counts_in_binary_units():
+    out = io.StringIO()
+    bar = _BinaryBar(total=3 << 20, desc="convert", file=out, ncols=100, mininterval=0)
+    bar.update(3 << 19)
+    shown = str(bar)
+    assert (
+        shown.startswith("convert:  50%|")
+        and "1.5 MiB/3.0 MiB [" in shown
+        and re.search(r"\d [KMG]iB/s\]", shown)
+    )
+    assert not DECIMAL_UNITS.search(shown)
+    unknown = _BinaryBar(total=None, desc="export", file=out, mininterval=0)
+    unknown.update(1536)
+    assert str(unknown).startswith("export: 1.5 KiB [") and "%" not in str(unknown)
+    bar.close()
+    unknown.close()
+
+
+def test_a_bar_closes_itself_at_its_total():
+    out = io.StringIO()
+    raw = _BinaryBar(total=None, desc="convert", file=out, ncols=100, mininterval=0)
+    bar = ByteBar(raw)
+    bar.set_total(2048)
+    bar(1024)
+    assert not raw.disable
+    bar(1024)
+    assert raw.disable and out.getvalue().endswith("\n")  # closed: its last line ended
+    bar(1024)  # later bytes (none in practice) change nothing
+    bar.close()
+
+
+def test_log_records_go_above_an_active_bar():
+    out = io.StringIO()
+    bar = _BinaryBar(total=100, desc="convert", file=out, ncols=80, mininterval=0)
+    bar.update(10)
+    handler = BarSafeHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "tokenizer parity: %d texts", (40,), None)
+    handler.emit(record)
+    bar.close()
+    segments = re.split(r"[\r\n]", out.getvalue())
+    assert "tokenizer parity: 40 texts" in segments  # a segment of its own: at column 0, alone on its line
+    assert sum(s.startswith("convert: ") and "10%" in s for s in segments) >= 2  # the bar, drawn again below
