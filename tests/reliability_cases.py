@@ -366,7 +366,7 @@ CASES: list[Case] = [
          "generation_config.json garbled, for inspect / verify / push", "a typed error naming the file, never a "
          "traceback", "", "reliability/test_special_files.py::test_malformed_record_never_gives_a_traceback"),
     Case("pickle-shared-bomb", _S, "a ~400-byte pickle of shared nested lists/tuples (args, iteration, model, "
-         "dict keys, persistent ids)", "CheckpointError in under a second; it counts values, not bytes", "",
+         "dict keys, persistent ids)", "CheckpointError in under a second; every visit of a shared value counts", "",
          "megatron/test_pickle_bomb.py::test_shared_structure_bomb_fails_fast"),
     Case("option-values", _S, "`--max-shard-size abc`, `make-release --tp 0`, `--iteration -3`, `--ids 1,x`, "
          "click's own usage errors", "UsageError (exit 2) with a Hint", "",

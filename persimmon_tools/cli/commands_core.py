@@ -59,12 +59,14 @@ def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: boo
 
 @click.command("unpack", cls=Command)
 @click.argument("release_tar", type=SafePath(exists=True, dir_okay=False, path_type=Path))
-@click.argument("dest", type=_PATH)
+@click.argument("dest", type=SafePath(path_type=str))  # a str keeps a trailing "/" (DEST is a parent)
 @click.option("--no-md5", is_flag=True, help="Skip the md5 check of known release names.")
 @json_option("Print what was extracted (dest, files, bytes, md5) as JSON on stdout.")
 @common_options
-def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> None:
-    """Safely extract RELEASE_TAR into DEST (a new or empty folder).
+def unpack_cmd(release_tar: Path, dest: str, no_md5: bool, as_json: bool) -> None:
+    """Safely extract RELEASE_TAR into DEST: a new folder, or, when DEST is an existing folder or ends
+    with "/", into DEST/NAME (NAME: the archive's top folder), which must be new or empty; nothing else in
+    DEST is touched, so several releases can go side by side.
 
     Refuses links, devices and paths escaping DEST; checks ADEPT's published md5 for
     8b_base_model_release.tar / 8b_chat_model_release.tar. `convert` reads tarballs in place, so
@@ -86,7 +88,7 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> No
     if as_json:
         echo_json(
             {
-                "dest": str(dest),
+                "dest": str(result.dest),
                 "files": result.files,
                 "bytes": result.bytes,
                 "md5": result.md5,
@@ -95,7 +97,7 @@ def unpack_cmd(release_tar: Path, dest: Path, no_md5: bool, as_json: bool) -> No
         )
     elif not is_quiet():
         click.echo(
-            f"Extracted {plural(result.files, 'file')} ({format_size(result.bytes, digits=2)}) into {dest}; {md5}.",
+            f"Extracted {plural(result.files, 'file')} ({format_size(result.bytes, digits=2)}) into {result.dest}; {md5}.",
             err=True,
         )
 

@@ -334,10 +334,20 @@ def hf_config(dims: ModelDims, dtype: torch.dtype, special_id: int | None) -> di
     }
 
 
-def generation_config(special_id: int | None) -> dict[str, Any]:
-    return {
+def generation_config(special_id: int | None, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """``generation_config.json``: BOS/EOS/pad ids and a default length from the checkpoint, ``max_new_tokens``
+    = its sequence length (``convert`` passes config.json's ``max_position_embeddings``:
+    ``args.max_position_embeddings``, else ``args.seq_length``; None: no length). A bare
+    ``model.generate(**inputs)`` then writes up to one trained window of new tokens, silently, instead of
+    transformers' model-agnostic 20 and its warning. Not ``max_length``: transformers 5 logs "Both
+    `max_new_tokens` and `max_length` seem to have been set" on every ``generate(max_new_tokens=N)`` of a
+    model whose generation_config.json sets ``max_length`` (docs/format.md)."""
+    config: dict[str, Any] = {
         "_from_model_config": True,
         "bos_token_id": special_id,
         "eos_token_id": special_id,
         "pad_token_id": special_id,
     }
+    if max_new_tokens is not None:
+        config["max_new_tokens"] = int(max_new_tokens)
+    return config

@@ -212,7 +212,8 @@ def _tokenizer_parity(options: ConvertOptions) -> str:
 def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]:
     rel = plan.release
     return {
-        "tokenizer": {"parity": _tokenizer_parity(options)},
+        # chat: whether the chat template was written (--chat, or a release named chat); push reads it
+        "tokenizer": {"parity": _tokenizer_parity(options), "chat": _chat(plan, options)},
         "tool": "persimmon-tools",
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -248,10 +249,18 @@ def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]
     }
 
 
+def _chat(plan: ConversionPlan, options: ConvertOptions) -> bool | None:
+    """Whether the tokenizer gets the chat template: ``--chat``/``--no-chat``, else the release's own name
+    (None: no tokenizer is written)."""
+    if plan.vocab_bytes is None or not options.tokenizer:
+        return None
+    return options.chat if options.chat is not None else plan.release.variant == "chat"
+
+
 def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions) -> None:
     sp_path = folder / "tokenizer.model"
     sp_path.write_bytes(plan.vocab_bytes or b"")
-    chat = options.chat if options.chat is not None else plan.release.variant == "chat"
+    chat = _chat(plan, options)
     tokenizer_options = TokenizerOptions(
         add_bos_token=options.add_bos_token,
         chat=chat,
@@ -339,7 +348,8 @@ def _convert_into(
         if plan.shards.is_sharded:
             write_index(tmp, plan.shards)
         write_json(tmp / "config.json", plan.config)
-        write_json(tmp / "generation_config.json", generation_config(plan.special_id))
+        length = plan.config["max_position_embeddings"]  # the checkpoint's own: generate's default length
+        write_json(tmp / "generation_config.json", generation_config(plan.special_id, length))
         if tokenizer is not None:
             tokenizer.result()
         # conversion.json lists every file written: `--force` later replaces only those

@@ -107,8 +107,8 @@ def _as_hub_error(err: BaseException, what: str, token: str | None = "a token") 
         )
     if status == 401 and token is None:
         return HubError(
-            f"the Hub asks for a token to {what} (401 Unauthorized){said}, and none was sent: no --token, "
-            "no HF_TOKEN and no stored login were found",
+            "no Hub token was sent (none found: no --token, no HF_TOKEN, no stored login), and the Hub asks "
+            f"for one to {what} (401 Unauthorized){said}",
             hint=HOW_TO_LOG_IN,
         )
     if status == 401:

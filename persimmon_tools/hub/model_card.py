@@ -6,7 +6,8 @@ and the sha256 of every file). Missing or partial records render as "unknown" ra
 
 Licence by variant (spec §A, §H.14): ADEPT's README releases the base model under Apache-2.0 and the chat
 model under CC-BY-NC-4.0 (the chat card on the Hub says apache-2.0; we follow ADEPT's README). Both can be
-overridden with ``license=``. The card carries no push-time data, so the same folder always gives the same
+overridden with ``license=``. The variant comes from every recorded fact (:mod:`persimmon_tools.hub.variant`:
+the recorded variant or release name, and ``convert --chat``), and the card says which. The card carries no push-time data, so the same folder always gives the same
 card and a re-run of ``push`` sees it as unchanged.
 """
 
@@ -22,10 +23,10 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
-from persimmon_tools.errors import HubError, UsageError
-from persimmon_tools.hub.records import check_record_types
+from persimmon_tools.errors import UsageError
+from persimmon_tools.hub.records import read_record
 from persimmon_tools.hub.variant import VariantEvidence, detect_variant, variant_evidence
-from persimmon_tools.safe_read import format_size, read_json_record
+from persimmon_tools.safe_read import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -35,25 +36,6 @@ DEFAULT_LICENSES = {"base": "apache-2.0", "chat": "cc-by-nc-4.0"}
 BASE_MODELS = {"base": "adept/persimmon-8b-base", "chat": "adept/persimmon-8b-chat"}
 CHAT_EXAMPLE = "human: Simply put, the theory of relativity states that?\n\nadept:"
 _BASE_EXAMPLE = "The capital of France is"
-
-
-def read_record(folder: Path, name: str) -> dict[str, Any] | None:
-    """A JSON record of the folder as a dict, or ``None`` when it is missing.
-
-    A record that is there but is a link, FIFO or other non-regular file, larger than
-    :data:`~persimmon_tools.safe_read.MAX_JSON_BYTES`, not UTF-8 JSON or not a JSON object raises
-    :class:`~persimmon_tools.errors.HubError` naming the file (it is never read through a link), and so does
-    a value of a type push cannot use (:func:`~persimmon_tools.hub.records.check_record_types`).
-    """
-    record = read_json_record(
-        Path(folder) / name,
-        what=f"the {name} record",
-        error=HubError,
-        hint=f"{name} is damaged; convert (or verify) again to re-create it",
-    )
-    if record is not None:
-        check_record_types(Path(folder) / name, record)  # a value of the wrong type: named, no traceback
-    return record
 
 
 def folder_variant(folder: Path) -> VariantEvidence:

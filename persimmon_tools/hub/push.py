@@ -175,8 +175,8 @@ def _push(folder: Path, repo_id: str, options: PushOptions, call: Retry) -> Push
         if needs_token_up_front(endpoint):
             raise no_token_error(endpoint, offline=offline)
         logger.warning(
-            "No Hub token found (no --token, no HF_TOKEN, no stored login): pushing to %s without one; it "
-            "refuses unless it accepts anonymous writes",
+            "No Hub token found (no --token, no HF_TOKEN, no stored login): pushing to %s without one, "
+            "which it refuses unless it accepts anonymous writes",
             endpoint,
         )
     if offline and not options.dry_run:  # before hashing gigabytes: this push cannot happen

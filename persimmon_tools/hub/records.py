@@ -5,7 +5,8 @@ record that is valid JSON but holds a value of another type (``"output_files": 5
 list where an object belongs) would fail deep inside those with a traceback; :func:`check_record_types`
 refuses it first, as a :class:`~persimmon_tools.errors.HubError` naming the file and the key. ``null`` is
 accepted for a key (a value the run did not know), not for an item of a list or object; keys a record does
-not have are not required.
+not have are not required. :func:`read_record` reads a record of the folder (never through a link) and
+checks it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persimmon_tools.errors import HubError
+from persimmon_tools.safe_read import read_json_record
 
 _INT = (int,)
 _NUM = (int, float)
@@ -146,3 +148,22 @@ def check_record_types(path: Path, data: dict[str, Any]) -> None:
                     f"{'convert' if Path(path).name == 'conversion.json' else 'verify'}` again to re-create "
                     "it",
                 )
+
+
+def read_record(folder: Path, name: str) -> dict[str, Any] | None:
+    """A JSON record of the folder as a dict, or ``None`` when it is missing.
+
+    A record that is there but is a link, FIFO or other non-regular file, larger than
+    :data:`~persimmon_tools.safe_read.MAX_JSON_BYTES`, not UTF-8 JSON or not a JSON object raises
+    :class:`~persimmon_tools.errors.HubError` naming the file (it is never read through a link), and so does
+    a value of a type push cannot use (:func:`~persimmon_tools.hub.records.check_record_types`).
+    """
+    record = read_json_record(
+        Path(folder) / name,
+        what=f"the {name} record",
+        error=HubError,
+        hint=f"{name} is damaged; convert (or verify) again to re-create it",
+    )
+    if record is not None:
+        check_record_types(Path(folder) / name, record)  # a value of the wrong type: named, no traceback
+    return record

@@ -39,14 +39,14 @@ TRACKER = "latest_checkpointed_iteration.txt"
 VOCAB = "adept_vocab.model"
 SHARD_FILES = ("model_optim_rng.pt", "model_rng.pt")
 # ASCII digits only: Python's \d and int() also accept other scripts' digits ("iter_١٢٥١").
-_SHARD_RE = re.compile(
+SHARD_RE = re.compile(
     r"^(?P<root>(?:.*/)?)iter_(?P<it>[0-9]+)/mp_rank_(?P<tp>[0-9]{2})(?:_(?P<pp>[0-9]{3}))?/"
     r"(?P<file>model_optim_rng|model_rng)\.pt$"
 )
-#: Anything that looks like a shard path; one that is not also canonical (_SHARD_RE) is refused.
-_SHARD_LIKE_RE = re.compile(r"(?:^|/)iter_[^/]*/mp_rank_[^/]*/(?:model_optim_rng|model_rng)\.pt$")
-_ITER_DIR_RE = re.compile(r"iter_[0-9]+")
-_RANK_DIR_RE = re.compile(r"mp_rank_(?P<tp>[0-9]{2})(?:_(?P<pp>[0-9]{3}))?")
+#: Anything that looks like a shard path; one that is not also canonical (SHARD_RE) is refused.
+SHARD_LIKE_RE = re.compile(r"(?:^|/)iter_[^/]*/mp_rank_[^/]*/(?:model_optim_rng|model_rng)\.pt$")
+ITER_DIR_RE = re.compile(r"iter_[0-9]+")
+RANK_DIR_RE = re.compile(r"mp_rank_(?P<tp>[0-9]{2})(?:_(?P<pp>[0-9]{3}))?")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Release:
         return sorted(self.shards.items())
 
 
-def _release_file(path: Path, name: str) -> ByteSource:
+def release_file(path: Path, name: str) -> ByteSource:
     """A shard, tracker or vocabulary found inside a release folder: a regular file, not a link, bounded."""
     what, limit = {
         TRACKER: ("the iteration tracker", MAX_TRACKER_BYTES),
@@ -112,7 +112,7 @@ def _folder_tree(path: Path, max_depth: int = 4) -> dict[str, ByteSource]:
     for rel in scan.files:
         name = rel.rsplit("/", 1)[-1]
         if name in SHARD_FILES or name in (TRACKER, VOCAB):
-            tree[rel] = _release_file(path / rel, name)
+            tree[rel] = release_file(path / rel, name)
     return tree
 
 
@@ -150,9 +150,9 @@ def _discover(
     found: dict[tuple[str, int], dict[tuple[int, int], tuple[ByteSource, bool, str]]] = {}
     spelling: dict[tuple[str, int], str] = {}
     for rel, src in sorted(tree.items()):
-        m = _SHARD_RE.match(rel)
+        m = SHARD_RE.match(rel)
         if not m:
-            if _SHARD_LIKE_RE.search(rel):
+            if SHARD_LIKE_RE.search(rel):
                 raise ReleaseError(
                     f"{source}: {rel} looks like a checkpoint shard but its folders are not spelled "
                     "iter_<digits>/mp_rank_<2 digits>[_<3 digits>] (ASCII digits)",
@@ -257,7 +257,10 @@ def _rank_dir(tp: int, pp: int, pipeline_naming: bool) -> str:
 
 
 def open_release(source: Path, *, iteration: int | None = None, vocab: Path | None = None) -> Release:
-    """Locate shards and vocabulary in SOURCE (tar, release folder, iter_* folder or one .pt file)."""
+    """Locate shards and vocabulary in SOURCE (tar, release folder, iter_* folder, one .pt file or its
+    mp_rank folder)."""
+    from persimmon_tools.megatron.single_shard import rank_folder, single_pt  # it builds on this module
+
     source = Path(source)
     if not source.exists():
         raise ReleaseError(f"{source} does not exist", hint="check the path")
@@ -267,22 +270,26 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt",
         )
     own_name = Path(os.path.abspath(source)).name  # "." and ".." resolved, symlinks kept as named
-    if source.is_dir() and _RANK_DIR_RE.fullmatch(own_name):
-        release = _rank_folder(source)
+    if (
+        source.is_dir()
+        and RANK_DIR_RE.fullmatch(own_name)
+        and any(os.path.lexists(source / n) for n in SHARD_FILES)
+    ):
+        release = rank_folder(source)
     elif source.is_dir():
-        kind = "iteration" if _ITER_DIR_RE.fullmatch(source.name) else "folder"
+        kind = "iteration" if ITER_DIR_RE.fullmatch(source.name) else "folder"
         tree = _folder_tree(source)
         if kind == "iteration":
             tree = {f"{source.name}/{k}": v for k, v in tree.items()}
             for extra in (TRACKER, VOCAB):  # the release root is the parent of iter_*
                 parent_file = source.parent / extra
                 if os.path.lexists(parent_file):
-                    tree[extra] = _release_file(parent_file, extra)
+                    tree[extra] = release_file(parent_file, extra)
             if iteration is None:
                 iteration = int(source.name[5:])
         release = _discover(tree, source, kind, iteration, lambda root: _folder_witnesses(source, kind, root))
     elif source.suffix == ".pt":
-        release = _single_pt(source)
+        release = single_pt(source)
     elif tarfile.is_tarfile(source) or source.suffix == ".tar":
         release = _discover(
             tar_tree(source), source, "tar", iteration, lambda root: _tar_witnesses(own_name, root)
@@ -299,7 +306,7 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
     return release
 
 
-def _holds_release_files(folder: Path) -> bool:
+def holds_release_files(folder: Path) -> bool:
     return (folder / TRACKER).is_file() or (folder / VOCAB).is_file()
 
 
@@ -314,111 +321,13 @@ def _folder_witnesses(source: Path, kind: str, root: str) -> list[tuple[str, str
     here = Path(os.path.abspath(source))
     if kind == "iteration":
         parent = here.parent
-        if _holds_release_files(parent):
+        if holds_release_files(parent):
             return [(f"release folder {parent.name} (parent of {here.name})", parent.name)]
         return []
     if root:
         name = PurePosixPath(root).name
         return [(f"release folder {name} inside {here.name}", name)]
     return [(f"release folder name {here.name}", here.name)]
-
-
-def _single_pt(source: Path) -> Release:
-    """One ``model_optim_rng.pt``: a TP=1, PP=1 release; ``iter_*`` above it gives the iteration."""
-    here = Path(os.path.abspath(source))
-    rel = f"{here.parent.parent.name}/{here.parent.name}/{here.name}"
-    m = _SHARD_RE.match(rel)
-    if m is None and _SHARD_LIKE_RE.search(rel):
-        raise ReleaseError(
-            f"{source}: its folders {rel} are not spelled iter_<digits>/mp_rank_<2 digits>[_<3 digits>] (ASCII digits)",
-            hint="rename the folders the way Megatron writes them (iter_0001251/mp_rank_00)",
-        )
-    found_vocab = None
-    for up in (here.parent.parent.parent, here.parent.parent, here.parent):
-        if os.path.lexists(up / VOCAB):
-            found_vocab = _release_file(up / VOCAB, VOCAB)
-            break
-    witnesses = []
-    root = here.parent.parent.parent
-    if m is not None and _holds_release_files(root):
-        witnesses = [(f"release folder {root.name} (parent of {here.parent.parent.name})", root.name)]
-    variant, variant_from = decide_variant(witnesses)
-    return Release(
-        source=source,
-        kind="pt",
-        iteration=int(m["it"]) if m else None,
-        shards={(0, 0): ByteSource.whole_file(source, what="the checkpoint")},
-        tp=1,
-        pp=1,
-        vocab=found_vocab,
-        variant=variant,
-        variant_from=variant_from if witnesses else "unknown: the .pt file is not inside a release folder",
-        shard_dirs={(0, 0): rel.rsplit("/", 1)[0] if m else here.name},
-    )
-
-
-def _rank_folder(source: Path) -> Release:
-    """An ``mp_rank_XX`` / ``mp_rank_XX_YYY`` folder: its one shard, read as that ``.pt`` file would be
-    (:func:`_single_pt`), when it is a whole checkpoint (TP=1, PP=1); one rank of a sharded release is
-    refused, naming the folders to give instead."""
-    here = Path(os.path.abspath(source))
-    files = [source / n for n in SHARD_FILES if os.path.lexists(source / n)]
-    if not files:
-        raise ReleaseError(
-            f"{source}: no checkpoint found (expected {SHARD_FILES[0]} inside this mp_rank folder)",
-            hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt file",
-        )
-    if len(files) > 1:
-        raise ReleaseError(
-            f"{source}: two checkpoint files, {files[0].name} and {files[1].name}",
-            hint="keep either model_optim_rng.pt or model_rng.pt",
-        )
-    m = _RANK_DIR_RE.fullmatch(here.name)
-    assert m is not None  # open_release checked the name
-    rank = (int(m["tp"]), int(m["pp"] or 0))
-    shard = _release_file(files[0], files[0].name)  # a regular file, not a link, as in a release folder
-    siblings = sorted(
-        p.name for p in here.parent.iterdir() if p.name != here.name and p.name.startswith("mp_rank_")
-    )
-    reason = (
-        f"{here.parent.name} also holds {', '.join(siblings[:4])}{' ...' if len(siblings) > 4 else ''}"
-        if siblings
-        else f"it is rank {rank} (a single-shard checkpoint is mp_rank_00)"
-        if rank != (0, 0)
-        else _sharded_args(shard)
-    )
-    if reason:
-        where = (
-            f"the iter_* folder ({here.parent}) or the release folder above it"
-            if _ITER_DIR_RE.fullmatch(here.parent.name)
-            else "the iter_* folder holding every mp_rank_* folder of that iteration, or the release folder"
-        )
-        raise ReleaseError(
-            f"{source} is one rank of a sharded checkpoint ({reason}); a single mp_rank folder converts only "
-            "when the checkpoint is not sharded (TP=1, PP=1)",
-            hint=f"give {where} (or the release tarball): every tensor/pipeline rank is needed",
-        )
-    return _replace(_single_pt(files[0]), source=source, shards={(0, 0): shard})
-
-
-def _sharded_args(src: ByteSource) -> str:
-    """Why the shard's own args say it is one of several ("" when they do not; the pickle only is read)."""
-    from persimmon_tools.megatron.torchzip import load_checkpoint
-
-    obj = load_checkpoint(src).obj
-    args = obj.get("args") if isinstance(obj, dict) else None
-    said = [
-        f"args.{name} = {value}"
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
-        if isinstance(value := getattr(args, name, None), int) and value > 1
-    ]
-    return ", ".join(said)
-
-
-def _replace(release: Release, **changes) -> Release:
-    from dataclasses import replace
-
-    return replace(release, **changes)
 
 
 def _replace_vocab(release: Release, vocab: ByteSource) -> Release:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from persimmon_tools.tokenizer.spm import eod_piece, load_sp, piece_text
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "CHAT_TEMPLATE_FILE",
     "ParityReport",
     "TokenizerOptions",
     "build_fast_tokenizer",
@@ -54,8 +56,9 @@ CHAT_TEMPLATE = (
 
 
 def chat_template(bos: bool) -> str:
-    """The ``chat_template`` written into ``tokenizer_config.json``: :data:`CHAT_TEMPLATE`, led by
-    ``{{ bos_token }}`` when the tokenizer prepends BOS.
+    """The ``chat_template`` written into ``tokenizer_config.json`` and, byte for byte, into
+    ``chat_template.jinja`` (:data:`CHAT_TEMPLATE_FILE`): :data:`CHAT_TEMPLATE`, led by ``{{ bos_token }}``
+    when the tokenizer prepends BOS.
 
     ``apply_chat_template(tokenize=True)`` (and ``pipeline("text-generation")(messages)``) encodes the
     rendered text with ``add_special_tokens=False``, so BOS must come from the template for chat ids to equal
@@ -133,7 +136,8 @@ class TokenizerOptions:
 
 
 def write_tokenizer(sp_model: Path, out_dir: Path, options: TokenizerOptions | None = None) -> list[Path]:
-    """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``.
+    """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``
+    (with ``chat``: also ``chat_template.jinja``).
 
     Args:
         sp_model: the release's ``adept_vocab.model`` (any SentencePiece model works).
@@ -196,36 +200,66 @@ def _write(sp_model: Path, out_dir: Path, options: TokenizerOptions) -> list[Pat
         "clean_up_tokenization_spaces": False,
         "model_max_length": MODEL_MAX_LENGTH if max_length is None else max_length,
     }
-    if options.chat:
-        config["chat_template"] = chat_template(bool(add_bos_token and specials["bos"]))
+    template = chat_template(bool(add_bos_token and specials["bos"])) if options.chat else None
+    if template is not None:  # in both places, byte for byte: readers of either one see the same template
+        config["chat_template"] = template
     special_map: dict[str, object] = {f"{k}_token": v for k, v in names.items() if v is not None}
     if names["eos"] is not None:
         special_map["pad_token"] = names["eos"]
-    # transformers 5 drops tokenizer_config's add_bos_token when tokenizer.json exists (the post-processor
-    # alone decides) and leaves `tok.add_bos_token` False; special_tokens_map.json is merged in after that
-    # (tokenization_utils_base._from_pretrained, "Legacy"), so the flag is stated here too (docs/tokenizer.md).
+    # transformers 5 drops tokenizer_config's add_bos_token when tokenizer.json exists and leaves
+    # `tok.add_bos_token` False while the post-processor adds BOS; anything that rebuilds the post-processor
+    # from that flag (`tok.add_eos_token = True`) then silently drops BOS. special_tokens_map.json is merged
+    # in after the drop (tokenization_utils_base._from_pretrained, "Legacy"), so the flag is stated here too;
+    # encoding is the same without it, that state is not (docs/tokenizer.md).
     special_map["add_bos_token"] = add_bos_token
     # Never through a link: OUT_DIR itself must be a real folder; the files are made in a private staging
     # folder and renamed into place, which replaces a link of the same name instead of writing to its target.
     # Only files OUT_DIR's conversion.json lists are replaced (the shared staged output's rule).
     private = options.replace_existing
-    with staged_files(out_dir, TOKENIZER_OUTPUT, TOKENIZER_FILES, private=private) as stage:
+    files = TOKENIZER_FILES if template is not None else TOKENIZER_FILES[:-1]
+    if not private:
+        _refuse_stale_template(out_dir, template)
+    with staged_files(out_dir, TOKENIZER_OUTPUT, files, private=private) as stage:
         (stage / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")  # tok.save() hides ENOSPC
         (stage / "tokenizer_config.json").write_text(_dumps(config), encoding="utf-8")
         (stage / "special_tokens_map.json").write_text(_dumps(special_map), encoding="utf-8")
         shutil.copyfile(sp_model, stage / "tokenizer.model")
+        if template is not None:  # newline="" : the bytes of the template, as in tokenizer_config.json
+            with open(stage / CHAT_TEMPLATE_FILE, "w", encoding="utf-8", newline="") as fh:
+                fh.write(template)
         check_reload(stage, tok, builtin_sample(), origin=str(sp_model))
-    written = [out_dir / name for name in TOKENIZER_FILES]
+    written = [out_dir / name for name in files]
     log.debug("wrote %s", ", ".join(p.name for p in written))
     return written
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+#: The chat template as its own file, beside ``tokenizer_config.json``'s ``chat_template`` (the same text):
+#: current transformers (5.x) saves only this file and prefers it when loading; older transformers and
+#: other readers take only the key (docs/tokenizer.md).
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+#: Every file the tokenizer writes; the last, :data:`CHAT_TEMPLATE_FILE`, only with ``chat``.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    CHAT_TEMPLATE_FILE,
+)
 #: Files of these names already in OUT_DIR are replaced only when its ``conversion.json`` (the record
 #: ``convert`` writes) lists them in ``output_files``; anything else is refused before writing.
 TOKENIZER_OUTPUT = OutputKind(
     label="OUT_DIR", error=TokenizerError, run="tokenizer run", record="conversion.json"
 )
+
+
+def _refuse_stale_template(out_dir: Path, template: str | None) -> None:
+    """Without ``chat``, a ``chat_template.jinja`` left in OUT_DIR would still be loaded as the template."""
+    if template is None and out_dir.is_dir() and os.path.lexists(out_dir / CHAT_TEMPLATE_FILE):
+        raise TokenizerError(
+            f"{out_dir} holds {CHAT_TEMPLATE_FILE}, which transformers would still load as the chat template "
+            "of a tokenizer written without --chat",
+            hint=f"pass --chat to replace it, or remove {out_dir / CHAT_TEMPLATE_FILE} first",
+        )
 
 
 def _dumps(obj: object) -> str:

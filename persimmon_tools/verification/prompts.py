@@ -82,7 +82,13 @@ def _sentencepiece(folder: Path) -> tuple[Callable[[str], list[int]], str] | Non
 
 
 #: Files a tokenizer library may open in a converted folder: each must be a regular file, not a link.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 def _check_tokenizer_files(folder: Path) -> None:

@@ -129,7 +129,7 @@ def verify(
         release = open_release(Path(reference), iteration=options.iteration, vocab=options.vocab)
     # Every weight verify reads goes through this reader, which hashes the source files in the same pass.
     reads = HashingReader(fingerprint_sources(release), hash_files=options.hash_source)
-    progress("readers: the converter's and verify's own interpretation of the source")
+    progress("comparing the converter's and verify's own reading of the source")
     ckpt = load_source(release, reader=reads)  # verify's own interpretation of the shared byte layer
     readers = compare_readers(load_release_checkpoint(release), ckpt)  # ... against the converter's
     try:
@@ -304,7 +304,8 @@ def check_passed(report: VerifyReport) -> None:
         + (f" (prompts failing: {', '.join(failed)})" if failed else "")
         + f": {summary}",
         hint=(
-            "check --reference: it is likely not the source this folder was converted from (see conversion.json)"
+            "check --reference: it is likely not the source this folder was converted from (see conversion.json); "
+            "without --reference verify uses the source conversion.json records, while it is still there"
             if any(f.get("where") == "--reference" for f in report.config_findings)
             else f"details in {verification_path(report.out_dir)}; convert again, or report a bug with that file"
         ),

@@ -174,8 +174,8 @@ def _existing_output(command: str, releases, tmp_path) -> list:
         (tmp_path / "out.tar").write_bytes(b"precious")
         return ["make-release", tmp_path / "out.tar"]
     if command == "unpack":
-        (tmp_path / "dest").mkdir()
-        (tmp_path / "dest" / "x").write_text("x")
+        (tmp_path / "dest" / "tiny_release").mkdir(parents=True)  # an existing DEST is a parent folder:
+        (tmp_path / "dest" / "tiny_release" / "x").write_text("x")  # the release's own folder is the output
         return ["unpack", releases["tar"], tmp_path / "dest"]
     (tmp_path / "out").write_text("x")  # tokenizer: OUT_DIR exists and is a file
     return ["tokenizer", _sp_model(tmp_path), tmp_path / "out"]

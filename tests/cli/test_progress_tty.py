@@ -87,7 +87,14 @@ def test_convert_in_a_terminal(tmp_path):
             if start.strip() in segment:
                 assert segment.startswith(start), f"glued onto another line: {segment!r}"
     lines = [s for s in segments if s]
-    for step in ("verifying ", "  readers: ", "  layer 1/6", "  layer 6/6", "  head", "verify: pass"):
+    for step in (
+        "verifying ",
+        "  comparing the converter's and verify's own reading",
+        "  layer 1/6",
+        "  layer 6/6",
+        "  head",
+        "verify: pass",
+    ):
         assert any(line.startswith(step) for line in lines), (step, drawn)  # the automatic verify's steps
     last_bar = max(i for i, s in enumerate(lines) if s.startswith("convert: "))
     first_step = min(i for i, s in enumerate(lines) if s.startswith("  layer "))

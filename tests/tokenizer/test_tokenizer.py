@@ -227,6 +227,7 @@ def test_autotokenizer_loads_and_matches(trained, tmp_path, name):
         "tokenizer_config.json",
         "special_tokens_map.json",
         "tokenizer.model",
+        "chat_template.jinja",  # a chat conversion: the template in both places (docs/tokenizer.md)
     }
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     sp = spm.SentencePieceProcessor(model_file=str(model))

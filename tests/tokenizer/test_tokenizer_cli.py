@@ -52,6 +52,7 @@ def test_write_and_json(models, tmp_path):
         "tokenizer_config.json",
         "special_tokens_map.json",
         "tokenizer.model",
+        "chat_template.jinja",  # --chat: the template also as its own file (issue 23, part F)
     }
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["bos_token"] == config["eos_token"] == "|ENDOFTEXT|"

@@ -151,6 +151,7 @@ def test_one_pass_gives_the_separate_pass_fingerprint(cases, name):
     assert report.passed, report.summary_line()
     fp = dict(report.source)
     read, reread = fp.pop("bytes_read"), fp.pop("bytes_reread")
+    assert fp.pop("reference_from") == "--reference"  # which source verify used (docs/verify.md)
     assert fp == source_fingerprint(open_release(source), report.source["iteration"])  # same fields
     files = fp["files"]
     assert len(files) == {"tar": 1, "tar-tp2pp2": 4, "folder-tp2pp2": 4}[name] + 1  # shards + vocabulary
