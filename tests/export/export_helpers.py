@@ -276,3 +276,26 @@ def refused(source, outs, options=PLAIN, error=PersimmonToolsError, match=None):
 def drop_head(folder):
     edit_weights(folder, lambda t: t.pop(HEAD))
     edit_config(folder, tie_word_embeddings=True)
+
+
+def run(*args):
+    """``persimmon-tools ARGS`` in-process (click's runner); ``str`` of every argument."""
+    from click.testing import CliRunner
+
+    from persimmon_tools.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def outs(tmp_path):
+    """An empty folder to put OUT in; the tests check it is still empty after a refusal."""
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def hf(converted_tiny, tmp_path):
+    """A writable copy of the converted tiny fixture (bf16, one model.safetensors, conversion.json)."""
+    return copy_folder(converted_tiny, tmp_path / "hf")

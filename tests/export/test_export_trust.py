@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures hf and outs come from export_helpers, shared by the export tests)
 """Export trusts nothing that convert would refuse (issue 22, part C). The principle, "a release that export
 writes is one that convert accepts, and the reverse", is proved in test_export_trust_principle.py; here:
 
@@ -18,8 +19,7 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from export_helpers import (
+from export_helpers import (  # noqa: F401 (outs, hf: fixtures)
     EMBED,
     HEAD,
     by_offset,
@@ -27,38 +27,22 @@ from export_helpers import (
     drop_head,
     edit_config,
     edit_weights,
+    hf,
     listing,
+    outs,
     read_release,
     refused,
+    run,
     safetensors_parts,
     write_safetensors_raw,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.conversion.safetensors_read import SafetensorsFolder
 from persimmon_tools.errors import CheckpointError, ConfigError, ConversionError, UsageError
 from persimmon_tools.export.export import ExportOptions, export_release
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture
-def outs(tmp_path):
-    folder = tmp_path / "outs"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def hf(converted_tiny, tmp_path):
-    """A writable copy of the converted tiny fixture (bf16, one model.safetensors, conversion.json)."""
-    return copy_folder(converted_tiny, tmp_path / "hf")
-
 
 # ---- 1. safetensors headers, with the safetensors library as the oracle --------------------------------
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures hf and outs come from export_helpers, shared by the export tests)
 """The principle of issue 22, part C: a release that export writes is one that convert accepts, and the
 reverse.
 
@@ -21,42 +22,25 @@ import tarfile
 
 import pytest
 import torch
-from click.testing import CliRunner
-from export_helpers import (
+from export_helpers import (  # noqa: F401 (outs, hf: fixtures)
     EMBED,
     HEAD,
     copy_folder,
     drop_head,
     edit_config,
     edit_weights,
+    hf,
     megatron_release,
+    outs,
     refused,
+    run,
     spec_of,
 )
 
-from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.conversion.convert import prepare as convert_prepare
 from persimmon_tools.errors import CheckpointError, ConfigError, ConversionError, UsageError
 from persimmon_tools.export.export import ExportOptions, export_release
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture
-def outs(tmp_path):
-    folder = tmp_path / "outs"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def hf(converted_tiny, tmp_path):
-    """A writable copy of the converted tiny fixture (bf16, one model.safetensors, conversion.json)."""
-    return copy_folder(converted_tiny, tmp_path / "hf")
-
 
 # ---- 6. the principle ----------------------------------------------------------------------------------
 
