@@ -131,7 +131,9 @@ def export_cmd(
         _print_plan(plan.summary(), out, as_json)
         return
     with byte_progress(None, "export") as advance:
-        result = export_release(source, out, options, progress=advance)
+        result = export_release(
+            source, out, options, progress=advance, on_plan=lambda plan: advance.set_total(plan.nbytes)
+        )
     summary = result.plan.summary() | {
         "out": str(result.out),
         "bytes_written": result.bytes_written,
