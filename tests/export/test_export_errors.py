@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixture outs comes from export_helpers, shared by the export tests)
 """Export refusals (issue 17, "Done when" 4 and 5): each names the problem and writes nothing (OUT absent,
 no temporary or lock left beside it); ``--force`` replaces only an earlier export; the CLI's ``--json``,
 ``--dry-run`` and exit codes.
@@ -10,25 +11,11 @@ import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
-from export_helpers import flat, listing, read_release
+from export_helpers import flat, listing, outs, read_release, run  # noqa: F401 (outs: a fixture)
 from safetensors.torch import load_file, save_file
 
-from persimmon_tools.cli import main
 from persimmon_tools.errors import ConversionError, MappingError, PersimmonToolsError, UsageError
 from persimmon_tools.export.export import ExportOptions, export_release
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture
-def outs(tmp_path):
-    """An empty folder to put OUT in; the tests check it is still empty after a refusal."""
-    folder = tmp_path / "outs"
-    folder.mkdir()
-    return folder
 
 
 def _refused(source, out, options, error=PersimmonToolsError, match=None):

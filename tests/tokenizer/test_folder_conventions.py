@@ -15,15 +15,12 @@ c. ``generation_config.json`` carries ``max_new_tokens`` = the checkpoint's sequ
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from transformers_warnings import warnings_as_errors
 
 import persimmon_tools
 from persimmon_tools.cli import main
@@ -53,29 +50,6 @@ def converted(tmp_path_factory) -> dict[str, Path]:
         out[name] = base / name
         persimmon_tools.convert(FIXTURE, out[name], ConvertOptions(chat=chat), verify="off")
     return out
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextmanager
-def warnings_as_errors() -> Iterator[_Records]:
-    """Python warnings raise; WARNING records of the ``transformers`` logger are collected."""
-    handler = _Records()
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 # ---- a. chat_template.jinja ------------------------------------------------------------------------------

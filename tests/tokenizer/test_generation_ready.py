@@ -7,12 +7,11 @@ a missing pad token, right padding in ``generate`` or a pipeline that refuses to
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from transformers_warnings import warnings_as_errors
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -32,28 +31,12 @@ def chat_folder(tmp_path_factory) -> Path:
     return out
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @contextmanager
 def no_warnings():
     """Warnings are errors; WARNING records of the ``transformers`` logger fail the test."""
-    handler = _Records()
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            yield
-    finally:
-        logger.removeHandler(handler)
-    assert not handler.records, [r.getMessage() for r in handler.records]
+    with warnings_as_errors() as logs:
+        yield
+    assert not logs.records, [r.getMessage() for r in logs.records]
 
 
 @pytest.fixture(scope="module")
