@@ -151,22 +151,30 @@ _RANKS = {
 }
 
 
+def numeric_arg_problem(name: str, value: Any) -> str | None:
+    """What ``args.<name>`` must be, when ``value`` is not what :func:`derive_dims` accepts for that field
+    (None: it is, or derive_dims does not read ``name`` as a number). The one rule for these fields: export
+    checks ``--set`` values with it too."""
+    rule = _NUMERIC_ARGS.get(name)
+    if rule is None:
+        return None
+    integer, low, high = rule
+    if integer:
+        return None if type(value) is int and low <= value <= high else "a positive integer"
+    finite = type(value) is int or (type(value) is float and math.isfinite(value))
+    return None if finite and low < value <= high else f"a number in ({low:g}, {high:g}]"
+
+
 def _input_problems(ckpt: Checkpoint) -> list[str]:
     """Args that are not numbers in range, and shape-defining tensors of the wrong rank (a corrupt or
     hostile pickle can hold anything); checked before any of them is used in arithmetic."""
     problems = []
-    for name, (integer, low, high) in _NUMERIC_ARGS.items():
+    for name in _NUMERIC_ARGS:
         value = arg(ckpt.args, name)
         if value is None:
             continue
-        if integer:
-            ok = type(value) is int and low <= value <= high
-            need = "a positive integer"
-        else:
-            finite = type(value) is int or (type(value) is float and math.isfinite(value))
-            ok = finite and low < value <= high
-            need = f"a number in ({low:g}, {high:g}]"
-        if not ok:
+        need = numeric_arg_problem(name, value)
+        if need is not None:
             huge = type(value) is int and abs(value) > 2**64
             shown = f"<{value.bit_length()}-bit integer>" if huge else str(value)[:60]
             problems.append(f"args.{name} = {shown} ({type(value).__name__}), expected {need}")

@@ -20,7 +20,7 @@ silently; ``--set FIELD=VALUE`` with ``config.json``'s value exports the model a
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,13 +29,13 @@ from persimmon_tools.conversion.config import (
     ADEPT_DEFAULT_EPS,
     ADEPT_DEFAULT_ROPE_BASE,
     HF_DEFAULT_MAX_POSITIONS,
+    numeric_arg_problem,
 )
 from persimmon_tools.conversion.hf_config import short
 from persimmon_tools.errors import ConfigError, UsageError
 
-#: The largest size convert accepts in args (``conversion.config``: 2**53) and the largest
-#: ``make_vocab_size_divisible_by`` export pads with (Megatron uses 128; larger ones only add zero rows).
-MAX_SIZE = 2**53
+#: The largest ``make_vocab_size_divisible_by`` export pads with (Megatron uses 128; larger ones only add
+#: zero rows).
 MAX_DIVISIBLE_BY = 1 << 16
 _SIZES = (
     "num_layers",
@@ -55,16 +55,6 @@ def _whole(high: int) -> Callable[[Any], str | None]:
     return check
 
 
-def _positive(value: Any) -> str | None:
-    ok = type(value) in (int, float) and math.isfinite(value) and value > 0
-    return None if ok else "a finite number > 0"
-
-
-def _fraction(value: Any) -> str | None:
-    ok = type(value) in (int, float) and math.isfinite(value) and 0 < value <= 1
-    return None if ok else "a number in (0, 1]"
-
-
 def _flag(value: Any) -> str | None:
     return None if type(value) is bool else "True or False"
 
@@ -79,11 +69,12 @@ def _text(value: Any) -> str | None:
 
 #: field -> check(value) -> what the value must be (None: fine). ``None`` values are not checked.
 VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
-    **dict.fromkeys(_SIZES, _whole(MAX_SIZE)),
+    # the numbers derive_dims reads: convert's own rule (conversion.config.numeric_arg_problem)
+    **{
+        name: functools.partial(numeric_arg_problem, name)
+        for name in (*_SIZES, "rotary_pct", "rotary_emb_base", "layernorm_epsilon")
+    },
     "make_vocab_size_divisible_by": _whole(MAX_DIVISIBLE_BY),
-    "rotary_pct": _fraction,
-    "rotary_emb_base": _positive,
-    "layernorm_epsilon": _positive,
     "untie_embeddings": _flag,
     "sq_relu": _flag,
     "apply_residual_connection_post_layernorm": _only(
