@@ -132,6 +132,30 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)
 
 
+def check_vocab_fits(vocab_bytes: bytes, origin: str, rows: int) -> int | None:
+    """The SentencePiece model ``vocab_bytes`` fits an embedding of ``rows`` rows: no more pieces than rows,
+    its end-of-document piece within them (else ConversionError naming ``origin``). Returns that piece's id
+    (None: the model has none). The one check for convert and export."""
+    sp = load_sp_bytes(vocab_bytes, origin)
+    if sp.get_piece_size() > rows:
+        raise ConversionError(
+            f"{origin} has {sp.get_piece_size()} pieces but the checkpoint's embedding has only {rows} rows",
+            hint=_WRONG_VOCAB,
+        )
+    special = eod_piece(sp, origin)
+    special_id = special[1] if special else None
+    if special_id is not None and special_id >= rows:
+        raise ConversionError(
+            f"{ENDOFTEXT} has id {special_id}, beyond the {rows} embedding rows", hint=_WRONG_VOCAB
+        )
+    return special_id
+
+
+_WRONG_VOCAB = (
+    "the vocabulary does not belong to this checkpoint; pass the right --vocab; nothing was written"
+)
+
+
 def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> ConversionPlan:
     """Read the release (lazily), derive the config and map every tensor; writes nothing."""
     release = open_release(Path(source), iteration=options.iteration, vocab=options.vocab)
@@ -146,20 +170,7 @@ def prepare(source: Path, options: ConvertOptions = ConvertOptions()) -> Convers
     special_id, vocab_bytes = None, None
     if release.vocab is not None:
         vocab_bytes = release.vocab.read_all()
-        sp = load_sp_bytes(vocab_bytes, release.vocab.name)
-        if sp.get_piece_size() > dims.vocab_size:
-            raise ConversionError(
-                f"{release.vocab.name} has {sp.get_piece_size()} pieces but the checkpoint's embedding has only "
-                f"{dims.vocab_size} rows",
-                hint="the vocabulary does not belong to this checkpoint; pass the right --vocab",
-            )
-        special = eod_piece(sp, release.vocab.name)
-        special_id = special[1] if special else None
-        if special_id is not None and special_id >= dims.vocab_size:
-            raise ConversionError(
-                f"{ENDOFTEXT} has id {special_id}, beyond the {dims.vocab_size} embedding rows",
-                hint="the vocabulary does not belong to this checkpoint; pass the right --vocab",
-            )
+        special_id = check_vocab_fits(vocab_bytes, release.vocab.name, dims.vocab_size)
     elif options.tokenizer:
         raise ConversionError(
             f"{release.source}: no adept_vocab.model found next to the checkpoint",

@@ -16,19 +16,15 @@ from typing import Any
 
 import torch
 
-from persimmon_tools.conversion.convert import ConvertOptions
+from persimmon_tools.conversion.convert import ConvertOptions, check_vocab_fits
 from persimmon_tools.conversion.convert import prepare as convert_prepare
 from persimmon_tools.conversion.values import WriteStats, count_nonfinite, refuse_bad_values
 from persimmon_tools.errors import ConversionError, PersimmonToolsError, UsageError
 from persimmon_tools.export.source import ExportSource
-from persimmon_tools.tokenizer.spm import ENDOFTEXT, eod_piece, load_sp_bytes
 
 log = logging.getLogger(__name__)
 
 MEGATRON_DEFAULT_DIVISIBLE_BY = 128  # megatron/arguments.py --make-vocab-size-divisible-by
-_WRONG_VOCAB = (
-    "the vocabulary does not belong to this checkpoint; pass the right --vocab; nothing was written"
-)
 
 
 def check_layout(source: ExportSource, tp: int, pp: int) -> None:
@@ -93,21 +89,9 @@ class ValueCounts:
 
 
 def check_vocab(source: ExportSource) -> None:
-    """The SentencePiece model fits the embedding: no more pieces than rows, its end-of-document piece within
-    them (convert refuses both, with the same words)."""
-    d, origin = source.dims, source.vocab_origin
-    sp = load_sp_bytes(source.vocab_bytes or b"", origin)
-    if sp.get_piece_size() > d.vocab_size:
-        raise ConversionError(
-            f"{origin} has {sp.get_piece_size()} pieces but the checkpoint's embedding has only {d.vocab_size} "
-            "rows",
-            hint=_WRONG_VOCAB,
-        )
-    special = eod_piece(sp, origin)
-    if special is not None and special[1] >= d.vocab_size:
-        raise ConversionError(
-            f"{ENDOFTEXT} has id {special[1]}, beyond the {d.vocab_size} embedding rows", hint=_WRONG_VOCAB
-        )
+    """The SentencePiece model fits the embedding (convert's own check:
+    :func:`~persimmon_tools.conversion.convert.check_vocab_fits`)."""
+    check_vocab_fits(source.vocab_bytes or b"", source.vocab_origin, source.dims.vocab_size)
 
 
 def refuse_nonfinite(counts: ValueCounts, allow: bool) -> None:
