@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 from persimmon_tools.conversion.convert import ConversionPlan, ConversionResult, ConvertOptions, prepare
 from persimmon_tools.conversion.convert import convert as convert_only
+from persimmon_tools.conversion.fingerprint import verify_command
 from persimmon_tools.errors import Interrupted, UsageError, VerificationError
 from persimmon_tools.safe_read import format_size
 from persimmon_tools.verification.auto_check import estimate_auto_verify, should_auto_verify
@@ -94,17 +94,6 @@ class ConvertReport:
         return summary
 
 
-def verify_command(out_dir: Path | str, source: Path | str, options: ConvertOptions | None = None) -> str:
-    """The ``persimmon-tools verify`` command line that checks ``out_dir`` against ``source`` (quoted for a
-    shell; ``--iteration``/``--vocab`` when the conversion was given them)."""
-    words = ["persimmon-tools", "verify", str(out_dir), "--reference", str(source)]
-    if options is not None and options.iteration is not None:
-        words += ["--iteration", str(options.iteration)]
-    if options is not None and options.vocab is not None:
-        words += ["--vocab", str(options.vocab)]
-    return shlex.join(words)
-
-
 def _check_mode(verify: str) -> None:
     if verify not in VERIFY_MODES:
         raise UsageError(
@@ -165,7 +154,7 @@ def convert(
     result = convert_only(Path(source), Path(out_dir), options, progress=progress, on_plan=planned)
     if verify == "off":
         return ConvertReport(result, peak_rss_bytes(), None)
-    command = verify_command(result.out_dir, source, options)
+    command = verify_command(result.out_dir, source, iteration=options.iteration, vocab=options.vocab)
     try:
         rss = peak_rss_bytes()  # before verify: ru_maxrss only grows, so this is convert's own peak
         checked = _auto_verify(result, Path(source), options, rss, command, verify_progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,20 @@ MODEL_CARD_FILE = "README.md"
 UNFINGERPRINTED = frozenset({VERIFICATION_FILE, MODEL_CARD_FILE})
 
 _CHUNK = 8 << 20
+
+
+def verify_command(
+    out_dir: Path | str, source: Path | str, *, iteration: int | None = None, vocab: Path | str | None = None
+) -> str:
+    """The ``persimmon-tools verify`` command line that checks ``out_dir`` against ``source``, quoted for a
+    shell (``--iteration``/``--vocab`` when the conversion was given them): what convert, an interrupted
+    automatic verify and ``inspect`` tell the user to run."""
+    words = ["persimmon-tools", "verify", str(out_dir), "--reference", str(source)]
+    if iteration is not None:
+        words += ["--iteration", str(iteration)]
+    if vocab is not None:
+        words += ["--vocab", str(vocab)]
+    return shlex.join(words)
 
 
 def sha256_file(

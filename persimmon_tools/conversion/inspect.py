@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from persimmon_tools.conversion.config import derive_dims
-from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, verification_status
+from persimmon_tools.conversion.fingerprint import (
+    CONVERSION_FILE,
+    VERIFICATION_FILE,
+    verification_status,
+    verify_command,
+)
 from persimmon_tools.errors import CheckpointError, ConversionError, PersimmonToolsError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
@@ -148,12 +153,9 @@ def inspect_converted(folder: Path) -> dict[str, Any]:
             **status.to_dict(),
         }
     else:  # never verified (--no-verify, an interrupted automatic verify): the command that checks it
-        import shlex
-
         recorded = (conversion or {}).get("source")
         source = recorded.get("path") if isinstance(recorded, dict) else None
-        reference = shlex.quote(source) if isinstance(source, str) else "SOURCE"
-        command = f"persimmon-tools verify {shlex.quote(str(folder))} --reference {reference}"
+        command = verify_command(folder, source if isinstance(source, str) else "SOURCE")
         info["verification"] = {
             "verdict": None,
             "created": None,
