@@ -251,6 +251,11 @@ def small_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# Keys whose hash costs at most their own length (most keys of a checkpoint): not worth a walk. Integer sizes
+# are checked by the walk of the whole loaded object (:func:`check_tree`), which visits dict keys too.
+_HASHED_IN_LINEAR_TIME = frozenset({str, bytes, int, float, bool, complex, type(None)})
+
+
 def guard_pickle_hashing(dispatch: dict[int, Any], check: Any) -> None:
     """Make a pure-Python ``pickle._Unpickler`` dispatch table call ``check(unpickler, value)`` on every value
     it is about to hash (dict keys, set members) before hashing it: ``hash`` of a tuple of shared tuples
@@ -266,7 +271,8 @@ def guard_pickle_hashing(dispatch: dict[int, Any], check: Any) -> None:
 
         def load(self: Any) -> None:
             for value in values(self):
-                check(self, value)
+                if type(value) not in _HASHED_IN_LINEAR_TIME:
+                    check(self, value)
             original(self)
 
         dispatch[opcode[0]] = load

@@ -12,7 +12,8 @@ import os
 # OMP_NUM_THREADS set by the caller wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import contextlib  # noqa: E402
+import compileall  # noqa: E402
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,13 @@ from persimmon_tools.synth.build import ReleaseOptions, build_release, make_rele
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_TAR = REPO / "fixtures" / "tiny_release.tar"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The suite starts about a hundred Python children that import the package (the CLI, docs examples, oracles).
+# Where PYTHONDONTWRITEBYTECODE is set (some machines set it; the docs examples' environment does) nothing
+# writes the package's bytecode, so each child compiled it from source again: ~0.3 s of CPU per child
+# (docs/performance.md, "Test suite"). It is compiled once here, into the ``__pycache__`` folders Python
+# itself writes where it may (git ignores them); a read-only checkout is left as it is.
+compileall.compile_dir(REPO / "persimmon_tools", quiet=2)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +59,22 @@ def converted_tiny(releases, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "tiny-hf"
     convert(releases["tar"], out, ConvertOptions())
     return out
+
+
+def default_signals(args: list[str], names: tuple[str, ...] = ("SIGINT",)) -> list[str]:
+    """``args`` (a Python child: ``[sys.executable, ...]``) started with the signals ``names`` at their
+    default disposition.
+
+    A shell's background jobs inherit SIGINT (and SIGQUIT) ignored, ``nohup`` SIGHUP, and an ignored signal
+    stays ignored across ``exec`` (the toolkit keeps it so: nohup's contract); a test of what the signal does
+    needs the default. A small launcher restores them and execs the child (instead of a ``preexec_fn``,
+    which is unsafe in the threads that run background jobs)."""
+    launcher = (
+        "import os, signal, sys; "
+        f"[signal.signal(getattr(signal, n), signal.SIG_DFL) for n in {list(names)!r}]; "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", launcher, *args]
 
 
 class Background:
@@ -76,6 +100,9 @@ class Background:
         self._closed = False
         self.started: dict[str, object] = {}  # what was started at session start, by name
 
+    # for test modules, which cannot import this file reliably (``conftest`` is whichever pytest loaded last)
+    default_signals = staticmethod(default_signals)
+
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
         with self._lock:
@@ -98,29 +125,42 @@ class Background:
     ) -> subprocess.CompletedProcess:
         """``subprocess.run(args, capture_output=True, text=True, ...)``, killed with its process group on
         timeout (``subprocess.TimeoutExpired``) or when the session ends first (``RuntimeError``)."""
+        with self.spawn(
+            args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+    @contextlib.contextmanager
+    def spawn(
+        self, args: list[str], *, cwd: Path, env: dict[str, str], **popen
+    ) -> Iterator[subprocess.Popen]:
+        """``subprocess.Popen(args, cwd=cwd, env=env, **popen)`` for a job that talks to its child (reads its
+        output as it comes, sends it signals), in a process group of its own: killed with the group when the
+        block ends and it still runs, or when the session ends first (then ``RuntimeError`` for a new one).
+        No ``preexec_fn`` (unsafe in a thread): :func:`default_signals` gives a child the default dispositions."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"not run, the test session ended first: {args}")
-            proc = subprocess.Popen(
-                args,
-                cwd=cwd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
+            proc = subprocess.Popen(args, cwd=cwd, env=env, start_new_session=True, **popen)
             self._running.add(proc)
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            raise
+            yield proc
         finally:
+            if proc.poll() is None:
+                _kill_group(proc)
+                proc.communicate()
             with self._lock:
                 self._running.discard(proc)
-        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+    def result(self, key: str) -> object:
+        """What the job started under ``key`` returned (raised), waited for with a second worker beside it."""
+        return self.add_workers(2).started[key].result()
 
     def close(self) -> None:
         """No further job or child starts; running children are killed; the workers are waited for."""

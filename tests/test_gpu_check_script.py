@@ -1,4 +1,7 @@
-"""benchmarks/gpu_check.sh without a GPU: its --dry-run plan, argument checks, and failure bookkeeping."""
+"""benchmarks/gpu_check.sh without a GPU: its --dry-run plan, argument checks, and failure bookkeeping.
+
+The failure bookkeeping's run (the script's whole tiny pass, a few seconds) goes on beside the tests
+(``start_in_background``, see tests/conftest.py's ``background``); the quick --dry-run runs stay in the tests."""
 
 from __future__ import annotations
 
@@ -17,9 +20,14 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def run_script(*args: str, work: Path, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("OUT", "WORK", "GPU_CHECK_DEVICE")}
+def _script_env(base: dict[str, str], work: Path, env: dict[str, str]) -> dict[str, str]:
+    full_env = {k: v for k, v in base.items() if k not in ("OUT", "WORK", "GPU_CHECK_DEVICE")}
     full_env.update({"WORK": str(work), "PYTHON": sys.executable, **env})
+    return full_env
+
+
+def run_script(*args: str, work: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = _script_env(dict(os.environ), work, env)
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full_env, timeout=120, cwd=REPO
     )
@@ -80,8 +88,9 @@ def test_bad_arguments_exit_2(tmp_path, args):
     assert "Usage:" in result.stderr
 
 
-def test_failing_steps_are_recorded_and_the_script_goes_on(tmp_path):
-    """A fake interpreter: the CLI's verify fails, every other CLI command succeeds without doing anything."""
+def _failing_steps(background, tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """A ``background`` job: the script on tiny with a fake interpreter whose CLI verify fails, every other CLI
+    command succeeds without doing anything; (its OUT, how the script ended)."""
     fake = tmp_path / "fake-python"
     fake.write_text(
         "#!/bin/sh\n"
@@ -93,9 +102,27 @@ def test_failing_steps_are_recorded_and_the_script_goes_on(tmp_path):
     )
     fake.chmod(0o755)
     out = tmp_path / "out"
-    result = run_script(
-        "--presets", "tiny", work=tmp_path / "work", PYTHON=str(fake), GPU_CHECK_DEVICE="cpu", OUT=str(out)
+    env = _script_env(
+        background.environ,
+        tmp_path / "work",
+        {"PYTHON": str(fake), "GPU_CHECK_DEVICE": "cpu", "OUT": str(out)},
     )
+    result = background.run(["bash", str(SCRIPT), "--presets", "tiny"], cwd=REPO, env=env, timeout=120)
+    return out, result
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the failure bookkeeping's run
+    goes on beside the tests, in a scratch folder of its own."""
+    if any(item.originalname == "test_failing_steps_are_recorded_and_the_script_goes_on" for item in items):
+        background.started[f"{__name__}: failing steps"] = background.submit(
+            _failing_steps, tmp_path_factory.mktemp("gpu-check-failing")
+        )
+
+
+def test_failing_steps_are_recorded_and_the_script_goes_on(background):
+    """A fake interpreter: the CLI's verify fails, every other CLI command succeeds without doing anything."""
+    out, result = background.result(f"{__name__}: failing steps")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "5 step(s) failed" in result.stderr
     assert "boom: verify failed" in result.stdout

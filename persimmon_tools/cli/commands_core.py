@@ -171,7 +171,7 @@ def make_release_cmd(
     # an existing OUT_TAR is exit 1; --force replaces only a tarball the toolkit wrote
     options = ReleaseOptions(preset=preset, tp=tp, pp=pp, dtype=dtype, seed=seed, vocab=vocab, force=force)
     with byte_progress(None, "make-release") as advance:
-        make_release(out_tar, options, progress=advance)
+        make_release(out_tar, options, progress=advance, on_total=advance.set_total)
     size = out_tar.stat().st_size
     if as_json:
         echo_json(

@@ -68,15 +68,20 @@ class ShardTensor:
         if self.computed is not None:
             return TensorSpec.of(self.computed)  # in its own dtype (see _inv_freqs)
         shape = shard_shape(self.full_shape, self.kind, self.tp, self.rank)
+        if shape[0] <= self._rows_per_block():  # one block: nothing to read ahead of
+            return TensorSpec(shape, self.dtype, lambda: self._blocks(shape[0]))
         return TensorSpec(shape, self.dtype, lambda: read_ahead(self._blocks(shape[0])))
+
+    def _rows_per_block(self) -> int:
+        """Rows of the full tensor in one block of about BLOCK_BYTES (at least one)."""
+        assert self.tensor is not None
+        return max(1, BLOCK_BYTES // max(1, math.prod(self.full_shape[1:]) * self.tensor.dtype.itemsize))
 
     def _blocks(self, rows: int) -> Iterator[torch.Tensor]:
         """The piece's ``rows`` rows in blocks of about BLOCK_BYTES of full-tensor rows
         (:func:`persimmon_tools.ops.shard_rows`: column/vocab read the rank's rows, row the rank's columns)."""
         assert self.tensor is not None
-        have = self.tensor.shape[0]
-        row_bytes = max(1, math.prod(self.full_shape[1:]) * self.tensor.dtype.itemsize)
-        step = max(1, BLOCK_BYTES // row_bytes)
+        have, step = self.tensor.shape[0], self._rows_per_block()
 
         def read(lo: int, hi: int) -> torch.Tensor:
             return self._read(lo, hi, have)

@@ -115,6 +115,14 @@ def _aligned_info(zf: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
     return info
 
 
+def payload_bytes(obj: Any) -> int:
+    """The tensor bytes :func:`write_pt` writes for ``obj``: the sum of what it reports to ``on_bytes``
+    (each storage once, however often it is referenced)."""
+    pickler = _Pickler(io.BytesIO())
+    pickler.dump(obj)
+    return sum(spec.numel * spec.dtype.itemsize for spec in pickler.storages)
+
+
 def write_pt(fh: BinaryIO, obj: Any, *, on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """Write ``obj`` (dicts/Namespaces/... with :class:`TensorSpec` leaves) in torch's zip format to ``fh``."""
     pkl = io.BytesIO()

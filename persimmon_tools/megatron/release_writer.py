@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from persimmon_tools.errors import UsageError
-from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, write_pt
+from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, payload_bytes, write_pt
 from persimmon_tools.ops import layer_index
 from persimmon_tools.safe_write import open_new_file, write_new_file
 from persimmon_tools.staged_record import tar_record_header
@@ -107,6 +107,10 @@ class ReleaseFiles:
         files = dict(self.small_files)
         files["latest_checkpointed_iteration.txt"] = str(self.iteration).encode()
         return [(f"{self.name}/{fname}", data) for fname, data in files.items()]
+
+    def payload_bytes(self) -> int:
+        """The tensor bytes the shards hold: what the writers below report to ``progress``, in all."""
+        return sum(payload_bytes(obj) for obj in self.objects.values())
 
     def tar_members(self) -> list[str]:
         """Every member of the tarball, in the order :func:`write_release_tar` writes them."""

@@ -227,9 +227,15 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def make_release(
-    out: Path, options: ReleaseOptions = ReleaseOptions(), *, progress: Callable[[int], None] = lambda n: None
+    out: Path,
+    options: ReleaseOptions = ReleaseOptions(),
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+    on_total: Callable[[int], None] = lambda n: None,
 ) -> Path:
     """Write a random-weight release tar at ``out`` (see module docstring); returns ``out``.
+
+    ``progress`` gets the tensor bytes as they are written; ``on_total`` their sum, once, before the first.
 
     An existing ``out`` is refused (:class:`PersimmonToolsError`), with ``options.force`` too unless it is a
     tarball persimmon-tools wrote (it carries the toolkit's record); ``out`` as a symlink is a
@@ -244,9 +250,10 @@ def make_release(
         rel = build_release(
             preset=o.preset, tp=o.tp, pp=o.pp, dtype=dtype, seed=o.seed, vocab_model=vocab, **o.overrides
         )
-        name = o.name or out.name.removesuffix(".tar")
+        files = rel.files(o.name or out.name.removesuffix(".tar"))
+        on_total(files.payload_bytes())
         with claim.staged_file() as fh:
-            write_release_tar(rel.files(name), fh, dump=dump_shard, progress=progress)
+            write_release_tar(files, fh, dump=dump_shard, progress=progress)
     # debug: the command's own summary line says what was written (one line, not two)
     log.debug("wrote %s (preset %s, TP=%d PP=%d, %s, seed %d)", out, o.preset, o.tp, o.pp, dtype, o.seed)
     return out

@@ -7,6 +7,7 @@ written in bounded memory and TP/PP releases from the same seed hold exactly the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,8 +47,7 @@ class Values:
     """Deterministic pseudo-random values: element ``k`` of tensor ``name`` = ``pool[(start + k) % P]``."""
 
     def __init__(self, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.pool = torch.randn(_POOL_SIZE, generator=gen)
+        self.pool = _pool(seed)  # shared and read-only: ``flat`` returns copies
         self.seed = seed
 
     def start(self, name: str) -> int:
@@ -63,6 +63,12 @@ class Values:
             pieces.append(self.pool[first : first + take])
             need, first = need - take, 0
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _pool(seed: int) -> torch.Tensor:
+    """The ``_POOL_SIZE`` normal samples of ``seed`` (fp32, 16 MiB; drawn once per seed and process)."""
+    return torch.randn(_POOL_SIZE, generator=torch.Generator().manual_seed(seed))
 
 
 def value_transform(key: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -176,7 +176,7 @@ def _by_value(rules: dict[str, str], keys: list[str]) -> dict[str, list[str]]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)  # small (regex strings): a model's variants (users, dummy, suffix) all fit
 def exact_charsmap_steps(
     blob: bytes, users: tuple[str, ...] = (), dummy: str = "", suffix: str = ""
 ) -> tuple:

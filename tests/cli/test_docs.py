@@ -1,8 +1,13 @@
-"""Docs stay true: the CLI reference matches --help, README links resolve, the quick start names real files."""
+"""Docs stay true: the CLI reference matches --help, README links resolve, the quick start names real files.
+
+The package's import check runs in a fresh interpreter beside the tests (``start_in_background``, see
+tests/conftest.py's ``background``)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from persimmon_tools.cli.docs import cli_reference_markdown
@@ -32,13 +37,25 @@ def test_quick_start_uses_the_committed_fixture_and_ci_runs_the_readme_test_comm
     assert test_cmd in (REPO / ".ci" / "run").read_text()
 
 
-def test_package_import_is_light_and_exposes_the_public_api():
-    import subprocess
-    import sys
+#: A fresh interpreter imports the package: no torch yet, every name of ``__all__`` resolves.
+IMPORT_CHECK = (
+    "import sys, persimmon_tools as p; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
+    "[getattr(p, n) for n in p.__all__]; print('ok')"
+)
 
-    code = (
-        "import sys, persimmon_tools as p; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
-        "[getattr(p, n) for n in p.__all__]; print('ok')"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+def _import_check(background) -> subprocess.CompletedProcess:
+    """A ``background`` job: :data:`IMPORT_CHECK` in a child."""
+    return background.run([sys.executable, "-c", IMPORT_CHECK], cwd=REPO, env=background.environ, timeout=120)
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the import check's child runs
+    beside the tests."""
+    if any(item.originalname == "test_package_import_is_light_and_exposes_the_public_api" for item in items):
+        background.started[__name__] = background.submit(_import_check)
+
+
+def test_package_import_is_light_and_exposes_the_public_api(background):
+    out = background.result(__name__)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -3,7 +3,8 @@
 Ctrl-C during ``convert``'s automatic verify leaves OUT_DIR complete but unverified: exit 130, a message
 that says so, the ``verify`` command as the hint, and ``inspect OUT_DIR`` names the same command. In
 process (the verify monkeypatched to raise KeyboardInterrupt) and once with a real SIGINT to a real
-``convert`` process. The other commands: interrupted mid-work (the progress callback raises), each says
+``convert`` process, which runs beside the tests (``start_in_background``, see tests/conftest.py's
+``background``). The other commands: interrupted mid-work (the progress callback raises), each says
 which output is as it was.
 """
 
@@ -98,20 +99,22 @@ def test_the_library_raises_interrupted_with_the_verify_command(releases, tmp_pa
     assert err.value.hint.endswith("--iteration 1251") and "--reference" in err.value.hint
 
 
-def test_a_real_sigint_during_the_automatic_verify(tmp_path):
-    """SIGINT to a real ``convert`` once its log says the automatic verify started."""
+def _sigint_during_the_verify(background, tmp_path: Path) -> tuple[Path, int, list[str], str]:
+    """A ``background`` job: SIGINT to a real ``convert`` in ``tmp_path`` once its log says the automatic
+    verify started; (its OUT_DIR, exit code, the stderr lines read before the signal, the rest of stderr)."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "persimmon_tools.cli", "convert", str(FIXTURE), str(out)],
+    seen = []
+    with background.spawn(
+        # a shell's background jobs inherit SIGINT ignored; Ctrl-C semantics need the default disposition
+        background.default_signals(
+            [sys.executable, "-m", "persimmon_tools.cli", "convert", str(FIXTURE), str(out)]
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
-        # a shell's background jobs inherit SIGINT ignored; Ctrl-C semantics need the default disposition
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    seen = []
-    try:
+        env=background.environ,
+    ) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = proc.stderr.readline()
@@ -121,14 +124,26 @@ def test_a_real_sigint_during_the_automatic_verify(tmp_path):
             if line.startswith("verifying "):
                 proc.send_signal(signal.SIGINT)
                 break
-        stdout, rest = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _, rest = proc.communicate(timeout=60)
+    return out, proc.returncode, seen, rest
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the real ``convert`` that gets
+    the SIGINT runs beside the tests, in a scratch folder of its own."""
+    if any(item.originalname == "test_a_real_sigint_during_the_automatic_verify" for item in items):
+        background.started[f"{__name__}: real sigint"] = background.submit(
+            _sigint_during_the_verify, tmp_path_factory.mktemp("real-sigint")
+        )
+
+
+def test_a_real_sigint_during_the_automatic_verify(background):
+    """SIGINT to a real ``convert`` once its log says the automatic verify started."""
+    out, returncode, seen, rest = background.result(f"{__name__}: real sigint")
+    tmp_path = out.parent
     stderr = "".join(seen) + rest
     assert any(line.startswith("verifying ") for line in seen), stderr
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert (
         f"Error: interrupted during the automatic verify; OUT_DIR {out} is complete but not verified"
         in stderr

@@ -2,7 +2,8 @@
 total is known, binary units (KiB, MiB) as in every message, messages above the bar and never glued onto its
 line, the automatic verify's steps as ``verify`` shows them; and nothing of that on a pipe.
 
-One real ``convert`` runs with stderr on a pseudo-terminal; the rest runs in process.
+One real ``convert`` runs with stderr on a pseudo-terminal, beside the tests (``start_in_background``); the
+rest runs in process.
 """
 
 from __future__ import annotations
@@ -40,39 +41,62 @@ MESSAGES = (
 )
 
 
-def _run_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
-    """Run ``persimmon_tools.cli`` with stderr on a 100-column pseudo-terminal; (exit code, what it drew)."""
+def _run_on_a_terminal(background, args: list[str], cwd: Path) -> tuple[int, str]:
+    """A ``background`` job (tests/conftest.py): run ``persimmon_tools.cli`` with stderr on a 100-column
+    pseudo-terminal; (exit code, what it drew)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "persimmon_tools.cli", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=follower,
-        cwd=cwd,
-    )
-    os.close(follower)
+    command = [sys.executable, "-m", "persimmon_tools.cli", *args]
     drawn = b""
     try:
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the process closed the terminal
-                break
-            if not chunk:
-                break
-            drawn += chunk
-        proc.wait(timeout=120)
+        with background.spawn(
+            command,
+            cwd=cwd,
+            env=background.environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=follower,
+        ) as proc:
+            os.close(follower)
+            follower = -1
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the process closed the terminal
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+            proc.wait(timeout=120)
     finally:
         os.close(leader)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if follower >= 0:
+            os.close(follower)
     return proc.returncode, drawn.decode("utf-8", "replace")
 
 
-def test_convert_in_a_terminal(tmp_path):
-    code, drawn = _run_on_a_terminal(["convert", str(FIXTURE), str(tmp_path / "out")], tmp_path)
+def _make_release_then_export(background, scratch: Path) -> dict[str, tuple[int, str]]:
+    """A ``background`` job: ``make-release`` on a terminal, then ``export`` of what it wrote (TP 2 -> 1)."""
+    made = _run_on_a_terminal(background, ["make-release", "r.tar", "--tp", "2"], scratch)
+    exported = _run_on_a_terminal(background, ["export", "r.tar", "tp1", "--tp", "1"], scratch)
+    return {"make-release": made, "export": exported}
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the real commands on a
+    terminal run in children beside the tests."""
+    names = {item.originalname for item in items}
+    if "test_convert_in_a_terminal" in names:
+        scratch = tmp_path_factory.mktemp("tty")
+        args = ["convert", str(FIXTURE), str(scratch / "out")]
+        background.started[__name__] = background.submit(_run_on_a_terminal, args, scratch)
+    if "test_every_byte_bar_knows_its_total" in names:
+        scratch = tmp_path_factory.mktemp("tty-bars")
+        background.started[f"{__name__}: bars"] = background.submit(_make_release_then_export, scratch)
+
+
+def test_convert_in_a_terminal(background):
+    code, drawn = background.result(__name__)
     assert code == 0, drawn
     segments = re.split(r"[\r\n]", drawn)
     bars = [s for s in segments if s.startswith("convert: ")]
@@ -99,6 +123,19 @@ def test_convert_in_a_terminal(tmp_path):
     last_bar = max(i for i, s in enumerate(lines) if s.startswith("convert: "))
     first_step = min(i for i, s in enumerate(lines) if s.startswith("  layer "))
     assert last_bar < first_step  # the bar is done before verify starts: no bar below the verify steps
+
+
+def test_every_byte_bar_knows_its_total(background):
+    """make-release and export draw a bar with a percentage that ends at 100 % of the bytes they write."""
+    for command, (code, drawn) in background.result(f"{__name__}: bars").items():
+        assert code == 0, drawn
+        bars = [s for s in re.split(r"[\r\n]", drawn) if s.startswith(f"{command}: ")]
+        assert any(re.search(rf"{command}:\s+0%\|", s) for s in bars), drawn  # the total from the start
+        done = [s for s in bars if "100%|" in s]
+        assert done, drawn
+        shown = re.search(r"\| ([\d.]+ [KMG]?i?B)/([\d.]+ [KMG]?i?B) \[", done[-1])
+        assert shown and shown.group(1) == shown.group(2), done[-1]
+        assert "iB" in shown.group(2) and not DECIMAL_UNITS.search(drawn), drawn
 
 
 def test_nothing_but_messages_on_a_pipe(releases, tmp_path):

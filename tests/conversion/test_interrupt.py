@@ -2,8 +2,9 @@
 and a re-run that succeeds.
 
 Signals are sent to a real ``persimmon-tools convert`` subprocess while it writes a 1 GiB shard (the ``mid``
-synthetic preset: ``mid_release`` of tests/conftest.py, made once per session). Full disks are a 512 KiB
-tmpfs where mounting is permitted, and ``ENOSPC`` injected at every place that writes in any case.
+synthetic preset: ``mid_release`` of tests/conftest.py, made once per session), beside the other tests
+(``start_in_background``); the re-run after it is in process. Full disks are a 512 KiB tmpfs where mounting
+is permitted, and ``ENOSPC`` injected at every place that writes in any case.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
 from persimmon_tools.errors import PersimmonToolsError
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
@@ -38,41 +41,76 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_convert(mid_release, tmp_path, sig):
-    """Cases sigint and sigterm."""
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "persimmon_tools.cli", "convert", str(mid_release), str(out), "--no-verify"],
+def _interrupted_convert(background, mid_started, scratch: Path, sig: signal.Signals) -> dict:
+    """A ``background`` job (tests/conftest.py): ``convert`` the mid release into ``scratch/out`` in a child
+    (SIGINT at its default disposition: ``background.default_signals``), sent ``sig`` once 16 MiB of its ~1 GiB shard are
+    written, then the same command again; what the test checks: whether the signal landed mid-write, the exit
+    code and output, ``scratch``'s listing right after the child ended, and the second run's."""
+    tar = mid_started.result()
+    out = scratch / "out"
+    args = [sys.executable, "-m", "persimmon_tools.cli", "convert", str(tar), str(out), "--no-verify"]
+    with background.spawn(
+        background.default_signals(args),
+        cwd=REPO,
+        env=background.environ,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # a shell's background jobs inherit SIGINT ignored; Ctrl-C semantics need the default disposition
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
+    ) as proc:
         deadline = time.monotonic() + 120
         shard = None
         while time.monotonic() < deadline and proc.poll() is None:
-            shards = list(tmp_path.glob(".out.tmp-*/model.safetensors"))
+            shards = list(scratch.glob(".out.tmp-*/model.safetensors"))
             if shards and shards[0].stat().st_size > (16 << 20):  # mid-write: 16 MiB of ~1 GiB written
                 shard = shards[0]
                 break
             time.sleep(0.005)
-        assert shard is not None and proc.poll() is None, "convert finished before it could be interrupted"
+        alive = proc.poll() is None
+        if shard is None or not alive:  # the test fails on it (the block's end kills a child still running)
+            return {"scratch": scratch, "shard": shard, "alive": alive}
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
+    listing = sorted(p.name for p in scratch.iterdir())
+    rerun = background.run([*args, "-q"], cwd=REPO, env=background.environ, timeout=600)
+    return {
+        "scratch": scratch,
+        "shard": shard,
+        "alive": alive,
+        "returncode": proc.returncode,
+        "stdout": stdout,
+        "stderr": stderr,
+        "listing": listing,
+        "rerun": rerun,
+        "rerun_shard_size": (out / "model.safetensors").stat().st_size if rerun.returncode == 0 else None,
+        "rerun_listing": sorted(p.name for p in scratch.iterdir()),
+    }
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: each signal's interrupted
+    ``convert`` runs in a child beside the tests, once the session's mid release is built."""
+    for item in items:
+        if item.originalname == "test_signal_during_convert":
+            sig = item.callspec.params["sig"]
+            scratch = tmp_path_factory.mktemp(f"interrupt-{sig.name}")
+            background.started[f"{__name__}: {item.name}"] = background.submit(
+                _interrupted_convert, background.started["mid_release"], scratch, sig
+            )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_convert(mid_release, background, request, sig):
+    """Cases sigint and sigterm. The interrupted child and the same command run again after it ran beside the
+    tests (``start_in_background``)."""
+    run = background.result(f"{__name__}: {request.node.name}")
+    assert run["shard"] is not None and run["alive"], "convert finished before it could be interrupted"
+    stdout, stderr = run["stdout"], run["stderr"]
+    assert run["returncode"] == 130, stderr
     assert "Traceback" not in stderr + stdout and "Error: interrupted" in stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT_DIR, no .out.tmp-*
-    result = cli("convert", mid_release, out, "--no-verify", "-q")
-    assert result.exit_code == 0, result.stderr
-    assert (out / "model.safetensors").stat().st_size > (1 << 30)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert run["listing"] == []  # no OUT_DIR, no .out.tmp-*
+    assert run["rerun"].returncode == 0, run["rerun"].stderr  # the same command again, after the interruption
+    assert run["rerun_shard_size"] > (1 << 30)
+    assert run["rerun_listing"] == ["out"]
 
 
 def _interrupt_after(n_calls: int, monkeypatch) -> None:

@@ -45,30 +45,65 @@ def start_convert(release: Path, out: Path, **popen) -> subprocess.Popen:
         preexec_fn=_default_signals,
         **popen,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        shards = list(out.parent.glob(f".{out.name}.tmp-*/model.safetensors"))
-        if shards and shards[0].stat().st_size > (16 << 20):
-            return proc
-        time.sleep(0.005)
+    if _written(proc, out):
+        return proc
     proc.kill()
     proc.communicate()
     pytest.fail("convert finished (or never started writing) before it could be interrupted")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
-def test_sighup_and_sigquit_clean_up_like_sigint(mid_release, tmp_path, sig):
-    proc = start_convert(mid_release, tmp_path / "out")
-    try:
+def _written(proc: subprocess.Popen, out: Path) -> bool:
+    """Wait until ``proc`` (a convert into ``out``) has written 16 MiB of its shard; False if it ended first."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        shards = list(out.parent.glob(f".{out.name}.tmp-*/model.safetensors"))
+        if shards and shards[0].stat().st_size > (16 << 20):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _signal_a_convert(
+    background, mid_started, folder: Path, sig: signal.Signals
+) -> tuple[Path, int, str, str]:
+    """A ``background`` job (tests/conftest.py): ``sig`` to a real convert of the mid release into ``folder``
+    once it has written 16 MiB of its shard; (folder, exit code, stdout, stderr)."""
+    out = folder / "out"
+    command = [sys.executable, "-m", "persimmon_tools.cli", "convert", str(mid_started.result()), str(out)]
+    command = background.default_signals([*command, "--no-verify"], ("SIGINT", "SIGHUP", "SIGQUIT"))
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with background.spawn(command, cwd=folder, env=background.environ, **popen) as proc:
+        if not _written(proc, out):
+            return (
+                folder,
+                -1,
+                "",
+                "convert finished (or never started writing) before it could be interrupted",
+            )
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
+    return folder, proc.returncode, stdout, stderr
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the SIGHUP and SIGQUIT cases'
+    children run beside the tests once the session's mid release is built."""
+    for item in items:
+        if item.originalname == "test_sighup_and_sigquit_clean_up_like_sigint":
+            sig = item.callspec.params["sig"]
+            folder = tmp_path_factory.mktemp(f"signal-{sig.name}")
+            started = background.started["mid_release"]
+            background.started[f"{__name__}: {sig.name}"] = background.submit(
+                _signal_a_convert, started, folder, sig
+            )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_sighup_and_sigquit_clean_up_like_sigint(mid_release, background, sig):
+    folder, returncode, stdout, stderr = background.result(f"{__name__}: {sig.name}")
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr + stdout and "Error: interrupted" in stderr
-    assert sorted(os.listdir(tmp_path)) == []  # no OUT_DIR, no temp folder, no lock file
+    assert sorted(os.listdir(folder)) == []  # no OUT_DIR, no temp folder, no lock file
 
 
 def test_nohup_keeps_sighup_ignored():

@@ -2,7 +2,9 @@
 ``convert`` (tests/conversion/test_lock_and_leftovers.py): export writes through the same staged output.
 
 The export is a real ``persimmon-tools export`` process of the tiny fixture; its shard writer sends SIGKILL
-to its own process once the first shard file has some bytes, so the kill lands mid-write every time.
+to its own process once the first shard file has some bytes, so the kill lands mid-write every time. It runs
+beside the other tests (``start_in_background``), from a conversion of the tiny fixture made there too; the
+next run, which removes what it left, is in process.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +22,9 @@ from export_helpers import read_release
 
 from persimmon_tools.cli import main
 from persimmon_tools.staged_output import RUN_MARKER
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "fixtures" / "tiny_release.tar"
 
 KILLED_MID_WRITE = """
 import os, signal, sys
@@ -35,19 +41,77 @@ main(sys.argv[1:])
 """
 
 
+# tests/conftest.py's ``converted_tiny``, made in a child for the jobs below (they start before any fixture)
+CONVERT_TINY = """
+import sys
+from pathlib import Path
+from persimmon_tools.conversion.convert import ConvertOptions, convert
+convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions())
+"""
+
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("tar", [False, True], ids=["folder", "tar"])
-def test_sigkill_leftovers_of_an_export_are_removed_next_time(converted_tiny, tmp_path, tar):
-    out = tmp_path / ("out.tar" if tar else "out")
-    args = ["export", str(converted_tiny), str(out), *(["--tar"] if tar else [])]
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_MID_WRITE, *args], capture_output=True, text=True, timeout=300
+def _converted_tiny(background, scratch: Path) -> Path:
+    """A ``background`` job (tests/conftest.py): the bundled tiny release converted with default options (no
+    verify) in a child, as the ``converted_tiny`` fixture does; its folder."""
+    out = scratch / "tiny-hf"
+    done = background.run(
+        [sys.executable, "-c", CONVERT_TINY, str(FIXTURE), str(out)],
+        cwd=REPO,
+        env=background.environ,
+        timeout=300,
     )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"converting the tiny release failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return out
+
+
+def _killed_export(
+    background, source_started, scratch: Path, tar: bool
+) -> tuple[list[str], subprocess.CompletedProcess]:
+    """A ``background`` job: ``export`` of the converted tiny release into ``scratch``, SIGKILLed mid-write
+    (``KILLED_MID_WRITE``); (the export's arguments, the finished child). What it left stays in ``scratch``
+    for the test, and the next run there, in process."""
+    out = scratch / ("out.tar" if tar else "out")
+    args = ["export", str(source_started.result()), str(out), *(["--tar"] if tar else [])]
+    proc = background.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, *args], cwd=REPO, env=background.environ, timeout=300
+    )
+    return args, proc
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the killed exports run in
+    children beside the tests, from one conversion of the tiny release made for them."""
+    killed = [
+        item
+        for item in items
+        if item.originalname == "test_sigkill_leftovers_of_an_export_are_removed_next_time"
+    ]
+    if not killed:
+        return
+    source = background.submit(_converted_tiny, tmp_path_factory.mktemp("export-leftovers-source"))
+    for item in killed:
+        tar = item.callspec.params["tar"]
+        scratch = tmp_path_factory.mktemp(f"export-leftovers-{'tar' if tar else 'folder'}")
+        background.started[f"{__name__}: {item.name}"] = background.submit(
+            _killed_export, source, scratch, tar
+        )
+
+
+@pytest.mark.parametrize("tar", [False, True], ids=["folder", "tar"])
+def test_sigkill_leftovers_of_an_export_are_removed_next_time(background, request, tar):
+    """The killed export ran beside the tests (``start_in_background``); the next run is in process."""
+    args, proc = background.result(f"{__name__}: {request.node.name}")
+    out = Path(args[2])
+    scratch = out.parent
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    stale = [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    stale = [p for p in scratch.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
     assert len(stale) == 1 and not os.path.lexists(out)
     marker = json.loads((stale[0] / RUN_MARKER).read_text())
     assert marker["tool"] == "persimmon-tools" and marker["role"] == "new"
@@ -59,7 +123,7 @@ def test_sigkill_leftovers_of_an_export_are_removed_next_time(converted_tiny, tm
     assert f"removed {stale[0]}" in result.stderr and "the temporary folder of an interrupted run" in (
         result.stderr
     )
-    assert sorted(os.listdir(tmp_path)) == [out.name]  # no temp folder, no lock file
+    assert sorted(os.listdir(scratch)) == [out.name]  # no temp folder, no lock file
     name, shards, _ = read_release(out)
     assert name == "tiny_release" and len(shards) == 1
 

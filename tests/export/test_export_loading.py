@@ -4,28 +4,29 @@ Every shard loads with plain ``torch.load(weights_only=False)`` in a process whe
 ``tool_use`` and ``megatron`` cannot be imported, and holds the keys and shapes ADEPT's model at that TP/PP
 expects (computed here from the preset's dimensions); the toolkit's restricted loader, ``inspect``,
 ``unpack`` and ``convert`` read the output too.
+
+The grid of exports is made in a child beside the other tests, and so is the process that loads it without
+the toolkit (``start_in_background``); the other readers run in process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from export_helpers import TINY, assert_same_hf, expected_shard, shard_paths
 
 from persimmon_tools.cli import main
 from persimmon_tools.conversion.convert import ConvertOptions, convert
-from persimmon_tools.export.export import ExportOptions, export_release
 from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.torchzip import load_checkpoint
-from persimmon_tools.synth.build import ReleaseOptions, make_release
 
+REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = [(tp, pp) for tp in (1, 2, 4) for pp in (1, 2, 3)]
 
 # Runs in a fresh interpreter: blocks the toolkit and ADEPT before torch is imported, loads every shard
@@ -84,19 +85,42 @@ print(json.dumps({"shards": out, "leaked": leaked}))
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The tiny fp16 model exported at every layout of the grid: TP1/TP4 as tarballs, TP2 as folders."""
-    base = tmp_path_factory.mktemp("export_load")
-    rel = make_release(base / "src.tar", ReleaseOptions(dtype=torch.float16, seed=2))
-    hf = base / "src_hf"
-    convert(rel, hf, ConvertOptions())
-    out = {"hf": hf}
+# Runs in a fresh interpreter: the fixture ``exported`` below, made beside the tests. argv: the folder, then
+# [tp, pp, path, tar] for each layout.
+EXPORT_GRID = r"""
+import json, sys
+from pathlib import Path
+import torch
+from persimmon_tools.conversion.convert import ConvertOptions, convert
+from persimmon_tools.export.export import ExportOptions, export_release
+from persimmon_tools.synth.build import ReleaseOptions, make_release
+
+base = Path(sys.argv[1])
+rel = make_release(base / "src.tar", ReleaseOptions(dtype=torch.float16, seed=2))
+hf = base / "src_hf"
+convert(rel, hf, ConvertOptions())
+for tp, pp, path, tar in json.loads(sys.argv[2]):
+    export_release(hf, Path(path), ExportOptions(tp=tp, pp=pp, tar=tar, name="rel"))
+"""
+
+
+def _export_grid(background, base: Path) -> dict:
+    """A ``background`` job (tests/conftest.py): ``EXPORT_GRID`` in a child; the ``exported`` fixture."""
+    out = {"hf": base / "src_hf"}
+    layouts = []
     for tp, pp in LAYOUTS:
         tar = tp != 2
         path = base / (f"tp{tp}pp{pp}.tar" if tar else f"tp{tp}pp{pp}")
-        export_release(hf, path, ExportOptions(tp=tp, pp=pp, tar=tar, name="rel"))
+        layouts.append([tp, pp, str(path), tar])
         out[(tp, pp)] = path
+    done = background.run(
+        [sys.executable, "-c", EXPORT_GRID, str(base), json.dumps(layouts)],
+        cwd=REPO,
+        env=background.environ,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"exporting the grid failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return out
 
 
@@ -107,20 +131,52 @@ def _shard_specs(path, tp, pp):
     return specs
 
 
-def test_every_shard_loads_without_the_toolkit_and_has_adepts_layout(exported):
+def _all_specs(exported) -> dict[str, tuple[int, ...]]:
+    """Every shard of every layout, as ``LOADER`` names it -> (tp, pp, tp rank, pp stage)."""
     specs = {}
     for tp, pp in LAYOUTS:
         for spec, rank in _shard_specs(exported[(tp, pp)], tp, pp).items():
             specs[spec] = (tp, pp, *rank)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", LOADER, json.dumps(sorted(specs))],
-        capture_output=True,
-        text=True,
-        env=env,
+    return specs
+
+
+def _load_without_the_toolkit(background, grid_started) -> subprocess.CompletedProcess:
+    """A ``background`` job: ``LOADER`` on every shard of the exported grid, in a child without PYTHONPATH."""
+    exported = grid_started.result()
+    env = {k: v for k, v in background.environ.items() if k != "PYTHONPATH"}
+    return background.run(
+        [sys.executable, "-c", LOADER, json.dumps(sorted(_all_specs(exported)))],
         cwd=exported["hf"].parent,
+        env=env,
         timeout=300,
     )
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the grid is exported in a child
+    beside the tests, then the child that loads it without the toolkit runs there too."""
+    if not any("exported" in item.fixturenames for item in items):
+        return
+    grid = background.submit(_export_grid, tmp_path_factory.mktemp("export_load"))
+    background.started[f"{__name__}: exported"] = grid
+    if any(
+        item.originalname == "test_every_shard_loads_without_the_toolkit_and_has_adepts_layout"
+        for item in items
+    ):
+        background.started[f"{__name__}: loader"] = background.submit(_load_without_the_toolkit, grid)
+
+
+@pytest.fixture(scope="module")
+def exported(background):
+    """The tiny fp16 model exported at every layout of the grid: TP1/TP4 as tarballs, TP2 as folders (made in a
+    child beside the tests: ``start_in_background``)."""
+    return background.result(f"{__name__}: exported")
+
+
+def test_every_shard_loads_without_the_toolkit_and_has_adepts_layout(exported, background):
+    """The loading child ran beside the tests (``start_in_background``)."""
+    specs = _all_specs(exported)
+    proc = background.result(f"{__name__}: loader")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["leaked"] == []

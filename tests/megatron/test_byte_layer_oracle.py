@@ -3,7 +3,7 @@
 convert, inspect, export and verify's reference side all read checkpoints through
 :mod:`persimmon_tools.megatron` (tar listing, torch zip records, restricted unpickler, lazy tensors, release
 discovery). Its independence is here: for TP 1/2/4/8 x PP 1/2/3 (bf16 tarballs) and for bf16/fp16/fp32 x
-tar/folder/``iter_*``/single ``.pt``, every shard is decoded by ``torch.load`` in one subprocess (ADEPT's
+tar/folder/``iter_*``/single ``.pt``, every shard is decoded by ``torch.load`` in one subprocess beside the tests (ADEPT's
 ``ModelBackend`` enum stubbed with ``sys.modules`` entries; nothing of persimmon_tools imported there), tar
 members are listed and extracted with Python's ``tarfile``, and the byte layer must give the same members
 and byte ranges, the same shard grid, and per shard the same tensor keys, shapes, dtypes and raw bytes, the
@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,47 +136,78 @@ def _expected_shards(tp: int, pp: int) -> dict[tuple[int, int], str]:
     }
 
 
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory) -> dict[str, Any]:
-    """Every case written once, then decoded by torch.load / tarfile in ONE subprocess."""
-    base = tmp_path_factory.mktemp("oracle")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _ORACLE, str(base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=base,
-    )
-    try:
-        sources, folders, jobs = {}, {}, []
-        for case in CASES:
-            dtype, kind, tp, pp = case
-            name = f"{dtype}_tp{tp}pp{pp}_release"
-            if kind == "tar":
-                source = make_release(
-                    base / f"{name}.tar",
-                    ReleaseOptions(tp=tp, pp=pp, dtype=DTYPES[dtype], overrides={"heads": HEADS}),
-                )
-                jobs.append({"id": _case_id(case), "kind": "tar", "path": str(source)})
-            else:
-                if name not in folders:
-                    rel = build_release(tp=tp, pp=pp, dtype=DTYPES[dtype], heads=HEADS)
-                    folders[name] = write_release_folder(rel, base / name)
-                folder = folders[name]
-                source = {"folder": folder, "iteration": folder / ITER, "pt": folder / PT_SHARD}[kind]
-                files = [str(folder / rel) for rel in _expected_shards(tp, pp).values()]
-                files = [str(source)] if kind == "pt" else files
-                jobs.append({"id": _case_id(case), "kind": "files", "files": files})
-            sources[_case_id(case)] = source
+def write_cases(base: Path) -> tuple[dict[str, str], list[dict]]:
+    """Every case's release written under ``base``: (case id -> source path, the oracle's jobs)."""
+    sources, folders, jobs = {}, {}, []
+    for case in CASES:
+        dtype, kind, tp, pp = case
+        name = f"{dtype}_tp{tp}pp{pp}_release"
+        if kind == "tar":
+            source = make_release(
+                base / f"{name}.tar",
+                ReleaseOptions(tp=tp, pp=pp, dtype=DTYPES[dtype], overrides={"heads": HEADS}),
+            )
+            jobs.append({"id": _case_id(case), "kind": "tar", "path": str(source)})
+        else:
+            if name not in folders:
+                rel = build_release(tp=tp, pp=pp, dtype=DTYPES[dtype], heads=HEADS)
+                folders[name] = write_release_folder(rel, base / name)
+            folder = folders[name]
+            source = {"folder": folder, "iteration": folder / ITER, "pt": folder / PT_SHARD}[kind]
+            files = [str(folder / rel) for rel in _expected_shards(tp, pp).values()]
+            files = [str(source)] if kind == "pt" else files
+            jobs.append({"id": _case_id(case), "kind": "files", "files": files})
+        sources[_case_id(case)] = str(source)
+    return sources, jobs
+
+
+# Writes the releases in a child of its own (this module's write_cases), so that pytest's process does not.
+_WRITER = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("byte_layer_oracle_cases", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(json.dumps(module.write_cases(Path(sys.argv[2]))))
+    """
+)
+
+
+def _decode_every_case(background, base: Path) -> dict[str, Any]:
+    """A ``background`` job (tests/conftest.py): every case written once by one child, then decoded by
+    torch.load / tarfile in ONE other child (started first, so that its torch import overlaps the writing)."""
+    popen = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    oracle_args = [sys.executable, "-c", _ORACLE, str(base)]
+    with background.spawn(oracle_args, cwd=base, env=background.environ, **popen) as proc:
+        written = background.run(
+            [sys.executable, "-c", _WRITER, __file__, str(base)],
+            cwd=base,
+            env=background.environ,
+            timeout=300,
+        )
+        assert written.returncode == 0, written.stderr[-3000:]
+        sources, jobs = json.loads(written.stdout)
         _, err = proc.communicate(json.dumps(jobs), timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     meta = json.loads((base / "meta.json").read_text())
+    sources = {case: Path(path) for case, path in sources.items()}
     return {"sources": sources, "results": meta, "blob": (base / "blob.bin").read_bytes()}
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: writing and decoding every case
+    runs in children beside the tests."""
+    if any("oracle" in item.fixturenames for item in items):
+        background.started[__name__] = background.submit(
+            _decode_every_case, tmp_path_factory.mktemp("oracle")
+        )
+
+
+@pytest.fixture(scope="module")
+def oracle(background) -> dict[str, Any]:
+    """Every case written once, then decoded by torch.load / tarfile in ONE subprocess."""
+    return background.result(__name__)
 
 
 def _plain(v: Any) -> Any:

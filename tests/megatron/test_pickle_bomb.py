@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle as P
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -117,26 +116,38 @@ def _case_id(reader: str, where: str) -> str:
     return f"{where}-{reader}"
 
 
-@pytest.fixture(scope="module")
-def bomb_results(tmp_path_factory) -> dict[str, dict]:
-    """Every (reader, where) case run in one subprocess: case id -> its JSON line."""
-    base = tmp_path_factory.mktemp("pickle-bombs")
+def _run_every_case(background, base: Path) -> dict[str, dict]:
+    """A ``background`` job (tests/conftest.py): every (reader, where) case run in one child process;
+    case id -> its JSON line."""
     cases = []
     for where in WHERES:
         path = write_torch_zip(base / f"{where.replace(' ', '_')}_model_optim_rng.pt", _bomb(where))
         cases += [{"id": _case_id(r, where), "reader": r, "path": str(path)} for r in READERS]
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
+    proc = background.run(
         [sys.executable, "-c", _RUN, json.dumps(cases), str(CASE_TIMEOUT_S)],
-        capture_output=True,
-        text=True,
-        timeout=CASE_TIMEOUT_S * len(cases),
         cwd=repo,
+        env=background.environ,
+        timeout=CASE_TIMEOUT_S * len(cases),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = {r["id"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert sorted(results) == sorted(c["id"] for c in cases), proc.stdout + proc.stderr[-2000:]
     return results
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the child that runs every case
+    starts beside the tests."""
+    if any("bomb_results" in item.fixturenames for item in items):
+        base = tmp_path_factory.mktemp("pickle-bombs")
+        background.started[__name__] = background.submit(_run_every_case, base)
+
+
+@pytest.fixture(scope="module")
+def bomb_results(background) -> dict[str, dict]:
+    """Every (reader, where) case run in one subprocess: case id -> its JSON line."""
+    return background.result(__name__)
 
 
 @pytest.mark.parametrize("reader", READERS)

@@ -18,7 +18,6 @@ import argparse
 import collections
 import json
 import pickle as P
-import subprocess
 import sys
 import textwrap
 import time
@@ -169,10 +168,9 @@ def _argv(command: str, pt: Path, work: Path) -> list[str]:
     }[command]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
-    """Every (case, command) run in one child process: ``"case/command"`` -> its JSON line."""
-    base = tmp_path_factory.mktemp("shared-graphs")
+def _run_every_case(background, base: Path) -> dict[str, dict]:
+    """A ``background`` job (tests/conftest.py): every (case, command) run in one child process;
+    ``"case/command"`` -> its JSON line, with what the command left in its folder."""
     plan = []
     for case in [*CASES, "control"]:
         folder = base / case
@@ -183,12 +181,11 @@ def runs(tmp_path_factory) -> dict[str, dict]:
             (work / "empty").mkdir(parents=True)
             plan.append({"id": f"{case}/{command}", "argv": _argv(command, pt, work), "folder": str(work)})
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
+    proc = background.run(
         [sys.executable, "-c", _RUN, json.dumps(plan), str(CASE_TIMEOUT_S)],
-        capture_output=True,
-        text=True,
-        timeout=CASE_TIMEOUT_S * len(plan),
         cwd=repo,
+        env=background.environ,
+        timeout=CASE_TIMEOUT_S * len(plan),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["id"]: r for r in map(json.loads, proc.stdout.splitlines())}
@@ -196,6 +193,20 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     for p in plan:
         results[p["id"]]["left"] = sorted(x.name for x in Path(p["folder"]).iterdir())
     return results
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the child that runs every case
+    starts beside the tests."""
+    if any("runs" in item.fixturenames for item in items):
+        base = tmp_path_factory.mktemp("shared-graphs")
+        background.started[__name__] = background.submit(_run_every_case, base)
+
+
+@pytest.fixture(scope="module")
+def runs(background) -> dict[str, dict]:
+    """Every (case, command) run in one child process: ``"case/command"`` -> its JSON line."""
+    return background.result(__name__)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -420,10 +420,11 @@ def test_model_dict_must_be_a_tree(tmp_path, case):
     expect_cli(case, cli("inspect", path))
 
 
-def test_memo_index_bomb_uses_no_memory(tmp_path):
-    """The C unpickler sizes its memo by the largest index (2 x 2**31 entries x 8 bytes = 32 GB); ours must not."""
+def _memo_index_bomb(background, folder: Path) -> subprocess.CompletedProcess:
+    """A ``background`` job (tests/conftest.py): load a pickle whose memo index is 2**31 - 1 in a child that
+    reports its error, time and memory growth as JSON."""
     path = write_torch_zip(
-        tmp_path / "model_optim_rng.pt", program(P.EMPTY_DICT, P.LONG_BINPUT + struct.pack("<I", 2**31 - 1))
+        folder / "model_optim_rng.pt", program(P.EMPTY_DICT, P.LONG_BINPUT + struct.pack("<I", 2**31 - 1))
     )
     code = f"""
 import json, resource, time
@@ -439,7 +440,20 @@ except PersimmonToolsError as err:
 print(json.dumps({{"error": error, "seconds": time.perf_counter() - start,
                   "grew_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return background.run([sys.executable, "-c", code], cwd=folder, env=background.environ, timeout=120)
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the memo-index bomb's child
+    runs beside the tests."""
+    if any(item.originalname == "test_memo_index_bomb_uses_no_memory" for item in items):
+        folder = tmp_path_factory.mktemp("memo-bomb")
+        background.started[__name__] = background.submit(_memo_index_bomb, folder)
+
+
+def test_memo_index_bomb_uses_no_memory(background):
+    """The C unpickler sizes its memo by the largest index (2 x 2**31 entries x 8 bytes = 32 GB); ours must not."""
+    out = background.result(__name__)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["error"][0] == "CheckpointError" and "not a Megatron checkpoint" in report["error"][1]
