@@ -158,6 +158,12 @@ class Background:
             with self._lock:
                 self._running.discard(proc)
 
+    def start_for(self, items: list, fixture: str, key: str, fn: Callable, *args) -> None:
+        """Submit ``fn(background, *args)`` under ``key`` when a selected test (``items``) uses ``fixture``:
+        for a module-scoped fixture whose value is what a job returns (it waits with :meth:`result`)."""
+        if any(fixture in item.fixturenames for item in items):
+            self.started[key] = self.submit(fn, *args)
+
     def result(self, key: str) -> object:
         """What the job started under ``key`` returned (raised), waited for with a second worker beside it."""
         return self.add_workers(2).started[key].result()

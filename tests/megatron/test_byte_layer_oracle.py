@@ -198,10 +198,7 @@ def _decode_every_case(background, base: Path) -> dict[str, Any]:
 def start_in_background(background, tmp_path_factory, items) -> None:
     """Called by tests/conftest.py's ``background`` when the session begins: writing and decoding every case
     runs in children beside the tests."""
-    if any("oracle" in item.fixturenames for item in items):
-        background.started[__name__] = background.submit(
-            _decode_every_case, tmp_path_factory.mktemp("oracle")
-        )
+    background.start_for(items, "oracle", __name__, _decode_every_case, tmp_path_factory.mktemp("oracle"))
 
 
 @pytest.fixture(scope="module")

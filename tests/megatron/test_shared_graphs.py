@@ -198,9 +198,7 @@ def _run_every_case(background, base: Path) -> dict[str, dict]:
 def start_in_background(background, tmp_path_factory, items) -> None:
     """Called by tests/conftest.py's ``background`` when the session begins: the child that runs every case
     starts beside the tests."""
-    if any("runs" in item.fixturenames for item in items):
-        base = tmp_path_factory.mktemp("shared-graphs")
-        background.started[__name__] = background.submit(_run_every_case, base)
+    background.start_for(items, "runs", __name__, _run_every_case, tmp_path_factory.mktemp("shared-graphs"))
 
 
 @pytest.fixture(scope="module")
