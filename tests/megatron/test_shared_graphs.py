@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import pickle as P
+import re
 import sys
 import textwrap
 import time
@@ -196,9 +197,11 @@ def _run_every_case(background, base: Path) -> dict[str, dict]:
 
 
 def start_in_background(background, tmp_path_factory, items) -> None:
-    """Called by tests/conftest.py's ``background`` when the session begins: the child that runs every case
-    starts beside the tests."""
+    """Called by tests/conftest.py's ``background`` when the session begins: the child that runs every case,
+    and the one that runs the walkers on a million nodes, start beside the tests."""
     background.start_for(items, "runs", __name__, _run_every_case, tmp_path_factory.mktemp("shared-graphs"))
+    if any(item.originalname == "test_every_walker_spends_a_budget" for item in items):
+        background.started[f"{__name__}: walkers"] = background.submit(_walk_in_a_child)
 
 
 @pytest.fixture(scope="module")
@@ -316,22 +319,59 @@ def test_small_repr_shows_containers_a_few_levels_deep(value, shown):
     assert text == shown
 
 
-def test_every_walker_spends_a_budget():
-    """Walks of objects that did not come through the load-time check stop too (defence in depth)."""
+def walker_refusals() -> list[str | None]:
+    """Each walker on an object that did not come through the load-time check: the CheckpointError's text
+    (None when it did not refuse). Run in a child beside the tests (a million visits each, ~1 s apiece)."""
+
+    def refusal(walk) -> str | None:
+        try:
+            walk()
+        except CheckpointError as err:
+            return str(err)
+        return None
+
     wide_text = ["A" * (32 << 10)] * 3000  # 96 MiB of text in 3,001 values
-    with pytest.raises(CheckpointError, match="more than 64 MiB of text"):
-        record_args(argparse.Namespace(notes=wide_text))
-    with pytest.raises(CheckpointError, match="more than 1,000,000 values"):
-        record_args(argparse.Namespace(bomb=[[0] * 1000] * 1001))
-    with pytest.raises(CheckpointError, match="too large or too deeply nested to compare"):
-        _canon(fan([]))
-    with pytest.raises(CheckpointError, match="integer of 5,001 bits"):
-        _canon({"seed": 1 << 5000})
     budget = Budget("x.pt: ckpt['args']", CheckpointError)
-    with pytest.raises(
-        CheckpointError, match=r"x\.pt: ckpt\['args'\] is not a tree: it holds more than 1,000,000"
-    ):
-        _jsonable(fan([]), budget)
+    return [
+        refusal(lambda: record_args(argparse.Namespace(notes=wide_text))),
+        refusal(lambda: record_args(argparse.Namespace(bomb=[[0] * 1000] * 1001))),
+        refusal(lambda: _canon(fan([]))),
+        refusal(lambda: _canon({"seed": 1 << 5000})),
+        refusal(lambda: _jsonable(fan([]), budget)),
+    ]
+
+
+_WALKERS = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("shared_graph_walkers", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(json.dumps(module.walker_refusals()))
+    """
+)
+
+
+def _walk_in_a_child(background) -> list[str | None]:
+    """A ``background`` job: :func:`walker_refusals` in a child process."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**background.environ, "PYTHONPATH": str(repo / "tests")}
+    done = background.run([sys.executable, "-c", _WALKERS, __file__], cwd=repo, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_every_walker_spends_a_budget(background):
+    """Walks of objects that did not come through the load-time check stop too (defence in depth)."""
+    expected = [
+        "more than 64 MiB of text",
+        "more than 1,000,000 values",
+        "too large or too deeply nested to compare",
+        "integer of 5,001 bits",
+        r"x\.pt: ckpt\['args'\] is not a tree: it holds more than 1,000,000",
+    ]
+    for text, pattern in zip(background.result(f"{__name__}: walkers"), expected, strict=True):
+        assert text is not None and re.search(pattern, text), (pattern, text)
 
 
 def test_torch_device_is_read_as_its_name(tmp_path):
