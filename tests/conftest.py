@@ -164,6 +164,15 @@ class Background:
         if any(fixture in item.fixturenames for item in items):
             self.started[key] = self.submit(fn, *args)
 
+    def converted_tiny(self, tmp_path_factory) -> Future:
+        """The bundled tiny release converted with default options (no verify) in a child, as the
+        ``converted_tiny`` fixture does: one job per session whose folder the jobs that need it read and never
+        change (submit them after calling this: one worker takes the jobs in order)."""
+        if "converted_tiny" not in self.started:
+            out = tmp_path_factory.mktemp("converted-in-a-child") / "tiny-hf"
+            self.started["converted_tiny"] = self.submit(_convert_tiny, out)
+        return self.started["converted_tiny"]
+
     def result(self, key: str) -> object:
         """What the job started under ``key`` returned (raised), waited for with a second worker beside it."""
         return self.add_workers(2).started[key].result()
@@ -205,6 +214,26 @@ _MAKE_MID = (
     "from persimmon_tools.synth.build import ReleaseOptions, make_release; "
     "make_release(Path(sys.argv[1]), ReleaseOptions(preset='mid', seed=0))"
 )
+
+
+_CONVERT_TINY = (
+    "import sys; from pathlib import Path; from persimmon_tools.conversion.convert import ConvertOptions, "
+    "convert; convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions())"
+)
+
+
+def _convert_tiny(background: Background, out: Path) -> Path:
+    done = background.run(
+        [sys.executable, "-c", _CONVERT_TINY, str(FIXTURE_TAR), str(out)],
+        cwd=REPO,
+        env=background.environ,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"converting the tiny release failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return out
 
 
 def _make_mid(background: Background, path: Path) -> Path:

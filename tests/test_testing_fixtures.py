@@ -147,27 +147,10 @@ def _swap_two_layers(folder: Path) -> None:
 
 BREAKAGES = {"rope_theta": _edit_rope_theta, "swapped": _swap_two_layers}
 
+
 # convert_persimmon's conversion (the library's convert, default options), in a child process
-_CONVERT = (
-    "import sys; from pathlib import Path; from persimmon_tools.conversion.convert import ConvertOptions, "
-    "convert; convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions())"
-)
-
-
 def _recipe_on_the_fixture(background, scratch: Path) -> tuple[Path, subprocess.CompletedProcess]:
     return scratch, _run_recipe(background, scratch, _recipe(), scratch / "converted-hf")
-
-
-def _converted_fixture(background, scratch: Path) -> Path:
-    converted = scratch / "converted-hf"
-    done = background.run(
-        [sys.executable, "-c", _CONVERT, str(FIXTURE_TAR), str(converted)],
-        cwd=REPO,
-        env=background.environ,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    return converted
 
 
 def _recipe_on_a_broken_folder(
@@ -186,7 +169,7 @@ def _start(background, tmp_path_factory) -> dict[str, Future]:
             "imports": background.submit(_imports_without_pytest),
             "converts": background.submit(_recipe_on_the_fixture, tmp_path_factory.mktemp("recipe")),
         }
-        converted = background.submit(_converted_fixture, tmp_path_factory.mktemp("recipe-converted"))
+        converted = background.converted_tiny(tmp_path_factory)
         for name in BREAKAGES:
             scratch = tmp_path_factory.mktemp(f"recipe-{name}")
             started[name] = background.submit(_recipe_on_a_broken_folder, scratch, converted, name)

@@ -42,33 +42,8 @@ main(sys.argv[1:])
 
 
 # tests/conftest.py's ``converted_tiny``, made in a child for the jobs below (they start before any fixture)
-CONVERT_TINY = """
-import sys
-from pathlib import Path
-from persimmon_tools.conversion.convert import ConvertOptions, convert
-convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions())
-"""
-
-
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _converted_tiny(background, scratch: Path) -> Path:
-    """A ``background`` job (tests/conftest.py): the bundled tiny release converted with default options (no
-    verify) in a child, as the ``converted_tiny`` fixture does; its folder."""
-    out = scratch / "tiny-hf"
-    done = background.run(
-        [sys.executable, "-c", CONVERT_TINY, str(FIXTURE), str(out)],
-        cwd=REPO,
-        env=background.environ,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"converting the tiny release failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
-        )
-    return out
 
 
 def _killed_export(
@@ -87,7 +62,8 @@ def _killed_export(
 
 def start_in_background(background, tmp_path_factory, items) -> None:
     """Called by tests/conftest.py's ``background`` when the session begins: the killed exports run in
-    children beside the tests, from one conversion of the tiny release made for them."""
+    children beside the tests, from the session's one conversion of the tiny release in a child
+    (``background.converted_tiny``)."""
     killed = [
         item
         for item in items
@@ -95,7 +71,7 @@ def start_in_background(background, tmp_path_factory, items) -> None:
     ]
     if not killed:
         return
-    source = background.submit(_converted_tiny, tmp_path_factory.mktemp("export-leftovers-source"))
+    source = background.converted_tiny(tmp_path_factory)
     for item in killed:
         tar = item.callspec.params["tar"]
         scratch = tmp_path_factory.mktemp(f"export-leftovers-{'tar' if tar else 'folder'}")
