@@ -102,9 +102,17 @@ class _Plan:
         return bool(self.multi or [u for u in self.users if len(u) > 1])
 
 
+@functools.lru_cache(maxsize=4)
+def _multi_keys(blob: bytes) -> tuple[list[str], str]:
+    """The charsmap's multi-character keys and :func:`trie_regex` of them (shared by a model's variants:
+    the regex is the costly part of a variant; cached, do not modify)."""
+    multi = [k for k in charsmap_entries(blob) if len(k) > 1]
+    return multi, trie_regex(multi) if multi else ""
+
+
 def _plan(blob: bytes, users: tuple[str, ...], *, keep_end: bool = False) -> _Plan:
     rules = charsmap_entries(blob)
-    multi = [k for k in rules if len(k) > 1]
+    multi, multi_regex = _multi_keys(blob)
     seen = set("".join(rules)) | set("".join(rules.values())) | set("".join(users))
     starts = {k[0] for k in multi} | {u[0] for u in users}
     deleted = [
@@ -123,7 +131,7 @@ def _plan(blob: bytes, users: tuple[str, ...], *, keep_end: bool = False) -> _Pl
     # character followed by a key's second character ends the run: a key may start there).
     plain = [c for c in ASCII_PRINTABLE if c not in rules and c not in {u[0] for u in users}]
     second = sorted({k[1] for k in multi})
-    keys = rf"(?=[\s\S]{char_class(second)}){trie_regex(multi)}" if multi else ""
+    keys = rf"(?=[\s\S]{char_class(second)}){multi_regex}" if multi else ""
     runs = f"(?:{char_class(plain)}{f'(?!{char_class(second)})' if second else ''})+" if plain else ""
     segment = "|".join(p for p in (trie_regex(list(users)), keys, runs, r"[\s\S]") if p)
     # Inside multi-character segments (two non-END characters in a row, not both plain): ISO between them.
@@ -185,7 +193,7 @@ def exact_charsmap_steps(
     Tried in order: NFC composes the multi-character keys (``nfkc``/``nmt_nfkc``), with the few it gets wrong
     rewritten explicitly; else every multi-character key rewritten explicitly (custom rule sets, up to
     ``MAX_EXPLICIT_VALUES`` distinct values); else :class:`TokenizerError`. Cached per (charsmap, user
-    symbols, dummy): building and verifying ``nmt_nfkc`` takes ~1 s.
+    symbols, dummy): building and verifying ``nmt_nfkc`` is the costly part.
 
     ``dummy``: SentencePiece's dummy prefix, for charsmaps that rewrite it (``nmt_nfkc`` maps ``▁`` to a
     space): a marker no rule touches is prepended instead and becomes ``dummy`` after the charsmap, so any
@@ -242,14 +250,24 @@ def exact_charsmap_steps(
 
 @functools.cache
 def _nfc_unstable() -> frozenset[str]:
-    """Characters that the installed tokenizers' NFC changes on their own (singletons, exclusions)."""
+    """Characters that the installed tokenizers' NFC changes on their own (singletons, exclusions).
+
+    Every code point from U+0020 (no surrogates) is normalized alone, NUL-separated, in chunks of 32,768 (~10 MB
+    at a time instead of ~300 MB); a chunk that comes back unchanged is skipped whole.
+    """
+    import numpy as np
     from tokenizers import normalizers as n
 
     nfc, out = n.NFC(), set()
-    for start in range(0x20, 0x110000, 0x8000):  # in chunks: ~10 MB at a time instead of ~300 MB
-        chars = [chr(c) for c in range(start, min(start + 0x8000, 0x110000)) if not 0xD800 <= c < 0xE000]
-        got = nfc.normalize_str("\0".join(chars)).split("\0")
-        out.update(c for c, g in zip(chars, got, strict=True) if g != c)
+    points = np.arange(0x20, 0x110000, dtype="<u4")
+    points = points[(points < 0xD800) | (points >= 0xE000)]
+    for start in range(0, len(points), 0x8000):
+        chunk = np.zeros(2 * len(points[start : start + 0x8000]), dtype="<u4")
+        chunk[0::2] = points[start : start + 0x8000]
+        text = chunk.tobytes().decode("utf-32-le")  # c \0 c \0 ...
+        got = nfc.normalize_str(text)
+        if got != text:
+            out.update(c for c, g in zip(text[0::2], got.split("\0")[:-1], strict=True) if g != c)
     return frozenset(out)
 
 
@@ -305,7 +323,8 @@ def verify(steps: list, plan: _Plan, *, nfc: bool, items: list[str] | None = Non
 
     bad = [item for item, out in zip(items, got, strict=True) if out != expected(item)]
     if direct:
-        composed = ["".join(rules.get(c, c) for c in key) for key in direct]
+        table = str.maketrans({k: v for k, v in rules.items() if len(k) == 1})
+        composed = [key.translate(table) for key in direct]  # each character through its own rule
         nfc_out = _normalize_all(n.NFC(), composed, _separator(plan, composed))
         bad += [k for k, out in zip(direct, nfc_out, strict=True) if out != rules[k] and k not in bad]
     return bad
