@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -172,14 +174,67 @@ def _texts_for(model: Path) -> list[str]:
     return corpus()
 
 
+def parity_reports(tmp: Path) -> dict[str, dict]:
+    """Every model of ``MODELS`` trained into ``tmp`` (as the ``trained`` fixture does) and its parity on the
+    whole corpus: what ``test_parity_on_trained_models`` checks. Runs in a child beside the tests."""
+    reports = {}
+    for name, options in MODELS.items():
+        model = _train(tmp, name, options)
+        texts = _texts_for(model)
+        report = check_parity(model, texts)
+        reports[name] = {
+            "texts": len(texts),
+            "items": report.items,
+            "encode_mismatches": report.encode_mismatches,
+            "decode_mismatches": report.decode_mismatches,
+            "tie_mismatches": report.tie_mismatches,
+            "examples": report.examples,
+        }
+    return reports
+
+
+_PARITY_CHILD = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("tokenizer_parity_cases", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(json.dumps(module.parity_reports(Path(sys.argv[2]))))
+    """
+)
+
+
+def _parity_in_a_child(background, tmp: Path) -> dict[str, dict]:
+    """A ``background`` job (tests/conftest.py): :func:`parity_reports` in a child process."""
+    done = background.run(
+        [sys.executable, "-c", _PARITY_CHILD, __file__, str(tmp)],
+        cwd=REPO,
+        env={**background.environ, "PYTHONPATH": str(REPO / "tests")},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the parity of every trained model
+    on the corpus is computed in a child beside the tests (it is most of this module's CPU)."""
+    if any(item.originalname == "test_parity_on_trained_models" for item in items):
+        background.started[f"{__name__}: parity"] = background.submit(
+            _parity_in_a_child, tmp_path_factory.mktemp("spm-parity")
+        )
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_parity_on_trained_models(trained, name):
-    texts = _texts_for(trained[name])
-    report = check_parity(trained[name], texts)
-    assert report.items == len(texts) > 60
-    assert report.decode_mismatches == 0, "\n".join(report.examples)
+def test_parity_on_trained_models(background, name):
+    """Each model trained and checked on the whole corpus in a child beside the tests (``start_in_background``)."""
+    report = background.result(f"{__name__}: parity")[name]
+    examples = "\n".join(report["examples"])
+    assert report["items"] == report["texts"] > 60
+    assert report["decode_mismatches"] == 0, examples
     # Any encode difference must be an exact tie between two optimal segmentations (Unigram only).
-    assert report.encode_mismatches == report.tie_mismatches, "\n".join(report.examples)
+    assert report["encode_mismatches"] == report["tie_mismatches"], examples
 
 
 @pytest.mark.parametrize(
