@@ -11,6 +11,9 @@ The full TP x PP grid runs for bf16, a diagonal for fp16 and fp32.
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from export_helpers import DTYPES, assert_same_hf, flat, read_release, same_bits, structure
@@ -25,6 +28,7 @@ CASES = [(tp, pp, "bf16") for tp, pp in GRID] + [
     (tp, pp, dt) for dt in ("fp16", "fp32") for tp, pp in DIAGONAL
 ]
 NO_TOKENIZER = ConvertOptions(tokenizer=False)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _id(case):
@@ -32,24 +36,67 @@ def _id(case):
     return f"tp{tp}-pp{pp}-{dt}"
 
 
+def make_sources(work: Path) -> None:
+    """What the tests start from, made in a child beside the tests (``start_in_background``): per case a
+    release (seed 1) and its conversion (``a_<case>.tar``, ``a_<case>_hf``); per dtype a TP1 PP1 release
+    (seed 3) converted with its tokenizer (``src_<dt>_hf``); a TP=4 bf16 release (seed 5) as a tar, as an
+    extracted folder, and converted without tokenizer (``tp4_*``)."""
+    for case in CASES:
+        tp, pp, dt = case
+        rel = make_release(
+            work / f"a_{_id(case)}.tar", ReleaseOptions(tp=tp, pp=pp, dtype=DTYPES[dt], seed=1)
+        )
+        convert(rel, work / f"a_{_id(case)}_hf", ConvertOptions())
+    for dt in DTYPES:
+        rel = make_release(work / f"src_{dt}.tar", ReleaseOptions(tp=1, pp=1, dtype=DTYPES[dt], seed=3))
+        convert(rel, work / f"src_{dt}_hf", ConvertOptions())
+    tar = make_release(work / "tp4_release.tar", ReleaseOptions(tp=4, pp=1, seed=5))
+    write_release_folder(build_release(tp=4, pp=1, seed=5), work / "tp4_folder" / "tp4_release")
+    convert(tar, work / "tp4_hf", NO_TOKENIZER)
+
+
+_SOURCES_CHILD = textwrap.dedent(
+    """
+    import importlib.util, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("export_round_trip_sources", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make_sources(Path(sys.argv[2]))
+    """
+)
+
+
+def _sources_in_a_child(background, work: Path) -> Path:
+    """A ``background`` job (tests/conftest.py): :func:`make_sources` in a child process."""
+    done = background.run(
+        [sys.executable, "-c", _SOURCES_CHILD, __file__, str(work)],
+        cwd=REPO,
+        env={**background.environ, "PYTHONPATH": str(REPO / "tests" / "export")},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the sources of every test here
+    are made in a child beside the tests (``make_sources``)."""
+    background.start_for(
+        items, "work", f"{__name__}: sources", _sources_in_a_child, tmp_path_factory.mktemp("export_rt")
+    )
+
+
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("export_rt")
+def work(background):
+    """The folder :func:`make_sources` filled (each test writes its own outputs beside them)."""
+    return background.result(f"{__name__}: sources")
 
 
 @pytest.fixture(scope="module")
 def hf_source(work):
     """dtype name -> an HF folder converted (with its tokenizer) from a TP1 PP1 release of that dtype."""
-    cache = {}
-
-    def get(dt: str):
-        if dt not in cache:
-            rel = make_release(work / f"src_{dt}.tar", ReleaseOptions(tp=1, pp=1, dtype=DTYPES[dt], seed=3))
-            cache[dt] = work / f"src_{dt}_hf"
-            convert(rel, cache[dt], ConvertOptions())
-        return cache[dt]
-
-    return get
+    return lambda dt: work / f"src_{dt}_hf"
 
 
 def _assert_same_release(src_path, out_path, *, same_name=True):
@@ -80,9 +127,7 @@ def _assert_same_release(src_path, out_path, *, same_name=True):
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_release_convert_export_gives_the_release_back(case, work):
     tp, pp, dt = case
-    rel = make_release(work / f"a_{_id(case)}.tar", ReleaseOptions(tp=tp, pp=pp, dtype=DTYPES[dt], seed=1))
-    hf = work / f"a_{_id(case)}_hf"
-    convert(rel, hf, ConvertOptions())
+    rel, hf = work / f"a_{_id(case)}.tar", work / f"a_{_id(case)}_hf"  # made by make_sources
     out = work / f"a_{_id(case)}_out"
     result = export_release(hf, out, ExportOptions(tp=tp, pp=pp))
     assert result.plan.source.args_from == "conversion.json"
@@ -115,12 +160,14 @@ def test_hf_export_convert_is_bit_identical(case, hf_source, work):
 
 @pytest.fixture(scope="module")
 def tp4(work):
-    """A TP=4 bf16 release (tar and extracted folder) and its conversion."""
-    tar = make_release(work / "tp4_release.tar", ReleaseOptions(tp=4, pp=1, seed=5))
-    folder = write_release_folder(build_release(tp=4, pp=1, seed=5), work / "tp4_folder" / "tp4_release")
-    hf = work / "tp4_hf"
-    convert(tar, hf, NO_TOKENIZER)
-    return {"tar": tar, "folder": folder, "iter": folder / "iter_0001251", "hf": hf}
+    """A TP=4 bf16 release (tar and extracted folder) and its conversion (made by ``make_sources``)."""
+    folder = work / "tp4_folder" / "tp4_release"
+    return {
+        "tar": work / "tp4_release.tar",
+        "folder": folder,
+        "iter": folder / "iter_0001251",
+        "hf": work / "tp4_hf",
+    }
 
 
 @pytest.mark.parametrize(
