@@ -88,6 +88,14 @@ from persimmon_tools.errors import UsageError
 @click.option(
     "--no-source-hash", is_flag=True, help="Do not sha256 the checkpoint files (faster; JSON says so)."
 )
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    metavar="N",
+    help="Greedy new tokens per prompt for the generation check (0: none).",
+)
 @json_option("Print the report as JSON on stdout instead of the table (also when it failed: exit 3).")
 @click.option(
     "--json-file",
@@ -112,6 +120,7 @@ def verify_cmd(
     iteration: int | None,
     vocab: Path | None,
     no_source_hash: bool,
+    new_tokens: int,
     as_json: bool,
     json_path: Path | None,
 ) -> None:
@@ -152,6 +161,7 @@ def verify_cmd(
         vocab=vocab,
         hash_source=not no_source_hash,
         check_weights=check_weights,
+        new_tokens=new_tokens,
     )
     show = not is_quiet() and sys.stderr.isatty()
     report = verify(

@@ -31,6 +31,12 @@ from persimmon_tools.conversion.output_dir import (
     refuse_unsafe_output,
 )
 from persimmon_tools.conversion.plan import PlannedTensor, drop_keys, plan_conversion, source_keys
+from persimmon_tools.conversion.tokenizer_step import (
+    chat_choice,
+    fingerprint_entry,
+    tokenizer_parity,
+    write_tokenizer_into,
+)
 from persimmon_tools.conversion.values import WriteStats, dtype_name, output_dtype, refuse_bad_values
 from persimmon_tools.conversion.writer import (
     CHUNK_BYTES,
@@ -45,7 +51,6 @@ from persimmon_tools.errors import ConversionError
 from persimmon_tools.megatron.checkpoint import Checkpoint, load_release_checkpoint
 from persimmon_tools.megatron.release import Release, open_release
 from persimmon_tools.tokenizer.spm import ENDOFTEXT, eod_piece, load_sp_bytes
-from persimmon_tools.tokenizer.write import TokenizerOptions, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +212,11 @@ def _single_source_dtype(tensors: list[PlannedTensor]) -> torch.dtype:
     )
 
 
-def _tokenizer_parity(options: ConvertOptions) -> str:
-    """How the tokenizer's parity with SentencePiece was enforced (recorded; the model card shows it)."""
-    if not options.tokenizer:
-        return "not written (--no-tokenizer)"
-    if options.force_tokenizer:
-        return "not enforced (--allow-tokenizer-mismatch)"
-    return (
-        "float32 ties allowed (--allow-ties)"
-        if options.allow_tokenizer_ties
-        else "exact on the built-in sample"
-    )
-
-
 def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]:
     rel = plan.release
     return {
         # chat: whether the chat template was written (--chat, or a release named chat); push reads it
-        "tokenizer": {"parity": _tokenizer_parity(options), "chat": _chat(plan, options)},
+        "tokenizer": {"parity": tokenizer_parity(options), "chat": chat_choice(plan, options)},
         "tool": "persimmon-tools",
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -258,29 +250,6 @@ def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]
         # megatron.consistency.check_checkpoint_version is the rule, export applies it to this record again
         "checkpoint_version": plan.checkpoint.checkpoint_version,
     }
-
-
-def _chat(plan: ConversionPlan, options: ConvertOptions) -> bool | None:
-    """Whether the tokenizer gets the chat template: ``--chat``/``--no-chat``, else the release's own name
-    (None: no tokenizer is written)."""
-    if plan.vocab_bytes is None or not options.tokenizer:
-        return None
-    return options.chat if options.chat is not None else plan.release.variant == "chat"
-
-
-def _write_tokenizer(plan: ConversionPlan, folder: Path, options: ConvertOptions) -> None:
-    sp_path = folder / "tokenizer.model"
-    sp_path.write_bytes(plan.vocab_bytes or b"")
-    chat = _chat(plan, options)
-    tokenizer_options = TokenizerOptions(
-        add_bos_token=options.add_bos_token,
-        chat=chat,
-        check=not options.force_tokenizer,
-        allow_ties=options.allow_tokenizer_ties,
-        replace_existing=True,  # the run's own temporary folder: tokenizer.model was just written there
-        model_max_length=plan.dims.max_position_embeddings,
-    )
-    write_tokenizer(sp_path, folder, tokenizer_options)
 
 
 @contextlib.contextmanager
@@ -336,7 +305,7 @@ def _convert_into(
     ):
         tokenizer = None
         if plan.vocab_bytes is not None and options.tokenizer:
-            tokenizer = pool.submit(_write_tokenizer, plan, tmp, options)
+            tokenizer = pool.submit(write_tokenizer_into, plan, tmp, options)
         finishing = []
         for fname, tensors in plan.shards.files.items():
             for done in [tokenizer, *finishing]:
@@ -353,6 +322,7 @@ def _convert_into(
             finishing.append(syncer.submit(finish_shard, tmp / fname, tensors))
         for done in finishing:
             done.result()
+        plan.checkpoint.finish_records()  # the CRC-32 of records read only in part (megatron.records)
         refuse_bad_values(
             stats, allow_nonfinite=options.allow_nonfinite, allow_overflow=options.allow_overflow
         )
@@ -361,9 +331,9 @@ def _convert_into(
         write_json(tmp / "config.json", plan.config)
         length = plan.config["max_position_embeddings"]  # the checkpoint's own: generate's default length
         write_json(tmp / "generation_config.json", generation_config(plan.special_id, length))
-        if tokenizer is not None:
-            tokenizer.result()
+        fingerprint = tokenizer.result() if tokenizer is not None else None
         # conversion.json lists every file written: `--force` later replaces only those
         files = recorded_files(tmp)
-        write_json(tmp / CONVERSION_FILE, {**_provenance(plan, options), "output_files": files})
+        record = {**_provenance(plan, options), **fingerprint_entry(fingerprint), "output_files": files}
+        write_json(tmp / CONVERSION_FILE, record)
     return ConversionResult(out_dir, plan, stats, time.perf_counter() - start, files)

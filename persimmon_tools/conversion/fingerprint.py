@@ -19,6 +19,9 @@ from persimmon_tools.errors import ConversionError, PersimmonToolsError
 from persimmon_tools.safe_read import describe_irregular, open_regular, scan_folder
 
 VERIFICATION_FILE = "verification.json"
+#: verify's stored record of the reference side (top-k logits per position); fingerprinted like the weights,
+#: so ``push`` publishes it and a folder whose record changed is stale.
+REFERENCE_RECORD_FILE = "verification_reference.record"
 CONVERSION_FILE = "conversion.json"
 MODEL_CARD_FILE = "README.md"
 UNFINGERPRINTED = frozenset({VERIFICATION_FILE, MODEL_CARD_FILE})

@@ -15,6 +15,7 @@ from typing import Any
 from persimmon_tools.conversion.config import derive_dims
 from persimmon_tools.conversion.fingerprint import (
     CONVERSION_FILE,
+    REFERENCE_RECORD_FILE,
     VERIFICATION_FILE,
     verification_status,
     verify_command,
@@ -138,7 +139,8 @@ def inspect_converted(folder: Path) -> dict[str, Any]:
         "folder": str(folder),
         "config": _record(folder, "config.json"),
     }
-    info["shards"] = [_safetensors_summary(folder / f) for f in scan.files if f.endswith(".safetensors")]
+    weights = [f for f in scan.files if f.endswith(".safetensors") and f != REFERENCE_RECORD_FILE]
+    info["shards"] = [_safetensors_summary(folder / f) for f in weights]
     conversion = _record(folder, CONVERSION_FILE)
     if conversion is not None:
         info["conversion"] = conversion

@@ -4,7 +4,8 @@
 OUT_DIR may not be a symlink, nor be or contain SOURCE, ``--vocab``, the current folder or the home folder
 (compared by identity, not as strings: a symlinked folder or a bind mount is the same place);
 ``--force`` replaces only an OUT_DIR holding nothing but the files ``conversion.json`` lists (plus
-``verification.json``, which ``verify`` adds); the new folder is written beside it and swapped in whole.
+``verification.json`` and ``verification_reference.record``, which ``verify`` adds); the new folder is
+written beside it and swapped in whole.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE
+from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, REFERENCE_RECORD_FILE, VERIFICATION_FILE
 from persimmon_tools.errors import ConversionError
 from persimmon_tools.staged_output import RUN_MARKER, OutputClaim, claim_output
 from persimmon_tools.staged_record import OutputKind, output_files
@@ -34,7 +35,7 @@ CONVERT_OUTPUT = OutputKind(
     run="conversion",
     command="convert",
     record=CONVERSION_FILE,
-    also_own=(VERIFICATION_FILE,),
+    also_own=(VERIFICATION_FILE, REFERENCE_RECORD_FILE),
     space_note=" (an 8B bf16 model needs about 19 GB)",
     example="./persimmon-8b-hf",
 )

@@ -55,7 +55,6 @@ class WriteStats:
     overflow: dict[str, int] = field(default_factory=dict)
     overflow_dtype: dict[str, torch.dtype] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
-    kernel_copied_bytes: int = 0
 
 
 def dtype_name(dtype: torch.dtype) -> str:

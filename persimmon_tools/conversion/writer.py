@@ -3,7 +3,8 @@
 ``safetensors.torch.save_file`` needs a whole shard in memory (5 GB by default); we write the same format
 (8-byte little-endian header length, JSON header with ``data_offsets``, ``{"format": "pt"}`` metadata, raw
 little-endian data) tensor by tensor, in bounded chunks. Bytes that need no change (same dtype, no
-interleaving) are copied file-to-file by the kernel (``os.copy_file_range``), like ``cp``. The shard plan
+interleaving) are read in user space in chunks, CRC-checked against their zip records by the byte layer
+(:mod:`persimmon_tools.megatron.records`), screened for NaN/Inf and written. The shard plan
 itself comes from ``huggingface_hub.split_torch_state_dict_into_shards`` (given meta tensors), so file
 names and the index match what ``save_pretrained`` would write. Every written shard is reopened with
 ``safetensors.safe_open`` and its header compared with the plan.
@@ -93,24 +94,6 @@ def _header(tensors: list[PlannedTensor]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)  # align the data section to 8 bytes, as safetensors does
     return struct.pack("<Q", len(raw)) + raw
-
-
-def _copy_range(src: Path, offset: int, size: int, out_fd: int, progress: Callable[[int], None]) -> None:
-    """Kernel-side copy of ``size`` bytes at ``offset`` of ``src`` to the current position of ``out_fd``."""
-    in_fd = os.open(src, os.O_RDONLY)
-    try:
-        done = 0
-        while done < size:
-            n = os.copy_file_range(in_fd, out_fd, min(size - done, 1 << 30), offset + done)
-            if n == 0:
-                raise ConversionError(
-                    f"{src}: unexpected end of file at byte {offset + done}",
-                    hint="the source is truncated; download it again",
-                )
-            done += n
-            progress(n)
-    finally:
-        os.close(in_fd)
 
 
 class _CheckedCopier:
@@ -231,7 +214,7 @@ def write_shard(
     try:
         with _CheckedCopier(fd, stats, progress) as copier:
             _write_all(fd, memoryview(header))
-            for how, group in itertools.groupby(tensors, key=lambda p: _how_to_write(p, check_finite)):
+            for how, group in itertools.groupby(tensors, key=lambda p: _how_to_write(p)):
                 group = list(group)
                 if how == "checked":
                     written = copier.copy([(p.source.byte_ranges(), p.out_dtype, p.target) for p in group])
@@ -261,12 +244,13 @@ def finish_shard(path: Path, tensors: list[PlannedTensor]) -> None:
     _check_written(path, tensors)
 
 
-def _how_to_write(p: PlannedTensor, check_finite: bool) -> str:
-    """``kernel`` (same dtype, copied by the kernel), ``checked`` (same dtype, screened for NaN/Inf on the
-    way) or ``cast`` (dtype change or interleaving: row blocks through torch)."""
+def _how_to_write(p: PlannedTensor) -> str:
+    """``checked`` (same dtype: read in user space, so every record's CRC-32 is checked on the way, and
+    screened for NaN/Inf) or ``cast`` (dtype change or interleaving: row blocks through torch). Since
+    2026-12-07 no byte is copied by the kernel (``copy_file_range``), where the CRC check cannot see it."""
     if p.out_dtype != p.source.dtype or p.source.byte_ranges() is None:
         return "cast"
-    return "checked" if check_finite else "kernel"
+    return "checked"
 
 
 def _write_one(
@@ -277,13 +261,7 @@ def _write_one(
     check_finite: bool,
     progress: Callable[[int], None],
 ) -> int:
-    """Write one tensor by the ``kernel`` or ``cast`` path; return the bytes written."""
-    if how == "kernel":
-        ranges = p.source.byte_ranges()
-        for src, offset, size in ranges:
-            _copy_range(src, offset, size, fd, progress)
-            stats.kernel_copied_bytes += size
-        return sum(size for _, _, size in ranges)
+    """Write one tensor by the ``cast`` path; return the bytes written."""
     written = 0
     for block in _chunks(p, stats, check_finite):
         data = block.contiguous().reshape(-1).view(torch.uint8).numpy()

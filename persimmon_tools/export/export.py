@@ -5,6 +5,11 @@
 ``--force`` prove the folder is an earlier export) or, with ``tar=True``, one uncompressed tarball at OUT.
 Output appears complete or not at all (a private temporary beside OUT, renamed into place).
 
+The release carries ``NAME/integrity.json`` (since 2026-12-07, 0.1.0): the sha256 and size of every file,
+computed while each file is written (:mod:`persimmon_tools.megatron.manifest`), which ``convert``,
+``inspect``, ``verify`` and ``unpack`` check. Reading a Megatron source checks the CRC-32 of every zip record
+it reads (:mod:`persimmon_tools.megatron.records`).
+
 A release that export writes is one that ``convert`` accepts: before it is installed, the release in the
 temporary is read back through convert's own reading and checks
 (:func:`~persimmon_tools.export.checks.read_back`: the shards' consistency, args against shapes,
@@ -259,6 +264,7 @@ def export_release(
                 plan.source.vocab_bytes, plan.source.vocab_origin or "the SentencePiece model"
             ),
         },
+        integrity=True,
     )
     written = [0]
 
@@ -273,12 +279,14 @@ def export_release(
         ):  # checked again: it may have appeared
             write_release_tar(files, fh, progress=count)
             fh.flush()
+            plan.source.finish_records()  # the source's records this pass started, CRC-checked
             refuse_nonfinite(counts, options.allow_nonfinite)
             checked = read_back(path, plan.source, plan.vocab_rows)
         listed = [str(out)]
     else:
         with claim_export_dir(out, options.force, _protected(source, options.vocab)) as tmp:
             write_release_folder(files, tmp, progress=count, workers=min(2, os.cpu_count() or 1))
+            plan.source.finish_records()
             refuse_nonfinite(counts, options.allow_nonfinite)
             checked = read_back(tmp / plan.name, plan.source, plan.vocab_rows)
             listed = write_record(tmp, plan.summary(), __version__)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,6 +102,8 @@ class ExportSource:
     notes: list[str] = field(default_factory=list)
     config: HFConfig | None = None  # an HF folder's checked config.json
     vocab_origin: str = "the SentencePiece model"  # what messages call vocab_bytes
+    #: complete the CRC-32 check of the zip records a pass started (a Megatron source; returns bytes read)
+    finish_records: Callable[[], int] = lambda: 0
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -147,6 +150,7 @@ def _open_megatron(source: Path, iteration: int | None, vocab: Path | None) -> E
         tp=release.tp,
         pp=release.pp,
         vocab_origin=vocab_origin,
+        finish_records=ckpt.finish_records,
     )
 
 

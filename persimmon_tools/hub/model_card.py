@@ -1,8 +1,10 @@
 """The model card (``README.md``) that ``push`` publishes with a converted folder.
 
 Built from the folder's own records, never from guesses: ``conversion.json`` (what was converted, from which
-release file, iteration, TP/PP, dtype, tool version) and ``verification.json`` (verdict, settings, metrics
-and the sha256 of every file). Missing or partial records render as "unknown" rather than failing.
+release file, iteration, TP/PP, dtype, tool version, the tokenizer fingerprint) and ``verification.json``
+(verdict, settings, metrics, the sha256 of every file and, since 2026-12-07, the environment and the
+per-check table: :mod:`persimmon_tools.hub.card_checks`, which also says how to re-check a downloaded copy).
+Missing or partial records render as "unknown" or "not recorded" rather than failing.
 
 Licence by variant (spec §A, §H.14): ADEPT's README releases the base model under Apache-2.0 and the chat
 model under CC-BY-NC-4.0 (the chat card on the Hub says apache-2.0; we follow ADEPT's README). Both can be
@@ -24,6 +26,14 @@ from huggingface_hub import ModelCard, ModelCardData
 from persimmon_tools import __version__
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE, VERIFICATION_FILE, fingerprint_folder
 from persimmon_tools.errors import UsageError
+from persimmon_tools.hub.card_checks import (
+    NOT_RECORDED,
+    checks_lines,
+    environment_lines,
+    fingerprint_text,
+    recheck_lines,
+    reference_record,
+)
 from persimmon_tools.hub.records import read_record
 from persimmon_tools.hub.variant import VariantEvidence, detect_variant, variant_evidence
 from persimmon_tools.safe_read import format_size
@@ -76,6 +86,7 @@ def _provenance(conv: dict[str, Any], ver: dict[str, Any], files: dict[str, dict
         ("Pipeline parallel (PP)", src.get("pp", vsrc.get("pp"))),
         ("Weights dtype", conv.get("dtype")),
         ("Tokenizer parity with SentencePiece", (conv.get("tokenizer") or {}).get("parity")),
+        ("Tokenizer fingerprint", fingerprint_text(conv) or NOT_RECORDED),
         (
             "Parameters",
             f"{conv['num_parameters']:,}" if isinstance(conv.get("num_parameters"), int) else None,
@@ -148,7 +159,7 @@ def _verification(ver: dict[str, Any], verified: bool, reason: str | None) -> li
                 f"| {_num(m.get('mean_abs_diff'))} | {_num(m.get('kl_div'))} | {_num(m.get('top1_agreement'))} "
                 f"| {_num(m.get('top5_agreement'))} | {passed} |"
             )
-    return lines
+    return lines + [""] + environment_lines(ver) + [""] + checks_lines(ver)
 
 
 def _usage(repo_id: str, variant: str, add_bos: object) -> list[str]:
@@ -308,6 +319,7 @@ def build_model_card(
     body += [""]
     body += _provenance(conv, ver, files) + [""]
     body += _verification(ver, verified, unverified_reason) + [""]
+    body += recheck_lines(repo_id, conv, ver, reference_record(files)) + [""]
     add_bos = (read_record(folder, "tokenizer_config.json") or {}).get("add_bos_token")
     body += _usage(repo_id, variant, add_bos) + [""]
     body += _CAVEATS

@@ -111,8 +111,10 @@ class LocalFile:
 def local_files(
     folder: Path, files: dict[str, dict[str, Any]], card_text: str, report: bytes | None
 ) -> list[LocalFile]:
-    """The files of the commit: the fingerprinted ones, the card and ``report`` (verification.json's bytes,
-    sent from memory: what was checked is what is sent)."""
+    """The files of the commit: the fingerprinted ones (``verify``'s reference record
+    ``verification_reference.record`` among them when the folder holds one: verify fingerprints it like
+    the weights), the card and ``report`` (verification.json's bytes, sent from memory: what was checked is
+    what is sent)."""
     out = [LocalFile(rel, folder / rel, int(v["size"]), str(v["sha256"])) for rel, v in sorted(files.items())]
     extra = {MODEL_CARD_FILE: card_text.encode("utf-8")}
     if report is not None:

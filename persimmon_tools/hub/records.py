@@ -28,6 +28,7 @@ _SCALAR = (str, int, float, bool)
 _SOURCE = {"name": _STR, "path": _STR, "kind": _STR, "variant": _STR, "variant_from": _STR}
 _SOURCE |= {"iteration": _INT, "tp": _INT, "pp": _INT}
 _FILE_ENTRY = {"name": _STR, "size": _INT, "sha256": _STR}
+_ENVIRONMENT = "persimmon_tools commit python torch transformers tokenizers device dtype date".split()
 
 #: ``key path -> allowed types``; ``[]`` stands for every item of a list, ``{}`` for every value of an object.
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -46,6 +47,11 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "source.checkpoint_files": _LIST,
         "source.checkpoint_files[]": _DICT,
         **{f"source.checkpoint_files[].{k}": v for k, v in _FILE_ENTRY.items()},
+        # since 2026-12-07: persimmon_tools.tokenizer.fingerprint's record
+        "tokenizer_fingerprint": _DICT,
+        **{f"tokenizer_fingerprint.{k}": _STR for k in ("probe", "sha256", "scheme")},
+        "tokenizer_fingerprint.ids": _LIST,
+        "tokenizer_fingerprint.ids[]": _INT,
     },
     "verification.json": {
         "tool": _STR,
@@ -77,6 +83,22 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
             f"metrics[].{k}": _NUM
             for k in ("max_abs_diff", "mean_abs_diff", "kl_div", "top1_agreement", "top5_agreement")
         },
+        # since 2026-12-07: the environment, the checks, greedy generation and the KL summary (the card's
+        # tables; persimmon_tools.hub.card_checks). A check's figures may be of any JSON type.
+        "environment": _DICT,
+        **{f"environment.{k}": _SCALAR for k in _ENVIRONMENT},
+        "checks": _LIST,
+        "checks[]": _DICT,
+        **{f"checks[].{k}": _STR for k in ("name", "command", "status")},
+        "generation": _DICT,
+        "generation.new_tokens": _INT,
+        "generation.prompts": _LIST,
+        "generation.verdict": _STR,
+        "generation.rule": _STR,
+        "kl": _DICT,
+        "kl.overall": _DICT,
+        **{f"kl.overall.{k}": _NUM for k in ("p50", "p90", "p99", "max", "top1_agreement", "same_top_p")},
+        "kl.prompts": _LIST,
     },
 }
 

@@ -73,6 +73,9 @@ class SliceReader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return self._fd
+
     def tell(self) -> int:
         return self._pos
 

@@ -33,6 +33,7 @@ from persimmon_tools.megatron.consistency import (
     check_stage_roles,
 )
 from persimmon_tools.megatron.lazy import LazyTensor
+from persimmon_tools.megatron.records import RecordTable
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.megatron.torchzip import LoadedCheckpoint, load_checkpoint
 from persimmon_tools.ops import (
@@ -147,6 +148,13 @@ class Checkpoint:
     checkpoint_version: float | int | None = None
     #: merged key -> (pipeline stage, the key as that stage's shards spell it: stage-local layer numbers)
     origin: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: the CRC-32 state of every shard's records (:meth:`finish_records`)
+    record_tables: tuple[RecordTable, ...] = ()
+
+    def finish_records(self) -> int:
+        """Complete the CRC-32 check of every record a pass started and did not complete (see
+        :mod:`persimmon_tools.megatron.records`); returns the bytes read to do so."""
+        return sum(table.finish() for table in self.record_tables)
 
     def tensor(self, key: str) -> torch.Tensor:
         """Materialise one merged tensor by its Megatron key."""
@@ -282,6 +290,7 @@ def load_release_checkpoint(release: Release) -> Checkpoint:
         non_tensor_leaves=odd,
         checkpoint_version=version,
         origin=origin,
+        record_tables=tuple(item.table for item in loaded.values() if item.table is not None),
     )
 
 

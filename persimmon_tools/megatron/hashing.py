@@ -18,6 +18,9 @@ member's byte range), a sequential sha256 *cursor*:
 - :meth:`finish` hashes what lies after each cursor (the rest of the file: RNG state, optimizer, zip
   directory, and the whole vocabulary) and returns the hex digests, in the order the sources were given.
 
+Every read, the gaps and :meth:`finish`'s included, is also seen by
+:func:`persimmon_tools.megatron.records.observe`, which checks the zip records' CRC-32 in the same pass.
+
 The digests equal the sha256 of each source's bytes whatever the read order; the order decides only how
 many bytes are read twice. Megatron writes records in ``state_dict`` order (embedding, layer 0, 1, ...,
 final layernorm, head) and verify reads layer by layer, so nearly every byte is read once. A file written
@@ -42,6 +45,7 @@ import numpy as np
 from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.lazy import preadv_exact
+from persimmon_tools.megatron.records import observe
 from persimmon_tools.safe_read import open_regular_fd
 
 CHUNK = 8 << 20
@@ -168,6 +172,7 @@ class HashingReader:
                 block = os.pread(fd, min(self.chunk, c.end - c.pos), c.pos)
                 if not block:
                     break
+                observe(fd, c.pos, memoryview(block))  # the records' CRC-32 in the same read
                 self.bytes_read += len(block)
                 c.digest.update(block)
                 c.pos += len(block)

@@ -3,6 +3,11 @@
 A :class:`LazyTensor` never holds data. :meth:`LazyTensor.read_rows` reads a range of rows (dim 0) straight
 from the file with ``pread`` (no ``mmap``, so the bytes never count towards the process's RSS), which is
 how conversion streams an 8B model in bounded memory.
+
+Every read of checkpoint bytes ends in :func:`preadv_exact`, which hands what it read to
+:func:`persimmon_tools.megatron.records.observe`: the CRC-32 of each zip record is checked in the pass
+that reads it (since 2026-12-07, version 0.1.0). A :class:`StorageRef` carries its record's
+:class:`~persimmon_tools.megatron.records.RecordCheck` (shared by its ``dataclasses.replace`` copies).
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import numpy as np
 import torch
 
 from persimmon_tools.errors import CheckpointError
+from persimmon_tools.megatron.records import RecordCheck, observe
 from persimmon_tools.safe_read import open_regular_fd
 
 
 def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` (``preadv`` loops over short reads); a short file is an error."""
+    """Fill ``view`` from ``fd`` at ``offset`` (``preadv`` loops over short reads); a short file is an error.
+    The bytes read are then checked against the CRC-32 of the zip records they belong to
+    (:func:`~persimmon_tools.megatron.records.observe`: a damaged record raises ``CheckpointError``)."""
     got, size = 0, view.nbytes
     while got < size:
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -31,6 +39,7 @@ def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
                 hint="the file is truncated; download it again",
             )
         got += n
+    observe(fd, offset, view)
 
 
 def pread_exact(path: Path, offset: int, size: int, origin: str) -> memoryview:
@@ -67,6 +76,8 @@ class StorageRef:
     #: How the bytes are read (``read(path, offset, size, origin) -> memoryview``); None: :func:`pread_exact`.
     #: verify's reference side reads through a :class:`~persimmon_tools.megatron.hashing.HashingReader`.
     reader: Reader | None = field(default=None, compare=False, repr=False)
+    #: The CRC-32 state of the zip record holding the bytes (None: not checked, e.g. made by hand).
+    record: RecordCheck | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -119,6 +130,8 @@ class LazyTensor:
                     hint="model weights are never stored as overlapping views; the checkpoint is corrupt or was "
                     "tampered with",
                 )
+            if storage.record is not None:  # the record's CRC completes once its views are read
+                storage.record.cover(storage.data_offset + (last + 1) * storage.dtype.itemsize)
         return cls(storage, offset, tuple(shape), tuple(stride))
 
     @property

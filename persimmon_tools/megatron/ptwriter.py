@@ -6,6 +6,12 @@ produced in row blocks by a callback while the file is written. The format match
 tensors rebuilt by ``torch._utils._rebuild_tensor_v2``), ``archive/byteorder``, ``archive/data/<key>``
 records stored uncompressed and 64-byte aligned, ``archive/version``. Tests load the result with
 ``torch.load`` to prove compatibility.
+
+The zip is written as one forward stream (since 2026-12-07, 0.1.0): each record's local header carries flag
+bit 3 with CRC and sizes 0, and a data descriptor after the record's bytes holds its CRC-32 and sizes (zip64
+for the tensor records), as ``torch.save`` itself writes them in torch 2.x; the central directory holds the
+same CRCs and sizes. Nothing is patched afterwards, so a writer can hash the file's bytes as they pass
+(:class:`~persimmon_tools.megatron.manifest.HashingSink`: ``export``'s integrity manifest).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from persimmon_tools.megatron.manifest import HashingSink
 from persimmon_tools.safe_write import open_new_file
 
 _STORAGE_TYPES = {
@@ -128,7 +135,8 @@ def write_pt(fh: BinaryIO, obj: Any, *, on_bytes: Callable[[int], None] = lambda
     pkl = io.BytesIO()
     pickler = _Pickler(pkl)
     pickler.dump(obj)
-    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    out = fh if isinstance(fh, HashingSink) else HashingSink(fh, hash=False)  # forward only: no patching
+    with zipfile.ZipFile(out, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         zf.writestr(zipfile.ZipInfo("archive/data.pkl", date_time=(1980, 1, 1, 0, 0, 0)), pkl.getvalue())
         zf.writestr(zipfile.ZipInfo("archive/byteorder", date_time=(1980, 1, 1, 0, 0, 0)), "little")
         for key, spec in enumerate(pickler.storages):

@@ -15,6 +15,10 @@ parallelism, ``mp_rank_{tp:02d}_{pp:03d}`` with it. Folder numbers are ASCII dig
 looks like a shard but is not spelled canonically, and one iteration under two spellings (``iter_0001251``
 and ``iter_1251``), are refused. A tar is listed to its end-of-archive marker (:mod:`.tarlist`). Base/chat
 comes from the release's own name (:mod:`.variant`).
+
+A release tarball or folder holding ``integrity.json`` (written by ``export``; :mod:`.manifest`) is checked
+against it here, before anything else is read: every listed file must exist with the listed size and sha256
+(one sequential read of the listed files; a CheckpointError names the file that differs).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from persimmon_tools.errors import ReleaseError
 from persimmon_tools.megatron.bytesource import ByteSource
+from persimmon_tools.megatron.manifest import check_release_manifest
 from persimmon_tools.megatron.tarlist import tar_tree
 from persimmon_tools.megatron.variant import decide_variant
 from persimmon_tools.safe_read import MAX_TRACKER_BYTES, MAX_VOCAB_BYTES, describe_irregular, scan_folder
@@ -68,6 +73,8 @@ class Release:
     variant_from: str | None = None
     #: The folder name each shard was found under (``iter_0001251/mp_rank_00_001``), for messages.
     shard_dirs: dict[tuple[int, int], str] = field(default_factory=dict)
+    #: The release folder inside SOURCE (``8b_chat_model_release/``; "" when SOURCE is that folder).
+    root: str = ""
 
     @property
     def name(self) -> str:
@@ -249,6 +256,7 @@ def _discover(
         variant=variant,
         variant_from=variant_from,
         shard_dirs={rank: d for rank, (_, _, d) in grid.items()},
+        root=root,
     )
 
 
@@ -288,12 +296,14 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             if iteration is None:
                 iteration = int(source.name[5:])
         release = _discover(tree, source, kind, iteration, lambda root: _folder_witnesses(source, kind, root))
+        if kind == "folder":
+            check_release_manifest(source, release.root, None)
     elif source.suffix == ".pt":
         release = single_pt(source)
     elif tarfile.is_tarfile(source) or source.suffix == ".tar":
-        release = _discover(
-            tar_tree(source), source, "tar", iteration, lambda root: _tar_witnesses(own_name, root)
-        )
+        members = tar_tree(source)
+        release = _discover(members, source, "tar", iteration, lambda root: _tar_witnesses(own_name, root))
+        check_release_manifest(source, release.root, members)
     else:
         raise ReleaseError(
             f"{source} is neither a folder, a .tar release nor a .pt checkpoint",

@@ -5,6 +5,11 @@ Layout (inside a tarball, or under a folder)::
 
     NAME/adept_vocab.model  NAME/adept_vocab.vocab  NAME/latest_checkpointed_iteration.txt
     NAME/iter_{K:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+    NAME/integrity.json   (``ReleaseFiles.integrity``: export's manifest, last; see
+                           :mod:`persimmon_tools.megatron.manifest`)
+
+Each shard's bytes pass once through a :class:`~persimmon_tools.megatron.manifest.HashingSink` on their way
+to the file (the zip is written forward only), so the manifest's sha256s cost no second read.
 
 ``ckpt["model"]`` of each shard (spec §B.2) nests ``{"language_model": {"embedding": {"word_embeddings":
 {"weight": [V/tp, H]}}, "encoder": OrderedDict(flat "layers.{j}...." keys)}, "word_embeddings_for_head":
@@ -14,6 +19,7 @@ untied head, and every stage numbers its own layers from 0 (``j = i - first laye
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from persimmon_tools.errors import UsageError
+from persimmon_tools.megatron.manifest import MANIFEST, HashingSink, manifest_bytes
 from persimmon_tools.megatron.ptwriter import TarWriter, TensorSpec, payload_bytes, write_pt
 from persimmon_tools.ops import layer_index
 from persimmon_tools.safe_write import open_new_file, write_new_file
@@ -92,6 +99,8 @@ class ReleaseFiles:
     pp: int
     objects: Mapping[tuple[int, int], Any]  # (tp_rank, pp_rank) -> ckpt dict with TensorSpec leaves
     small_files: Mapping[str, bytes]  # file name (in NAME/) -> content, e.g. adept_vocab.model
+    #: write ``NAME/integrity.json`` (sha256 and size of every other file, hashed while written)
+    integrity: bool = False
 
     def shard_member(self, tp_rank: int, pp_rank: int) -> str:
         return (
@@ -114,7 +123,22 @@ class ReleaseFiles:
 
     def tar_members(self) -> list[str]:
         """Every member of the tarball, in the order :func:`write_release_tar` writes them."""
-        return [self.name, *(m for m, _ in self.small_members()), *(m for m, _ in self.ordered_shards())]
+        manifest = [f"{self.name}/{MANIFEST}"] if self.integrity else []
+        return [
+            self.name,
+            *(m for m, _ in self.small_members()),
+            *(m for m, _ in self.ordered_shards()),
+            *manifest,
+        ]
+
+    def manifest(self, digests: Mapping[str, tuple[str, int]]) -> tuple[str, bytes]:
+        """``(member, content)`` of the manifest of ``{member: (sha256, size)}`` (paths made relative)."""
+        cut = len(self.name) + 1
+        return f"{self.name}/{MANIFEST}", manifest_bytes({m[cut:]: d for m, d in digests.items()})
+
+
+def _small_digest(data: bytes) -> tuple[str, int]:
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def default_dump(fh: BinaryIO, obj: Any, on_bytes: Callable[[int], None]) -> None:
@@ -142,11 +166,13 @@ def write_release_folder(
     def place(member: str) -> Path:
         return base / member.split("/", 1)[1]  # members are NAME/...
 
+    digests: dict[str, tuple[str, int]] = {}
     for member, data in files.small_members():
         place(member).parent.mkdir(parents=True, exist_ok=True)
         write_new_file(place(member), data)
-    shards = [(place(member), obj) for member, obj in files.ordered_shards()]
-    for path, _ in shards:
+        digests[member] = _small_digest(data)
+    shards = [(member, place(member), obj) for member, obj in files.ordered_shards()]
+    for _, path, _ in shards:
         path.parent.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     lock = threading.Lock()
@@ -157,27 +183,37 @@ def write_release_folder(
         with lock:
             progress(n)
 
-    def one(path: Path, obj: Any) -> None:
+    def one(member: str, path: Path, obj: Any) -> None:
         with open_new_file(path) as fh:
-            dump(fh, obj, advance)
+            sink = HashingSink(fh, hash=files.integrity)
+            dump(sink, obj, advance)
             fh.flush()
             os.fsync(fh.fileno())  # durable before the folder is renamed into place
+        if files.integrity:
+            with lock:
+                digests[member] = (sink.hexdigest(), sink.size)
 
     if workers <= 1 or len(shards) <= 1:
-        for path, obj in shards:
-            one(path, obj)
-        return base
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-writer")
-    futures = [pool.submit(one, path, obj) for path, obj in shards]
-    try:
-        for future in futures:
-            future.result()
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for shard in shards:
+            one(*shard)
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-writer")
+        futures = [pool.submit(one, *shard) for shard in shards]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+    if files.integrity:
+        member, data = files.manifest(digests)
+        with open_new_file(place(member)) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
     return base
 
 
@@ -201,8 +237,28 @@ def write_release_tar(
     fh.write(tar_record_header(files.tar_members()))
     writer = TarWriter(fh)
     writer.add_dir(files.name)
+    digests: dict[str, tuple[str, int]] = {}
     for member, data in files.small_members():
         writer.add_bytes(member, data)
+        digests[member] = _small_digest(data)
     for member, obj in files.ordered_shards():
-        writer.add_stream(member, lambda out, obj=obj: dump(out, obj, progress))
+        digest = _add_shard(writer, member, obj, dump, progress, files.integrity)
+        if digest is not None:
+            digests[member] = digest
+    if files.integrity:
+        writer.add_bytes(*files.manifest(digests))
     writer.close()
+
+
+def _add_shard(
+    writer: TarWriter, member: str, obj: Any, dump: Dump, progress: Callable[[int], None], hash: bool
+) -> tuple[str, int] | None:
+    """Stream one shard into the tarball; its ``(sha256, size)`` when ``hash``."""
+    sinks: list[HashingSink] = []
+
+    def write(out: BinaryIO) -> None:
+        sinks.append(HashingSink(out, hash=hash))
+        dump(sinks[0], obj, progress)
+
+    writer.add_stream(member, write)
+    return (sinks[0].hexdigest(), sinks[0].size) if hash else None

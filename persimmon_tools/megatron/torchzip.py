@@ -10,6 +10,11 @@ objects that point at the records' bytes. A storage is what ``torch.load`` build
 type (views are bounded by that, not by the record's size), one object per key (a key named again with
 another type is refused).
 
+CRC-32 (since 2026-12-07, 0.1.0): ``data.pkl`` and ``byteorder`` are checked against the directory's CRC as
+they are read, and every ``data/<key>`` record that backs a storage gets a
+:class:`~persimmon_tools.megatron.records.RecordCheck`, so that the pass reading its bytes checks it
+(:mod:`persimmon_tools.megatron.records`; a mismatch names the file, the record and its tensors).
+
 This is the one byte layer of the toolkit: ``convert``, ``inspect``, ``export`` and ``verify``'s reference
 side all read checkpoints through it; ``tests/megatron/test_byte_layer_oracle.py`` proves it against
 ``torch.load`` on every synthetic layout.
@@ -22,9 +27,12 @@ would be read with its bytes swapped.
 
 from __future__ import annotations
 
+import logging
+import os
 import struct
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +40,19 @@ import torch
 
 from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.bytesource import ByteSource
-from persimmon_tools.megatron.lazy import StorageRef
+from persimmon_tools.megatron.lazy import LazyTensor, StorageRef
+from persimmon_tools.megatron.records import (
+    RecordCheck,
+    RecordTable,
+    crc_mismatch,
+    identity,
+    name_tensors,
+    register,
+)
 from persimmon_tools.megatron.unpickle import restricted_loads
 from persimmon_tools.safe_graph import small_repr
+
+log = logging.getLogger(__name__)
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch's legacy magic number
 #: Largest data.pkl we unpickle. Real ones are ~150 kB for 8B (tensors live in records, not in the pickle);
@@ -43,7 +61,22 @@ _MAX_PICKLE = 64 << 20
 _BYTEORDERS = (b"little", b"big")
 
 
-def _check_byteorder(src: ByteSource, fh, spans: dict[str, tuple[int, int]], prefix: str) -> None:
+def _read_checked(
+    src: ByteSource, fh, name: str, offset: int, size: int, crcs: dict[str, int] | None
+) -> bytes:
+    """Record ``name`` read whole (``offset``: absolute), checked against its CRC-32 (``crcs`` None: the file
+    records none)."""
+    fh.seek(offset - src.offset)
+    data = fh.read(size)
+    if crcs is not None and len(data) == size and zlib.crc32(data) != crcs[name]:
+        what = " (the pickled checkpoint object)" if name.endswith("data.pkl") else ""
+        raise crc_mismatch(src.name, name, zlib.crc32(data), crcs[name], what)
+    return data
+
+
+def _check_byteorder(
+    src: ByteSource, fh, spans: dict[str, tuple[int, int]], prefix: str, crcs: dict[str, int] | None
+) -> None:
     """Refuse a checkpoint whose tensor bytes are not little-endian (see the module docstring)."""
     name = f"{prefix}byteorder"
     if name not in spans:
@@ -55,8 +88,7 @@ def _check_byteorder(src: ByteSource, fh, spans: dict[str, tuple[int, int]], pre
                 f"{src.name}: record {name} is {size} bytes; torch writes 'little' or 'big'",
                 hint="the file is corrupt or was tampered with",
             )
-        fh.seek(offset - src.offset)
-        order = fh.read(size)
+        order = _read_checked(src, fh, name, offset, size, crcs)
         if order not in _BYTEORDERS:
             raise CheckpointError(
                 f"{src.name}: record {name} holds {order!r}; expected 'little' or 'big' (torch.load refuses this "
@@ -85,6 +117,22 @@ class LoadedCheckpoint:
     obj: Any
     globals_seen: dict[str, str]
     records: int
+    #: the CRC-32 state of the records behind its storages (None: the file records no CRC)
+    table: RecordTable | None = None
+
+    def finish_records(self) -> int:
+        """Complete (read, CRC, compare) the records a pass started and did not complete; the bytes read."""
+        return self.table.finish() if self.table is not None else 0
+
+
+def _crcs(zf: zipfile.ZipFile, src: ByteSource) -> dict[str, int] | None:
+    """``{record: CRC-32}`` from the directory; None when the writer recorded none (every non-empty record 0:
+    ``torch.serialization.set_crc32_options(False)``), and then nothing is checked."""
+    infos = zf.infolist()
+    if any(i.file_size for i in infos) and not any(i.CRC for i in infos if i.file_size):
+        log.info("%s: the zip records no CRC-32 for its records; their bytes are not checked", src.name)
+        return None
+    return {i.filename: i.CRC for i in infos}
 
 
 _TAMPERED = "the file is damaged or was tampered with; download it again"
@@ -203,17 +251,19 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
                 )
             prefix = pkl_names[0][: -len("data.pkl")]
             spans = _record_offsets(zf, src, fh)
-            _check_byteorder(src, fh, spans, prefix)
+            crcs = _crcs(zf, src)
+            _check_byteorder(src, fh, spans, prefix, crcs)
             pkl_offset, pkl_size = spans[pkl_names[0]]
             if pkl_size > _MAX_PICKLE:
                 raise CheckpointError(
                     f"{src.name}: data.pkl is {pkl_size} bytes; refusing to unpickle it",
                     hint="a model checkpoint's pickle is a few MB at most",
                 )
-            fh.seek(pkl_offset - src.offset)
-            data = fh.read(pkl_size)
+            data = _read_checked(src, fh, pkl_names[0], pkl_offset, pkl_size, crcs)
+            key_of_file = identity(os.fstat(fh.fileno()))
 
     made: dict[str, StorageRef] = {}
+    checks: list[RecordCheck] = []
 
     def resolve(key: str, dtype: torch.dtype | None, numel: int) -> StorageRef:
         """The storage ``key`` as ``torch.load`` builds it: ``numel`` elements of ``dtype`` from its record;
@@ -241,8 +291,18 @@ def load_checkpoint(src: ByteSource) -> LoadedCheckpoint:
                 hint="the file is corrupt or was tampered with",
             )
         # Views are bounded by the storage torch would build (numel elements), not by the record's size.
-        made[key] = StorageRef(src.path, offset, numel * dtype.itemsize, dtype, key, f"{src.name}:{name}")
+        nbytes = numel * dtype.itemsize
+        check = None
+        if crcs is not None and size:
+            check = RecordCheck(src.name, name, offset, size, crcs[name], nbytes)
+            checks.append(check)
+        made[key] = StorageRef(src.path, offset, nbytes, dtype, key, f"{src.name}:{name}", record=check)
         return made[key]
 
     obj, seen = restricted_loads(data, src.name, resolve)
-    return LoadedCheckpoint(source=src, obj=obj, globals_seen=seen, records=len(spans))
+    table = None
+    if crcs is not None:
+        table = RecordTable(src.path, src.name, key_of_file, src.offset, src.size, checks)
+        name_tensors(obj, lambda x: x.storage.record if isinstance(x, LazyTensor) else None)
+        register(table)
+    return LoadedCheckpoint(source=src, obj=obj, globals_seen=seen, records=len(spans), table=table)

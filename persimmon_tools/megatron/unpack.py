@@ -15,6 +15,12 @@ DEST by rename only when every member was extracted and the checksum matched; on
 behind, and a killed run's leftover is removed by the next one. The archive must end
 with a valid end-of-archive marker: a damaged header in the middle (which ``tarfile`` would take for the
 end) fails the extraction instead of silently dropping every later member.
+
+A release that carries ``integrity.json`` (``export`` writes one; :mod:`persimmon_tools.megatron.manifest`)
+is checked against it: the files it lists are hashed (sha256) as they are extracted, and a file that is
+missing or differs fails the extraction (CheckpointError naming it). An uncompressed tar is listed first
+(headers only) to find the manifest, so a tar without one costs no hashing; a compressed one has every
+member hashed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from persimmon_tools.errors import ReleaseError
+from persimmon_tools.megatron.bytesource import ByteSource
+from persimmon_tools.megatron.manifest import MANIFEST, check_members, read_manifest, tar_manifests
 from persimmon_tools.megatron.tarlist import RecordingTarInfo, check_end_of_archive
 from persimmon_tools.safe_write import check_free_space, open_new_file, refuse_symlink
 from persimmon_tools.staged_output import RUN_MARKER, claim_output
@@ -188,6 +196,9 @@ def _extract(
     """Extract every member (below ``strip``, which is left out) into the staging folder ``tmp``;
     ``(files, bytes, md5 of the whole tar)``."""
     files = total = 0
+    manifests = tar_manifests(tar_path)  # None: not listable ahead; hash every member
+    wanted = {root + name for root, listed in (manifests or {}).items() for name in listed}
+    digests: dict[str, tuple[str, int]] = {}
     with open(tar_path, "rb") as raw:
         reader = _HashingReader(raw, progress)
         try:
@@ -223,8 +234,17 @@ def _extract(
                         dest.parent, member.size, f"{tar_path}: member {member.name!r}", ReleaseError
                     )
                     src = tf.extractfile(member)
+                    name = str(safe_member_path(member.name, str(tar_path)))
+                    digest = hashlib.sha256() if manifests is None or name in wanted else None
                     with open_new_file(target) as out:  # O_EXCL | O_NOFOLLOW
-                        shutil.copyfileobj(src, out, _CHUNK)
+                        if digest is None:
+                            shutil.copyfileobj(src, out, _CHUNK)
+                        else:
+                            while block := src.read(_CHUNK):
+                                digest.update(block)
+                                out.write(block)
+                    if digest is not None:
+                        digests[name] = (digest.hexdigest(), member.size)
                     if target.stat().st_size != member.size:
                         raise ReleaseError(
                             f"{tar_path}: member {member.name} is truncated",
@@ -241,4 +261,13 @@ def _extract(
                 hint="the download is truncated or corrupt; download it again",
             ) from err
         reader.drain()
+    if manifests is None:  # read the manifests extracted (at most one level down, as a release has it)
+        manifests = {}
+        prefix = f"{strip}/" if strip else ""
+        for path in [tmp / MANIFEST, *([] if strip else tmp.glob(f"*/{MANIFEST}"))]:
+            if path.is_file() and not path.is_symlink():
+                rel = path.relative_to(tmp).parent
+                root = prefix + ("" if str(rel) == "." else f"{rel}/")
+                manifests[root] = read_manifest(ByteSource.whole_file(path, what="the integrity manifest"))
+    check_members(manifests, digests, str(tar_path))
     return files, total, reader.md5.hexdigest()

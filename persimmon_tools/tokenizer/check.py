@@ -112,6 +112,36 @@ def _within_float32_rounding(a: float, b: float, steps: int) -> bool:
     return abs(a - b) <= steps * float(np.spacing(np.float32(max(abs(a), abs(b)))))
 
 
+def is_float32_tie(sp, scores: list[float], expected: list[int], got: list[int]) -> bool:
+    """Whether ``got`` spells the same text as SentencePiece's ``expected`` with a path score within float32
+    rounding of it (a Unigram model's effective piece ``scores``): a tie no ``tokenizer.json`` can break
+    as SentencePiece does (:attr:`ParityReport.tie_mismatches`)."""
+    if sp.decode_ids(got) != sp.decode_ids(expected):
+        return False
+    scorer = _tie_scorer(sp, scores)
+    a, b = scorer(expected), scorer(got)
+    return a is not None and b is not None and _within_float32_rounding(a, b, len(expected) + len(got))
+
+
+def tie_judge(sp, info) -> Callable[[list[int], list[int]], bool] | None:
+    """``(sentencepiece_ids, fast_ids) -> is_float32_tie`` for the model of ``sp`` and its proto ``info``
+    (the scores are read on the first call); ``None`` when the model is not Unigram."""
+    from persimmon_tools.tokenizer.proto import UNIGRAM
+
+    if info.model_type != UNIGRAM:
+        return None
+    return lambda expected, got: is_float32_tie(sp, unigram_scores(info) or [], expected, got)
+
+
+def unigram_scores(info) -> list[float] | None:
+    """SentencePiece's effective piece scores of a Unigram model's proto ``info`` (what
+    :func:`is_float32_tie` weighs); ``None`` for other models, where no mismatch is a tie."""
+    from persimmon_tools.tokenizer.proto import UNIGRAM
+    from persimmon_tools.tokenizer.unigram import unigram_vocab
+
+    return [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
+
+
 def compare(
     sp, fast, texts: Iterable[str], origin: str, *, unigram_scores: list[float] | None = None
 ) -> ParityReport:
@@ -120,7 +150,6 @@ def compare(
     ``unigram_scores`` (a Unigram model's effective piece scores) lets encode mismatches be classified as
     float32 ties (:attr:`ParityReport.tie_mismatches`)."""
     items = enc_bad = dec_bad = ties = 0
-    scorer = _tie_scorer(sp, unigram_scores) if unigram_scores is not None else None
     examples: list[str] = []
     for text in texts:
         items += 1
@@ -128,13 +157,7 @@ def compare(
         got = fast.encode(text, add_special_tokens=False).ids
         if expected != got:
             enc_bad += 1
-            if scorer and sp.decode_ids(got) == sp.decode_ids(expected):
-                a, b = scorer(expected), scorer(got)
-                ties += (
-                    a is not None
-                    and b is not None
-                    and _within_float32_rounding(a, b, len(expected) + len(got))
-                )
+            ties += unigram_scores is not None and is_float32_tie(sp, unigram_scores, expected, got)
             if len(examples) < MAX_EXAMPLES:
                 examples.append(_describe_encode(text, expected, got, sp.id_to_piece))
         want, have = sp.decode_ids(expected), fast.decode(expected, skip_special_tokens=False)
@@ -153,13 +176,9 @@ def parity_report(sp, info, fast, texts: Iterable[str] | None = None) -> ParityR
     fast tokenizer built from it (no post-processor tokens) on ``texts`` (default: :func:`builtin_sample`),
     with Unigram encode mismatches classified as float32 ties."""
     from persimmon_tools.tokenizer.corpus import builtin_sample
-    from persimmon_tools.tokenizer.proto import UNIGRAM
-    from persimmon_tools.tokenizer.unigram import unigram_vocab
 
-    scores = [s for _, s in unigram_vocab(info, hide_reserved=False)] if info.model_type == UNIGRAM else None
-    return compare(
-        sp, fast, builtin_sample() if texts is None else texts, str(info.path), unigram_scores=scores
-    )
+    texts = builtin_sample() if texts is None else texts
+    return compare(sp, fast, texts, str(info.path), unigram_scores=unigram_scores(info))
 
 
 def check_parity(sp_model: Path, texts: Iterable[str] | None = None, *, strict: bool = True) -> ParityReport:

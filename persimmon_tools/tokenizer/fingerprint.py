@@ -1,10 +1,14 @@
 """A tokenizer's fingerprint: the ids it gives one fixed probe text, and their hash.
 
-``convert`` records what SentencePiece gives the probe (``conversion.json``'s ``tokenizer_fingerprint``);
-``verify`` re-encodes the recorded probe with the folder's ``tokenizer.json`` and fails when the ids differ
-(two pieces swapped, a different vocabulary, an edited normalizer). The probe exercises what a converter
-gets wrong: byte fallback (characters no piece spells), runs of spaces, tabs and newlines, leading spaces,
-digits, CJK, emoji with modifiers, and the special pieces' names as literal text.
+``convert`` records what SentencePiece gives the probe (``conversion.json``'s ``tokenizer_fingerprint``),
+after :func:`checked_fingerprint` has found the same ids in the ``tokenizer.json`` just written (the
+``tokenizer`` command applies the same check and logs the fingerprint); ``verify`` re-encodes the recorded
+probe with the folder's ``tokenizer.json`` and fails when the ids differ (two pieces swapped, a different
+vocabulary, an edited normalizer). The probe exercises what a converter gets wrong: byte fallback
+(characters no piece spells), runs of spaces, tabs and newlines, leading spaces, digits, CJK, emoji with
+modifiers, and the special pieces' names as literal text. It encodes alike with SentencePiece and the
+written ``tokenizer.json`` for the bundled tiny vocabulary and the real model of ``../shared/data`` (no
+float32 tie in it; tests/conversion/test_tokenizer_fingerprint.py).
 
 Record layout (JSON)::
 
@@ -18,9 +22,13 @@ re-checks an older folder.
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from persimmon_tools.errors import TokenizerError
+
+log = logging.getLogger(__name__)
 
 SCHEME = "ids-v1"
 
@@ -64,6 +72,9 @@ def tokenizer_json_ids(folder: Path, probe: str = PROBE_TEXT) -> list[int]:
             f"{path} does not load with tokenizers.Tokenizer.from_file: {str(err).splitlines()[0] if str(err) else err!r}",
             hint="convert the release again (the folder's tokenizer files are damaged)",
         ) from err
+    # Added tokens (a tokenizer.json re-saved by transformers lists its special tokens) would otherwise be
+    # cut out of the text before the model sees it: "<unk>" would become the unknown id, not its pieces.
+    tok.encode_special_tokens = True
     return list(tok.encode(probe, add_special_tokens=False).ids)
 
 
@@ -80,4 +91,49 @@ def compare(recorded: dict, got: list[int]) -> str | None:
         f"the probe text encodes to {len(got)} ids instead of the recorded {len(want)}, first difference at "
         f"position {at}: {shown(got)} instead of {shown(want)} (fingerprint {ids_sha256(got)[:16]} instead of "
         f"{str(recorded.get('sha256', ''))[:16]})"
+    )
+
+
+def checked_fingerprint(
+    sp,
+    folder: Path,
+    origin: str,
+    *,
+    enforce: bool = True,
+    allow_ties: bool = False,
+    is_tie: Callable[[list[int], list[int]], bool] | None = None,
+) -> dict:
+    """The fingerprint of ``sp`` (:func:`sentencepiece_fingerprint`), once ``folder/tokenizer.json`` is known
+    to give the probe the same ids (:func:`tokenizer_json_ids`): what a write records, so that ``verify``'s
+    re-check of a fresh folder agrees.
+
+    A difference follows the parity gate's rule (:func:`persimmon_tools.tokenizer.check.require_parity`):
+    :class:`TokenizerError` (the caller writes nothing), unless ``enforce`` is off
+    (``--allow-tokenizer-mismatch``) or ``allow_ties`` and ``is_tie(sentencepiece_ids, fast_ids)`` says the
+    difference is a float32 tie (``--allow-ties``); those write with a logged warning, and the record
+    keeps SentencePiece's ids, so ``verify`` reports the difference.
+    """
+    recorded = sentencepiece_fingerprint(sp)
+    got = tokenizer_json_ids(folder)
+    problem = compare(recorded, got)
+    if problem is None:
+        log.info("tokenizer fingerprint (%s): sha256 %s", SCHEME, recorded["sha256"])
+        return recorded
+    tie = is_tie is not None and is_tie(recorded["ids"], got)
+    if not enforce or (allow_ties and tie):
+        allowed = "--allow-tokenizer-mismatch" if not enforce else "a float32 tie, --allow-ties"
+        log.warning(
+            "tokenizer.json written for %s differs from SentencePiece (%s): %s", origin, allowed, problem
+        )
+        return recorded
+    raise TokenizerError(
+        f"the tokenizer.json written for {origin} does not encode the fingerprint's probe text as "
+        f"SentencePiece does: {problem}",
+        hint="nothing was written; "
+        + (
+            "the difference is a float32 tie (docs/tokenizer.md); --allow-ties writes it"
+            if tie
+            else "--allow-tokenizer-mismatch writes it anyway (verify then reports the tokenizer fingerprint "
+            "as different)"
+        ),
     )

@@ -20,8 +20,15 @@ from persimmon_tools.safe_write import refuse_file_in_path
 from persimmon_tools.staged_output import created_folders, staged_files
 from persimmon_tools.staged_record import OutputKind
 from persimmon_tools.tokenizer.build import build_fast_tokenizer, build_from_info
-from persimmon_tools.tokenizer.check import ParityReport, check_parity, parity_report, require_parity
+from persimmon_tools.tokenizer.check import (
+    ParityReport,
+    check_parity,
+    parity_report,
+    require_parity,
+    tie_judge,
+)
 from persimmon_tools.tokenizer.corpus import builtin_sample
+from persimmon_tools.tokenizer.fingerprint import checked_fingerprint
 from persimmon_tools.tokenizer.proto import read_spm
 from persimmon_tools.tokenizer.reload import check_reload
 from persimmon_tools.tokenizer.spm import eod_piece, load_sp, piece_text
@@ -31,12 +38,14 @@ __all__ = [
     "CHAT_TEMPLATE_FILE",
     "ParityReport",
     "TokenizerOptions",
+    "WrittenTokenizer",
     "build_fast_tokenizer",
     "builtin_sample",
     "chat_template",
     "check_parity",
     "special_tokens",
     "write_tokenizer",
+    "write_tokenizer_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,7 +144,23 @@ class TokenizerOptions:
     remove_created_out_dir: bool = False
 
 
+@dataclass(frozen=True)
+class WrittenTokenizer:
+    """What :func:`write_tokenizer_files` wrote: the paths, and the SentencePiece model's fingerprint
+    (:mod:`persimmon_tools.tokenizer.fingerprint`), checked against the written ``tokenizer.json``."""
+
+    files: list[Path]
+    fingerprint: dict
+
+
 def write_tokenizer(sp_model: Path, out_dir: Path, options: TokenizerOptions | None = None) -> list[Path]:
+    """:func:`write_tokenizer_files`, returning the written paths."""
+    return write_tokenizer_files(sp_model, out_dir, options).files
+
+
+def write_tokenizer_files(
+    sp_model: Path, out_dir: Path, options: TokenizerOptions | None = None
+) -> WrittenTokenizer:
     """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``tokenizer.model``
     (with ``chat``: also ``chat_template.jinja``).
 
@@ -148,10 +173,13 @@ def write_tokenizer(sp_model: Path, out_dir: Path, options: TokenizerOptions | N
 
     The files are written into a hidden staging folder inside ``out_dir``, re-loaded from there
     (:func:`~persimmon_tools.tokenizer.reload.check_reload`: ``tokenizers`` and, when installed,
-    ``transformers.AutoTokenizer``) and only then moved into ``out_dir``; a refusal leaves ``out_dir`` as it was.
+    ``transformers.AutoTokenizer``), their ``tokenizer.json`` checked to give the fingerprint's probe text
+    SentencePiece's ids (:func:`~persimmon_tools.tokenizer.fingerprint.checked_fingerprint`, the same gate as
+    parity), and only then moved into ``out_dir``; a refusal leaves ``out_dir`` as it was.
 
     Returns:
-        The written paths.
+        A :class:`WrittenTokenizer`: the written paths and the fingerprint (``convert`` records it in
+        ``conversion.json``; the ``tokenizer`` command, which writes no record of its own, logs it).
 
     Raises:
         TokenizerError: a piece score that is NaN/Inf or too large (:func:`~persimmon_tools.tokenizer.proto.
@@ -168,8 +196,8 @@ def write_tokenizer(sp_model: Path, out_dir: Path, options: TokenizerOptions | N
         return _write(sp_model, out_dir, options)
 
 
-def _write(sp_model: Path, out_dir: Path, options: TokenizerOptions) -> list[Path]:
-    """:func:`write_tokenizer` once ``out_dir`` is known to be no file."""
+def _write(sp_model: Path, out_dir: Path, options: TokenizerOptions) -> WrittenTokenizer:
+    """:func:`write_tokenizer_files` once ``out_dir`` is known to be no file."""
     add_bos_token, max_length = options.add_bos_token, options.model_max_length
     # The model and its proto are read once (0.27 s and 0.17 s for 262,144 pieces), the tokenizer built once:
     # the check encodes with the very object that is written. The proto first: it names a bad score.
@@ -228,9 +256,17 @@ def _write(sp_model: Path, out_dir: Path, options: TokenizerOptions) -> list[Pat
             with open(stage / CHAT_TEMPLATE_FILE, "w", encoding="utf-8", newline="") as fh:
                 fh.write(template)
         check_reload(stage, tok, builtin_sample(), origin=str(sp_model))
+        fingerprint = checked_fingerprint(
+            sp,
+            stage,
+            str(sp_model),
+            enforce=options.check,
+            allow_ties=options.allow_ties,
+            is_tie=tie_judge(sp, info),
+        )
     written = [out_dir / name for name in files]
     log.debug("wrote %s", ", ".join(p.name for p in written))
-    return written
+    return WrittenTokenizer(written, fingerprint)
 
 
 #: The chat template as its own file, beside ``tokenizer_config.json``'s ``chat_template`` (the same text):

@@ -4,7 +4,11 @@ The reference forward pass written from the spec (``reference``), the prompts, A
 metrics and tolerances, the two converted-side loaders (``hf_side`` without transformers,
 ``transformers_side`` with it; ``sides`` picks one, the device and the dtype), findings, diagnosis, the
 lockstep run and the report; without ``--reference``, the source ``conversion.json`` records, while it is
-still that source (``recorded_source``).
+still that source (``recorded_source``). Since 2026-12-07 also greedy generation checked against one
+teacher-forced reference pass (``generation``, ``passes``), KL as a distribution (``kl``), the tokenizer
+fingerprint and the verdict per check (``checks``), the pinned environment (``environment``), and the stored
+reference record (``record``) that ``verify`` writes and, with no source at hand, checks against
+(``stored``).
 
 The public function is ``persimmon_tools.verify``; the package is named ``verification`` so that it does not
 shadow it.

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 from persimmon_tools.verification.hf_side import HFWeights
 from persimmon_tools.verification.reference import (
     ATTENTION_FIELDS,
+    INV_FREQ,
     LAYER_FIELDS,
     MLP_FIELDS,
     Hyper,
+    MegatronWeights,
     rope_theta_from_inv_freq,
 )
 
@@ -198,3 +200,26 @@ def part_of(field: str) -> str:
     if field in MLP_FIELDS:
         return "mlp"
     return "embedding" if field == "embed" else "logits"
+
+
+def why_skipped(structural: list[Finding], wrong_reference: str | None) -> str | None:
+    """Why no forward pass runs (None: it runs): what the verdict line, the table and the diagnosis say."""
+    if not structural:
+        return None
+    if any(f.kind == "reader" for f in structural):
+        return "no prompts were compared: the converter's and verify's own reading of the source disagree"
+    if wrong_reference is not None:
+        return (
+            "no prompts were compared: --reference is likely not this folder's source (see the note), and its "
+            "shapes differ from config.json's"
+        )
+    return "no prompts were compared: the checkpoint's shapes differ from config.json's"
+
+
+def source_tensor_kinds(src: MegatronWeights, tensors: dict) -> dict[str, int]:
+    """The checkpoint's tensors by what became of them: weights of the converted model, the rotary
+    ``inv_freq`` buffers (not in the HF model: transformers computes them from rope_theta), others."""
+    model = {src.key(name, i) for name, i in all_fields(src.hyper)}
+    inv_freq = sum(k.endswith(INV_FREQ) for k in tensors)
+    weights = sum(k in model for k in tensors)
+    return {"weights": weights, "inv_freq_buffers": inv_freq, "other": len(tensors) - weights - inv_freq}

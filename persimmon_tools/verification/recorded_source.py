@@ -13,8 +13,9 @@ checkpoint shard it read (``source.checkpoint_files``: name and size); the autom
    the same path), so a file rewritten in place with the same size is caught before any report is written.
 
 Anything else is a :class:`~persimmon_tools.errors.UsageError` (exit 2: the command needs ``--reference``)
-naming the recorded path and what differs. A record of the reference that outlives the source is a later
-addition; until then ``--reference`` is the way to verify against a copy that moved.
+naming the recorded path and what differs; since 2026-12-07 ``verify`` checks the folder against its
+stored reference record instead when it has one (:mod:`persimmon_tools.verification.stored`).
+``--reference`` is the way to verify against a copy that moved.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ converted_loader, source {path, kind, files [{name, size, sha256}], sha256_of, i
 bytes_read, bytes_reread},
 readers {agree, tensors_compared, bytes_compared, seconds, readers, differences} (the converter's
 interpretation of the source against verify's own, :mod:`persimmon_tools.verification.agreement`), tolerances, metrics [per prompt], diagnosis, published_reference (8B chat only), adept_drift (``--rotary
-adept``), config_findings, tokenizer, timings, memory, and files = fingerprint_folder(OUT_DIR).
+adept``), config_findings, tokenizer, checked_against, generation, kl, checks, environment (since
+2026-12-07: :mod:`~persimmon_tools.verification.generation`, :mod:`~persimmon_tools.verification.kl`,
+:mod:`~persimmon_tools.verification.checks`, :mod:`~persimmon_tools.verification.environment`), timings, memory,
+and files = fingerprint_folder(OUT_DIR).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from persimmon_tools.megatron.bytesource import ByteSource
 from persimmon_tools.megatron.hashing import HashingReader
 from persimmon_tools.megatron.release import Release
 from persimmon_tools.safe_write import atomic_file
+from persimmon_tools.verification.checks import check_lines, generation_lines, kl_lines
 from persimmon_tools.verification.metrics import PromptMetrics
 
 _CHUNK = 8 << 20
@@ -55,6 +59,11 @@ class VerifyReport:
     files: dict[str, dict] = field(default_factory=dict)
     tool_version: str = ""
     created: str = ""
+    generation: dict | None = None  # generation.generation_record(): greedy decoding against the reference
+    kl: dict | None = None  # kl.kl_record(): KL per position as a distribution, top-1, same top-p
+    environment: dict | None = None  # environment.environment(): versions, commit, device, dtype, date
+    checks: tuple[dict, ...] = ()  # checks.build_checks(): {name, command, status, figures} per check
+    checked_against: str = "source"  # "source" | "stored reference record"
 
     @property
     def passed(self) -> bool:
@@ -73,6 +82,11 @@ class VerifyReport:
             )
         else:  # why: the diagnosis says
             head = f"{self.verdict}: no logits compared, {where}"
+        if self.generation is not None:
+            same = sum(p["same"] for p in self.generation["prompts"])
+            head += f"; greedy generation {same}/{len(self.generation['prompts'])} prompts the same"
+        if self.checked_against != "source" and not self.diagnosis:
+            head += "; checked against the stored reference record, not the source"
         if self.diagnosis:
             head += "; " + self.diagnosis["summary"]
         return head
@@ -103,7 +117,18 @@ class VerifyReport:
             d["published_reference"] = self.published_reference
         if self.adept_drift is not None:
             d["adept_drift"] = list(self.adept_drift)
-        d.update({"timings": self.timings, "memory": self.memory, "files": self.files})
+        d.update(
+            {
+                "checked_against": self.checked_against,
+                "generation": self.generation,
+                "kl": self.kl,
+                "checks": list(self.checks),
+                "environment": self.environment,
+                "timings": self.timings,
+                "memory": self.memory,
+                "files": self.files,
+            }
+        )
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -203,9 +228,12 @@ def render_table(report: VerifyReport) -> str:
     """The human summary printed by ``persimmon-tools verify``."""
     chosen = report.source.get("reference_from") or "--reference"
     recorded = "" if chosen == "--reference" else ", recorded in conversion.json"
+    against = f"reference: {report.source.get('path')}{recorded}"
+    if report.checked_against != "source":
+        against = f"checked against the stored reference record, not the source: {chosen}"
     skipped = (report.forward_pass or {}).get("skipped_because")
     lines = [
-        f"verify {report.out_dir}  (reference: {report.source.get('path')}{recorded})",
+        f"verify {report.out_dir}  ({against})",
         f"device {report.device}, dtype {report.dtype}, rotary {report.rotary}, converted side loaded with "
         f"{report.converted_loader}; tokenizer: {report.tokenizer}",
         "",
@@ -227,6 +255,7 @@ def render_table(report: VerifyReport) -> str:
             f"tolerance ({tol.get('name')}): max|Δ| <= {tol.get('max_rel')} x scale, mean|Δ| <= "
             f"{tol.get('mean_rel')} x scale, KL <= {tol.get('kl')}"
         )
+    lines += kl_lines(report.kl) + generation_lines(report.generation)
     if report.readers is not None:
         lines.append(_readers_line(report.readers))
     for f in report.config_findings:
@@ -256,7 +285,8 @@ def render_table(report: VerifyReport) -> str:
         lines += ["", "diagnosis: " + report.diagnosis["summary"]]
         for f in report.diagnosis.get("findings", [])[:12]:
             lines.append(f"  - {f['where']}: {f['message']}")
-    lines += ["", f"verdict: {report.verdict.upper()}" + (f" ({skipped})" if skipped else "")]
+    lines += ["", *check_lines(list(report.checks), report.environment)]
+    lines += [f"verdict: {report.verdict.upper()}" + (f" ({skipped})" if skipped else "")]
     return "\n".join(lines)
 
 

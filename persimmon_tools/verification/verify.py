@@ -20,11 +20,20 @@ written into the folder either way; :func:`check_passed` turns a failing report 
 The source files' sha256 it records are computed while the weights are read
 (:class:`~persimmon_tools.megatron.hashing.HashingReader`), so a release stored layer by layer is read
 once; ``source.bytes_read`` and ``source.bytes_reread`` say how many bytes were read, and read twice.
+
+Since 2026-12-07 (:mod:`~persimmon_tools.verification.passes`): the converted model first generates
+``new_tokens`` greedy tokens per prompt, and the one lockstep pass runs over prompt + generated tokens, which
+also checks greedy generation against the reference (:mod:`~persimmon_tools.verification.generation`) and
+gives the KL distribution (:mod:`~persimmon_tools.verification.kl`); the tokenizer fingerprint is checked
+and every check gets its verdict (:mod:`~persimmon_tools.verification.checks`); the stored reference record
+(:mod:`~persimmon_tools.verification.record`) is written beside ``verification.json``, and with no usable
+source the folder is checked against it instead (:mod:`~persimmon_tools.verification.stored`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,24 +47,32 @@ from persimmon_tools.conversion.fingerprint import fingerprint_folder
 from persimmon_tools.errors import ConfigError, UsageError, VerificationError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.hashing import HashingReader
+from persimmon_tools.megatron.records import finish_records
 from persimmon_tools.megatron.release import open_release
+from persimmon_tools.verification import checks as check_list
 from persimmon_tools.verification.agreement import compare_readers
 from persimmon_tools.verification.content import ContentChecker, weight_findings
 from persimmon_tools.verification.diagnose import diagnose
+from persimmon_tools.verification.environment import environment, verify_command
 from persimmon_tools.verification.findings import (
     FULL_SCAN_PARAMS,
     Finding,
     all_fields,
     config_findings,
     presence_findings,
+    source_tensor_kinds,
+    why_skipped,
 )
+from persimmon_tools.verification.generation import DEFAULT_NEW_TOKENS
 from persimmon_tools.verification.hf_side import HFWeights
-from persimmon_tools.verification.metrics import compare_logits, drift_by_position, tolerance_for
+from persimmon_tools.verification.metrics import drift_by_position, tolerance_for
+from persimmon_tools.verification.passes import add_check_failures, run_with_generation, write_stored_record
 from persimmon_tools.verification.prompts import Prompt, build_prompts
 from persimmon_tools.verification.provenance import keep_existing_report, reference_mismatch
 from persimmon_tools.verification.published import INPUT_IDS, compare_published, is_8b_chat
+from persimmon_tools.verification.record import record_path
 from persimmon_tools.verification.recorded_source import check_digests, open_recorded, recorded_source
-from persimmon_tools.verification.reference import INV_FREQ, MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
+from persimmon_tools.verification.reference import MEGATRON_GLOBALS, ROTARY_MODES, MegatronWeights
 from persimmon_tools.verification.report import (
     VerifyReport,
     fingerprint_sources,
@@ -63,7 +80,7 @@ from persimmon_tools.verification.report import (
     verification_path,
     write_report,
 )
-from persimmon_tools.verification.run import LayerwiseModel, peak_memory, run_lockstep
+from persimmon_tools.verification.run import LayerwiseModel, peak_memory
 from persimmon_tools.verification.sides import (
     DTYPES,
     choose_loader,
@@ -72,6 +89,7 @@ from persimmon_tools.verification.sides import (
     resolve_dtype,
 )
 from persimmon_tools.verification.source_merge import load_source
+from persimmon_tools.verification.stored import verify_stored
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +110,8 @@ class VerifyOptions:
     published: bool = True  # compare with transformers' published 8B-chat logits when the source is that
     hash_source: bool = True
     check_weights: bool | None = None  # compare every tensor by value; None: for models < 500M parameters
-    write: bool = True  # write verification.json into OUT_DIR
+    write: bool = True  # write verification.json (and the stored reference record) into OUT_DIR
+    new_tokens: int = DEFAULT_NEW_TOKENS  # greedy new tokens per prompt for the generation check; 0: none
 
 
 def verify(
@@ -105,19 +124,28 @@ def verify(
     """Compare converted folder ``out_dir`` with release ``reference``; writes ``verification.json``.
 
     ``reference=None``: the source ``out_dir/conversion.json`` records, while it is still that source
-    (:mod:`persimmon_tools.verification.recorded_source`; a UsageError naming what differs otherwise).
+    (:mod:`persimmon_tools.verification.recorded_source`); when it is gone or changed, the folder's stored
+    reference record (:mod:`persimmon_tools.verification.stored`); without one, a UsageError naming what
+    differs.
     """
     out_dir, start = Path(out_dir), time.perf_counter()
     if options.rotary not in ROTARY_MODES:
         raise UsageError(f"--rotary {options.rotary!r} is not one of {', '.join(ROTARY_MODES)}")
+    if options.new_tokens < 0:
+        raise UsageError(
+            f"--new-tokens {options.new_tokens} is negative", hint="e.g. --new-tokens 16 (0: none)"
+        )
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     recorded = None
     if reference is None:
-        recorded = recorded_source(out_dir)
-        release = open_recorded(recorded, iteration=options.iteration, vocab=options.vocab)
+        try:
+            recorded = recorded_source(out_dir)
+            release = open_recorded(recorded, iteration=options.iteration, vocab=options.vocab)
+        except UsageError as err:  # gone or changed: its stored record instead
+            return _stored_instead(err, out_dir, options, progress)
         log.info(
             "verify: no --reference given; comparing with the source recorded in %s: %s (%s)",
             recorded.record,
@@ -152,7 +180,7 @@ def verify(
     wrong_reference = reference_mismatch(
         out_dir, source_fingerprint(release, ckpt.iteration, hash_files=False)
     )
-    skipped = _why_skipped(structural, wrong_reference)
+    skipped = why_skipped(structural, wrong_reference)
     source_dtype = ckpt.tensors[MEGATRON_GLOBALS["embed"]].dtype
     tol = tolerance_for(dtype, source_dtype, conv.storage_dtype())
     loader, reason = choose_loader(options, conv, dtype, device)
@@ -169,32 +197,30 @@ def verify(
     published = options.published and is_8b_chat(src.hyper, ckpt.iteration, release.variant)
     if published:
         prompts.append(Prompt("published", None, INPUT_IDS))
-    metrics, run, drift, pub = [], None, None, None
+    metrics, run, drift, pub, passes = [], None, None, None, None
     if not structural:
         ref_model = LayerwiseModel(src, dtype=dtype, device=device)
         conv_model, loader, reason = converted_side(loader, reason, conv, dtype, device, findings)
-        run = run_lockstep(
-            ref_model,
-            conv_model,
-            [p.ids for p in prompts],
-            adept=options.rotary == "adept",
-            progress=progress,
+        passes = run_with_generation(
+            ref_model, conv_model, prompts, tol, options.new_tokens, max_tokens, options.rotary, progress
         )
-        for p, r, c in zip(prompts, run.reference, run.converted, strict=True):
-            metrics.append(compare_logits(r, c, tol, prompt=p.label, name=p.name))
-        if run.adept is not None:
-            drift = tuple(drift_by_position(run.adept, run.converted))
+        run, metrics = passes.run, passes.metrics
+        if passes.adept is not None:
+            drift = tuple(drift_by_position(passes.adept, passes.converted))
         if published:
-            pub = compare_published(run.converted[-1])
+            pub = compare_published(passes.converted[-1])
     checker = None if structural else ContentChecker(src, conv)
     check_weights = options.check_weights
     if check_weights is None:
         check_weights = src.hyper.num_parameters() <= FULL_SCAN_PARAMS
     tensors = weight_findings(checker, None) if checker is not None and check_weights else None
     errors = [f for f in findings if f.kind in ("reader", "structure", "config", "load")] + (tensors or [])
-    passed = bool(metrics) and all(m.passed for m in metrics) and not errors
+    tokenizer = check_list.tokenizer_fingerprint(out_dir)
+    findings += [tokenizer[2]] if tokenizer[2] is not None else []
+    core = bool(metrics) and all(m.passed for m in metrics) and not errors
+    passed = core and tokenizer[0] != "fail" and (passes is None or passes.generation["verdict"] == "pass")
     diagnosis = None
-    if not passed:
+    if not core:
         progress("diagnosis")
         failing = next((k for k, m in enumerate(metrics) if not m.passed), None)
         diagnosis = diagnose(
@@ -204,15 +230,21 @@ def verify(
             hidden_rel=tol.hidden_rel,
             checker=checker,
             tensors=tensors,
-            skipped=_why_skipped(structural, None),  # the summary names a wrong --reference itself
+            skipped=why_skipped(structural, None),  # the summary names a wrong --reference itself
         )
+    diagnosis = add_check_failures(diagnosis, passes.generation if passes else None, tokenizer[2], findings)
     progress("fingerprints")
     t_fp = time.perf_counter()
+    digests = reads.finish()
+    finish_records(release)  # the CRC-32 of records read only in part (with --no-source-hash too)
     source_fp = source_fingerprint(
-        release, ckpt.iteration, hash_files=options.hash_source, digests=reads.finish(), reads=reads
+        release, ckpt.iteration, hash_files=options.hash_source, digests=digests, reads=reads
     )
     if recorded is not None:  # a file rewritten in place with its old size: refused before any report
-        check_digests(recorded, source_fp["files"])
+        try:
+            check_digests(recorded, source_fp["files"])
+        except UsageError as err:  # gone or changed: its stored record instead
+            return _stored_instead(err, out_dir, options, progress)
     source_fp["reference_from"] = "conversion.json (no --reference given)" if recorded else "--reference"
     if wrong_reference is not None:
         findings.append(Finding("note", "--reference", f"likely not this folder's source: {wrong_reference}"))
@@ -220,19 +252,39 @@ def verify(
             diagnosis["summary"] = f"likely wrong --reference ({wrong_reference}); " + str(
                 diagnosis.get("summary")
             )
+    keep = keep_existing_report(verification_path(out_dir), source_fp, passed) if options.write else None
+    record = write_stored_record(out_dir, passes, source_fp, tol, options, keep, str(device), dtype)
     files = fingerprint_folder(out_dir)
     timings = {
         "total_s": round(time.perf_counter() - start, 3),
         "readers_s": round(readers.seconds, 3),
         "fingerprints_s": round(time.perf_counter() - t_fp, 3),
     }
-    if run is not None:
+    if passes is not None:
         timings.update({f"{k}_s": round(v, 3) for k, v in run.seconds.items()})
+        timings["generation_s"] = round(passes.generation_seconds, 3)
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    command = verify_command(
+        out_dir, reference if recorded is None else None, options, device=str(device), dtype=dtype_name
+    )
+    checks = check_list.build_checks(
+        command=command,
+        metrics=metrics,
+        tol=tol,
+        skipped=skipped,
+        generation=passes.generation if passes else None,
+        kl=passes.kl if passes else None,
+        tokenizer=tokenizer[:2],
+        readers=readers.to_dict(),
+        record=record,
+        config=[f for f in errors if f.kind in ("structure", "config", "load")],
+        weights=tensors,
+    )
     report = VerifyReport(
         out_dir=out_dir,
         verdict="pass" if passed else "fail",
         device=str(device),
-        dtype={v: k for k, v in DTYPES.items()}[dtype],
+        dtype=dtype_name,
         rotary=options.rotary,
         converted_loader=loader,
         loader_reason=reason,
@@ -241,7 +293,7 @@ def verify(
         metrics=tuple(metrics),
         tokenizer=tok_desc,
         config_findings=tuple(f.to_dict() for f in findings),
-        readers={**readers.to_dict(), "source_tensors": _source_tensors(src, ckpt.tensors)},
+        readers={**readers.to_dict(), "source_tensors": source_tensor_kinds(src, ckpt.tensors)},
         forward_pass={"ran": run is not None, "prompts": len(metrics), "skipped_because": skipped},
         diagnosis=diagnosis,
         published_reference=pub,
@@ -259,9 +311,12 @@ def verify(
         files=files,
         tool_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        generation=passes.generation if passes else None,
+        kl=passes.kl if passes else None,
+        environment=environment(device, dtype_name),
+        checks=tuple(checks),
     )
     if options.write:
-        keep = keep_existing_report(verification_path(out_dir), source_fp, report.passed)
         if keep is None:
             write_report(report, verification_path(out_dir))
         else:
@@ -269,27 +324,14 @@ def verify(
     return report
 
 
-def _why_skipped(structural: list[Finding], wrong_reference: str | None) -> str | None:
-    """Why no forward pass runs (None: it runs): what the verdict line, the table and the diagnosis say."""
-    if not structural:
-        return None
-    if any(f.kind == "reader" for f in structural):
-        return "no prompts were compared: the converter's and verify's own reading of the source disagree"
-    if wrong_reference is not None:
-        return (
-            "no prompts were compared: --reference is likely not this folder's source (see the note), and its "
-            "shapes differ from config.json's"
-        )
-    return "no prompts were compared: the checkpoint's shapes differ from config.json's"
-
-
-def _source_tensors(src: MegatronWeights, tensors: dict) -> dict[str, int]:
-    """The checkpoint's tensors by what became of them: weights of the converted model, the rotary
-    ``inv_freq`` buffers (not in the HF model: transformers computes them from rope_theta), others."""
-    model = {src.key(name, i) for name, i in all_fields(src.hyper)}
-    inv_freq = sum(k.endswith(INV_FREQ) for k in tensors)
-    weights = sum(k in model for k in tensors)
-    return {"weights": weights, "inv_freq_buffers": inv_freq, "other": len(tensors) - weights - inv_freq}
+def _stored_instead(
+    err: UsageError, out_dir: Path, options: VerifyOptions, progress: Callable[[str], None]
+) -> VerifyReport:
+    """The recorded source is gone or changed (``err`` says how): check the folder against its stored
+    reference record instead; without one, or when ``--iteration`` asks for a checkpoint, ``err`` stands."""
+    if options.iteration is not None or not os.path.lexists(record_path(out_dir)):
+        raise err
+    return verify_stored(out_dir, options, err.message, progress=progress)
 
 
 def check_passed(report: VerifyReport) -> None:
@@ -299,6 +341,8 @@ def check_passed(report: VerifyReport) -> None:
     summary = (report.diagnosis or {}).get("summary", "see verification.json")
     failed = [m.name for m in report.metrics if not m.passed]
     what = "does not compute what the checkpoint computes" if report.metrics else "fails verification"
+    if report.metrics and report.checked_against != "source":
+        what = "does not compute what its stored reference record holds"
     raise VerificationError(
         f"{report.out_dir} {what}"
         + (f" (prompts failing: {', '.join(failed)})" if failed else "")
@@ -307,6 +351,9 @@ def check_passed(report: VerifyReport) -> None:
             "check --reference: it is likely not the source this folder was converted from (see conversion.json); "
             "without --reference verify uses the source conversion.json records, while it is still there"
             if any(f.get("where") == "--reference" for f in report.config_findings)
+            else f"details in {verification_path(report.out_dir)}; convert again, or verify against the source "
+            "with --reference SOURCE"
+            if report.checked_against != "source"
             else f"details in {verification_path(report.out_dir)}; convert again, or report a bug with that file"
         ),
     )

@@ -41,6 +41,7 @@ from persimmon_tools.cli import main
 from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE
 from persimmon_tools.errors import CheckpointError, ReleaseError, UnsafeCheckpointError, VerificationError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
+from persimmon_tools.megatron.ptwriter import TensorSpec
 from persimmon_tools.megatron.release import open_release
 from persimmon_tools.synth.build import build_release, logical_tensors, write_release_folder
 from persimmon_tools.verification.agreement import CONVERTER, OWN, compare_bytes, compare_readers
@@ -459,14 +460,14 @@ def test_verify_checks_the_shard_grid_itself(releases):
 
 
 def test_replicated_tensor_differing_between_tp_ranks_is_refused(tmp_path):
-    folder = write_release_folder(build_release(tp=2, seed=0), tmp_path / "rel")
+    rel = build_release(tp=2, seed=0)
     key = "language_model.encoder.layers.4.post_attention_layernorm.bias"
-    part = load_source(folder).tensors[key].parts[1]
-    with open(part.storage.path, "r+b") as fh:  # flip one byte of rank 1's copy
-        fh.seek(part.byte_offset + 3)
-        byte = fh.read(1)
-        fh.seek(-1, io.SEEK_CUR)
-        fh.write(bytes([byte[0] ^ 0x01]))
+    encoder = rel.objects[(1, 0)]["model"]["language_model"]["encoder"]
+    spec = encoder[key.removeprefix("language_model.encoder.")]
+    copy = torch.cat(list(spec.blocks())).clone()
+    copy.view(torch.uint8)[3] ^= 0x01  # one bit of rank 1's copy, written with a consistent CRC-32
+    encoder[key.removeprefix("language_model.encoder.")] = TensorSpec.of(copy)
+    folder = write_release_folder(rel, tmp_path / "rel")
     with pytest.raises(CheckpointError, match=re.escape(f"{key} is replicated across tensor-parallel ranks")):
         load_source(folder)
 

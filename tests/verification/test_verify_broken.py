@@ -23,6 +23,9 @@ from persimmon_tools.verification.verify import VerifyOptions, verify
 pytest.importorskip("transformers")
 
 HEADS = 4  # the tiny preset
+# These tests are about the diagnosis of broken conversions by their logits; the generation check has its own
+# tests (test_generation_check.py, test_verification_card.py), so these verify runs skip it.
+NO_GENERATION = 0
 L = "model.layers.{}."
 
 
@@ -135,7 +138,10 @@ def test_broken_conversion_fails_with_diagnosis(good, releases, tmp_path, case, 
     folder = _break(good, tmp_path / case, edit_t, edit_c)
     result = CliRunner().invoke(
         main,
-        ["verify", str(folder), "--reference", str(releases["tar"]), "--loader", loader, "--no-source-hash"],
+        [
+            *("verify", str(folder), "--reference", str(releases["tar"]), "--loader", loader),
+            *("--no-source-hash", "--new-tokens", "0"),  # the logits' diagnosis (generation: its own tests)
+        ],
     )
     assert result.exit_code == 3, result.output
     assert "verdict: FAIL" in result.output
@@ -153,7 +159,9 @@ def test_exact_checks_catch_what_bf16_noise_hides(good, releases, tmp_path):
     logits pass, the weight check still fails the verdict and names the tensor."""
     edit_t, _, _, culprit, words = CASES["qk_layernorm_swapped"]
     folder = _break(good, tmp_path / "qk", edit_t, None)
-    report = verify(folder, releases["tar"], VerifyOptions(dtype="bf16", hash_source=False))
+    report = verify(
+        folder, releases["tar"], VerifyOptions(dtype="bf16", hash_source=False, new_tokens=NO_GENERATION)
+    )
     assert all(m.passed for m in report.metrics)
     assert not report.passed
     assert (
@@ -169,7 +177,9 @@ def test_big_model_path_without_full_weight_check_still_names_the_tensor(good, r
     report = verify(
         folder,
         releases["tar"],
-        VerifyOptions(loader="persimmon-tools", check_weights=False, hash_source=False),
+        VerifyOptions(
+            loader="persimmon-tools", check_weights=False, hash_source=False, new_tokens=NO_GENERATION
+        ),
     )
     assert not report.passed and report.weights["compared"] == 0
     assert report.diagnosis["first_divergence"]["stage"] == stage
@@ -178,7 +188,7 @@ def test_big_model_path_without_full_weight_check_still_names_the_tensor(good, r
 
 def test_missing_tensor_is_reported(good, releases, tmp_path):
     folder = _break(good, tmp_path / "missing", lambda t: t.pop(L.format(5) + "mlp.dense_4h_to_h.bias"), None)
-    report = verify(folder, releases["tar"], VerifyOptions(hash_source=False))
+    report = verify(folder, releases["tar"], VerifyOptions(hash_source=False, new_tokens=NO_GENERATION))
     assert not report.passed and report.metrics == ()
     assert report.diagnosis["most_likely"]["where"] == L.format(5) + "mlp.dense_4h_to_h.bias"
     assert "missing" in report.diagnosis["most_likely"]["message"]
@@ -231,7 +241,7 @@ MORE = {
 def test_more_broken_conversions(good, releases, tmp_path, case):
     edit_t, edit_c, culprit, words = MORE[case]
     folder = _break(good, tmp_path / case, edit_t, edit_c)
-    report = verify(folder, releases["tar"], VerifyOptions(hash_source=False))
+    report = verify(folder, releases["tar"], VerifyOptions(hash_source=False, new_tokens=NO_GENERATION))
     assert not report.passed, case
     likely = report.diagnosis["most_likely"]
     assert likely["where"] == culprit and words in likely["message"], report.diagnosis["summary"]

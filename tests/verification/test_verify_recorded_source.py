@@ -4,14 +4,19 @@ says so (stderr and verification.json), and refuses with exit 2 naming what diff
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from persimmon_tools.cli import main
+from persimmon_tools.conversion.fingerprint import REFERENCE_RECORD_FILE
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
 from persimmon_tools.megatron.release import open_release
 from persimmon_tools.synth.build import ReleaseOptions, make_release
@@ -43,10 +48,19 @@ def copy_of(converted: Path, tmp_path: Path) -> Path:
     return folder
 
 
+def without_stored_record(folder: Path) -> Path:
+    """The folder without the stored reference record convert's verify wrote: with one, a source that is gone or
+    changed is replaced by the record (tests/verification/test_reference_record.py); these tests pin what
+    happens without one."""
+    (folder / REFERENCE_RECORD_FILE).unlink()
+    return folder
+
+
 def relocated(converted: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A copy of the folder whose records name a source of its own (a copy of the tar in ``tmp_path``), as
-    if it had been converted from there: the tests may then move or replace that source."""
-    folder = copy_of(converted, tmp_path)
+    if it had been converted from there: the tests may then move or replace that source. Without the stored
+    reference record."""
+    folder = without_stored_record(copy_of(converted, tmp_path))
     old = json.loads((folder / "conversion.json").read_text())["source"]["path"]
     source = Path(shutil.copy(old, tmp_path / "tiny_release.tar"))
     for name in ("conversion.json", "verification.json"):
@@ -112,15 +126,52 @@ def test_a_recorded_source_with_other_files_is_refused_before_reading(converted,
 
 
 def negate_final_layernorm_bias(tar: Path) -> None:
-    """Flip the sign bits of one tensor's bf16 values inside the tar, in place: same size, other content."""
+    """Flip the sign bits of one tensor's bf16 values inside the tar, in place: same size, other content, and
+    a consistent file (the record's CRC-32 in the zip's local header and central directory rewritten too, as
+    a checkpoint saved again with other values would have it)."""
     ckpt = load_release_checkpoint(open_release(tar))
     [(path, offset, nbytes)] = ckpt.tensors["language_model.encoder.final_layernorm.bias"].byte_ranges()
+    with tarfile.open(tar) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("model_optim_rng.pt"))
+    start = member.offset_data
     with open(path, "r+b") as fh:
-        fh.seek(offset)
-        data = bytearray(fh.read(nbytes))
-        data[1::2] = bytes(b ^ 0x80 for b in data[1::2])  # little-endian bf16: the sign is in the high byte
-        fh.seek(offset)
-        fh.write(data)
+        fh.seek(start)
+        pt = bytearray(fh.read(member.size))
+        at = offset - start
+        with zipfile.ZipFile(io.BytesIO(bytes(pt))) as zf:
+            [(info, data_at)] = [
+                (i, d) for i in zf.infolist() if (d := _data_start(pt, i)) <= at < d + i.file_size
+            ]
+        pt[at + 1 : at + nbytes : 2] = bytes(b ^ 0x80 for b in pt[at + 1 : at + nbytes : 2])  # bf16 sign bits
+        old_crc = info.CRC.to_bytes(4, "little")
+        new_crc = zlib.crc32(pt[data_at : data_at + info.file_size]).to_bytes(4, "little")
+        patched = 0
+        for where in _all(pt, old_crc):
+            if not data_at <= where < data_at + info.file_size:  # headers and descriptors, not the data
+                pt[where : where + 4] = new_crc
+                patched += 1
+        assert patched >= 2, patched  # the local header (or data descriptor) and the central directory
+        fh.seek(start)
+        fh.write(pt)
+
+
+def _data_start(pt: bytearray, info: zipfile.ZipInfo) -> int:
+    """Where a zip record's data begins: after its 30-byte local header, file name and extra field."""
+    local = info.header_offset
+    return (
+        local
+        + 30
+        + int.from_bytes(pt[local + 26 : local + 28], "little")
+        + int.from_bytes(pt[local + 28 : local + 30], "little")
+    )
+
+
+def _all(data: bytearray, needle: bytes) -> list[int]:
+    found, at = [], data.find(needle)
+    while at >= 0:
+        found.append(at)
+        at = data.find(needle, at + 1)
+    return found
 
 
 def test_a_recorded_source_rewritten_with_the_same_sizes_is_caught_by_its_sha256(converted, tmp_path) -> None:
@@ -138,6 +189,9 @@ def test_a_recorded_source_rewritten_with_the_same_sizes_is_caught_by_its_sha256
 
 def test_no_record_or_another_iteration_needs_reference(converted, tmp_path) -> None:
     folder = copy_of(converted, tmp_path)
+    other = cli("verify", folder, "--iteration", "7", *FAST)  # the stored record cannot stand in for it
+    assert other.exit_code == 2 and "--iteration 7 asks for another checkpoint" in other.stderr
+    without_stored_record(folder)
     other = cli("verify", folder, "--iteration", "7", *FAST)
     assert other.exit_code == 2 and "--iteration 7 asks for another checkpoint" in other.stderr
     (folder / "conversion.json").unlink()
