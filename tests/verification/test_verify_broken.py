@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,8 @@ HEADS = 4  # the tiny preset
 # tests (test_generation_check.py, test_verification_card.py), so these verify runs skip it.
 NO_GENERATION = 0
 L = "model.layers.{}."
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE_TAR = REPO / "fixtures" / "tiny_release.tar"
 
 
 def _blocked_qkv(t: dict) -> None:
@@ -131,22 +135,90 @@ def _break(good: Path, dst: Path, edit_tensors, edit_config) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("loader", ["transformers", "persimmon-tools"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_broken_conversion_fails_with_diagnosis(good, releases, tmp_path, case, loader):
-    edit_t, edit_c, stage, culprit, words = CASES[case]
-    folder = _break(good, tmp_path / case, edit_t, edit_c)
-    result = CliRunner().invoke(
-        main,
+LOADERS = ("transformers", "persimmon-tools")
+
+
+def broken_runs(good: Path, reference: Path, scratch: Path) -> dict[str, dict]:
+    """Every case of ``CASES`` with each loader: ``good`` broken into ``scratch``, then ``verify`` run by the
+    CLI: its exit code, stdout, stderr and the report it wrote. Runs in a child beside the tests."""
+    runs = {}
+    for case, (edit_t, edit_c, *_) in CASES.items():
+        for loader in LOADERS:
+            folder = _break(good, scratch / f"{case}-{loader}", edit_t, edit_c)
+            result = CliRunner().invoke(
+                main,
+                [
+                    *("verify", str(folder), "--reference", str(reference), "--loader", loader),
+                    *(
+                        "--no-source-hash",
+                        "--new-tokens",
+                        "0",
+                    ),  # the logits' diagnosis (generation: own tests)
+                ],
+            )
+            report = folder / VERIFICATION_FILE  # written although it failed
+            runs[f"{case}-{loader}"] = {
+                "exit_code": result.exit_code,
+                "output": result.output,
+                "stderr": result.stderr,
+                "report": json.loads(report.read_text()) if report.exists() else None,
+            }
+    return runs
+
+
+_BROKEN_CHILD = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("verify_broken_cases", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(json.dumps(module.broken_runs(*map(Path, sys.argv[2:]))))
+    """
+)
+
+
+def _broken_in_a_child(background, converted, scratch: Path) -> dict[str, dict]:
+    """A ``background`` job (tests/conftest.py): :func:`broken_runs` in a child, on the bundled tiny release's
+    conversion (``converted``: the future of ``Background.converted_tiny``, what ``good`` converts too)."""
+    done = background.run(
         [
-            *("verify", str(folder), "--reference", str(releases["tar"]), "--loader", loader),
-            *("--no-source-hash", "--new-tokens", "0"),  # the logits' diagnosis (generation: its own tests)
+            sys.executable,
+            "-c",
+            _BROKEN_CHILD,
+            __file__,
+            str(converted.result()),
+            str(FIXTURE_TAR),
+            str(scratch),
         ],
+        cwd=REPO,
+        env=background.environ,
+        timeout=600,
     )
-    assert result.exit_code == 3, result.output
-    assert "verdict: FAIL" in result.output
-    assert culprit in result.stderr and words in result.stderr  # the Error: line names it
-    report = json.loads((folder / VERIFICATION_FILE).read_text())  # written although it failed
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def start_in_background(background, tmp_path_factory, items) -> None:
+    """Called by tests/conftest.py's ``background`` when the session begins: the broken conversions are
+    verified in a child beside the tests (they are most of this module's CPU)."""
+    if any(item.originalname == "test_broken_conversion_fails_with_diagnosis" for item in items):
+        converted = background.converted_tiny(tmp_path_factory)
+        background.started[f"{__name__}: broken"] = background.submit(
+            _broken_in_a_child, converted, tmp_path_factory.mktemp("broken-runs")
+        )
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_broken_conversion_fails_with_diagnosis(background, case, loader):
+    """Verified in a child beside the tests (``start_in_background``); the assertions are on what it saw."""
+    _, _, stage, culprit, words = CASES[case]
+    run = background.result(f"{__name__}: broken")[f"{case}-{loader}"]
+    assert run["exit_code"] == 3, run["output"]
+    assert "verdict: FAIL" in run["output"]
+    assert culprit in run["stderr"] and words in run["stderr"]  # the Error: line names it
+    report = run["report"]  # written although it failed
     assert report["verdict"] == "fail"
     diag = report["diagnosis"]
     assert diag["first_divergence"]["stage"] == stage
