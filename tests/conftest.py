@@ -174,7 +174,14 @@ class Background:
         return self.started["converted_tiny"]
 
     def result(self, key: str) -> object:
-        """What the job started under ``key`` returned (raised), waited for with a second worker beside it."""
+        """What the job started under ``key`` returned (raised), waited for with a second worker beside it; a
+        job still queued moves to the front, so that worker takes it next (pytest's own process waits)."""
+        future = self.started[key]
+        with self._lock:
+            queued = [job for job in self._queue if job[0] is future]
+            for job in queued:
+                self._queue.remove(job)
+                self._queue.insert(0, job)
         return self.add_workers(2).started[key].result()
 
     def close(self) -> None:
