@@ -32,7 +32,7 @@ from persimmon_tools.verification.generation import (
 from persimmon_tools.verification.kl import full_stats, kl_record
 from persimmon_tools.verification.metrics import DTYPE_NAMES, PromptMetrics, Tolerance, compare_logits
 from persimmon_tools.verification.prompts import Prompt
-from persimmon_tools.verification.record import TOP_K, build_record, describe, write_record
+from persimmon_tools.verification.record import TOP_K, build_record, describe, verified_files, write_record
 from persimmon_tools.verification.run import LayerwiseModel, RunResult, run_lockstep
 from persimmon_tools.verification.transformers_side import TransformersTrace
 
@@ -153,6 +153,7 @@ def write_stored_record(
         "new_tokens": options.new_tokens,
         "tolerances": tol.to_dict(),
         "source": source,
+        "folder_files": verified_files(out_dir),
     }
     listed = [
         (p.name, p.label, list(p.ids), g, m.logit_scale)

@@ -42,7 +42,12 @@ from typing import Any
 
 import torch
 
-from persimmon_tools.conversion.fingerprint import REFERENCE_RECORD_FILE
+from persimmon_tools.conversion.fingerprint import (
+    CONVERSION_FILE,
+    REFERENCE_RECORD_FILE,
+    VERIFICATION_FILE,
+    fingerprint_folder,
+)
 from persimmon_tools.errors import VerificationError
 from persimmon_tools.safe_read import read_small
 from persimmon_tools.safe_write import atomic_file
@@ -114,6 +119,27 @@ def build_record(
     record["source"] = {k: v for k, v in (meta.get("source") or {}).items() if k in _SOURCE_KEYS}
     metadata = {"format": FORMAT, "version": str(VERSION), "record": json.dumps(record, ensure_ascii=False)}
     return save(tensors, metadata=metadata)
+
+
+def verified_files(out_dir: Path) -> dict[str, dict[str, object]]:
+    """The folder as it was verified: ``{relative path: {"sha256", "size"}}`` of every file but the toolkit's
+    records (``verification.json``, ``conversion.json``, the record itself), which say how the folder was
+    made and checked and change nothing it computes (the record's ``folder_files``)."""
+    skip = {VERIFICATION_FILE, CONVERSION_FILE, REFERENCE_RECORD_FILE}
+    return {k: v for k, v in fingerprint_folder(out_dir).items() if k not in skip}
+
+
+def changed_since_recorded(out_dir: Path, recorded: object) -> list[str] | None:
+    """How the folder differs from the record's ``folder_files`` (empty: not at all); None for a record
+    written before 2026-12-07 that has no ``folder_files``."""
+    if not isinstance(recorded, dict):
+        return None
+    now = verified_files(out_dir)
+    return [
+        f"{name}: {'missing' if name not in now else 'not in the verified folder' if name not in recorded else 'changed'}"
+        for name in sorted(set(now) | set(recorded))
+        if now.get(name) != recorded.get(name)
+    ]
 
 
 def write_record(data: bytes, out_dir: Path) -> Path | None:

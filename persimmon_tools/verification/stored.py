@@ -49,7 +49,14 @@ from persimmon_tools.verification.hf_side import HFWeights
 from persimmon_tools.verification.kl import PositionStats, topk_stats
 from persimmon_tools.verification.kl import kl_record as make_kl
 from persimmon_tools.verification.metrics import TOLERANCES, PromptMetrics, Tolerance, tolerance_for
-from persimmon_tools.verification.record import StoredPrompt, StoredRecord, describe, read_record, record_path
+from persimmon_tools.verification.record import (
+    StoredPrompt,
+    StoredRecord,
+    changed_since_recorded,
+    describe,
+    read_record,
+    record_path,
+)
 from persimmon_tools.verification.report import VerifyReport, verification_path, write_report
 from persimmon_tools.verification.run import LayerwiseModel, peak_memory
 from persimmon_tools.verification.sides import (
@@ -186,6 +193,16 @@ def verify_stored(
                 f"is {conv.hyper.vocab_size}, but the record holds token id {top}",
             )
         )
+    changed = changed_since_recorded(out_dir, record.meta.get("folder_files"))
+    edited = None
+    if changed:  # weights, config or tokenizer files edited after the verification that wrote the record
+        edited = Finding(
+            "config",
+            "the folder's files",
+            f"differ from the folder the record was made for ({'; '.join(changed[:5])}"
+            f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''})",
+        )
+        findings.append(edited)
     structural = [f for f in findings if f.kind == "structure"]
     loader, reason = choose_loader(options, conv, dtype, device)
     metrics, generation, kl, seconds = [], None, None, {}
@@ -210,6 +227,8 @@ def verify_stored(
         generation = generation_record(int(record.meta.get("new_tokens") or 0), tol.name, entries)
         kl = make_kl([p.name for p in record.prompts], [st for _, st in compared], bound=tol.kl, exact=False)
     errors = [f for f in findings if f.kind in ("structure", "load")]
+    if edited is not None:  # fails the verdict; the comparison above still ran, for the figures
+        errors.append(edited)
     tok_status, tok_figures, tok_finding = check_list.tokenizer_fingerprint(out_dir)
     if tok_finding is not None:
         findings.append(tok_finding)

@@ -109,3 +109,29 @@ def test_a_damaged_record_is_named_not_a_traceback(recorded, tmp_path, content, 
     ) as err:
         verify(folder, None, VerifyOptions(device="cpu"))
     assert err.value.hint == "run verify with --reference SOURCE, which writes the record again"
+
+
+@pytest.mark.parametrize(
+    ("name", "edit"),
+    [
+        ("tokenizer_config.json", lambda d: {**d, "add_bos_token": not d.get("add_bos_token")}),
+        ("special_tokens_map.json", lambda d: {**d, "bos_token": "<unk>"}),
+        ("generation_config.json", lambda d: {**d, "eos_token_id": 0}),
+    ],
+)
+def test_a_file_edited_after_verification_fails_against_the_record_every_time(recorded, tmp_path, name, edit):
+    """Files that change what users get without changing a logit (tokenizer settings, generation defaults)
+    are held to the folder the record was made for; a failing run does not make the edit the new baseline."""
+    folder = copy_of(recorded, tmp_path)
+    path = folder / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text())), indent=2))
+    for _ in range(2):
+        report = verify(folder, None, VerifyOptions(device="cpu"))
+        assert not report.passed
+        with pytest.raises(
+            VerificationError, match=rf"differ from the folder the record was made for \({name}: changed\)"
+        ):
+            check_passed(report)
+    (folder / "notes.txt").write_text("mine")
+    report = verify(folder, None, VerifyOptions(device="cpu", write=False))
+    assert "notes.txt: not in the verified folder" in (report.diagnosis or {}).get("summary", "")
