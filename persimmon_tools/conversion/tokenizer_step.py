@@ -13,13 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from persimmon_tools.tokenizer.fingerprint import CONVERSION_KEY
 from persimmon_tools.tokenizer.write import TokenizerOptions, write_tokenizer_files
 
 if TYPE_CHECKING:  # convert.py imports this module
     from persimmon_tools.conversion.convert import ConversionPlan, ConvertOptions
-
-#: ``conversion.json``'s key for the fingerprint record (absent when no tokenizer was written).
-FINGERPRINT_KEY = "tokenizer_fingerprint"
 
 
 def tokenizer_parity(options: ConvertOptions) -> str:
@@ -66,4 +64,4 @@ def write_tokenizer_into(plan: ConversionPlan, folder: Path, options: ConvertOpt
 
 def fingerprint_entry(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
     """``conversion.json``'s ``tokenizer_fingerprint`` entry: the record, or nothing without a tokenizer."""
-    return {} if fingerprint is None else {FINGERPRINT_KEY: fingerprint}
+    return {} if fingerprint is None else {CONVERSION_KEY: fingerprint}

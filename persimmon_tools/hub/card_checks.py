@@ -17,6 +17,7 @@ from typing import Any
 
 from persimmon_tools.conversion.fingerprint import REFERENCE_RECORD_FILE
 from persimmon_tools.safe_read import format_size
+from persimmon_tools.tokenizer.fingerprint import CONVERSION_KEY
 
 NOT_RECORDED = "not recorded"
 #: The checks ``verify`` records, in the card's order; others it records follow them.
@@ -169,7 +170,7 @@ def _num(value: Any) -> str:
 
 def fingerprint_text(conv: dict[str, Any]) -> str | None:
     """``sha256:… (scheme)`` of ``conversion.json``'s tokenizer fingerprint; None when not recorded."""
-    fp = conv.get("tokenizer_fingerprint")
+    fp = conv.get(CONVERSION_KEY)
     if not isinstance(fp, dict) or not fp.get("sha256"):
         return None
     return f"`sha256:{fp['sha256']}` ({fp.get('scheme') or 'scheme ' + NOT_RECORDED})"

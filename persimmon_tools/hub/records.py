@@ -16,6 +16,7 @@ from typing import Any
 
 from persimmon_tools.errors import HubError
 from persimmon_tools.safe_read import read_json_record
+from persimmon_tools.tokenizer.fingerprint import CONVERSION_KEY
 
 _INT = (int,)
 _NUM = (int, float)
@@ -48,10 +49,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "source.checkpoint_files[]": _DICT,
         **{f"source.checkpoint_files[].{k}": v for k, v in _FILE_ENTRY.items()},
         # since 2026-12-07: persimmon_tools.tokenizer.fingerprint's record
-        "tokenizer_fingerprint": _DICT,
-        **{f"tokenizer_fingerprint.{k}": _STR for k in ("probe", "sha256", "scheme")},
-        "tokenizer_fingerprint.ids": _LIST,
-        "tokenizer_fingerprint.ids[]": _INT,
+        CONVERSION_KEY: _DICT,
+        **{f"{CONVERSION_KEY}.{k}": _STR for k in ("probe", "sha256", "scheme")},
+        f"{CONVERSION_KEY}.ids": _LIST,
+        f"{CONVERSION_KEY}.ids[]": _INT,
     },
     "verification.json": {
         "tool": _STR,

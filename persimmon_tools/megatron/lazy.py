@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from persimmon_tools.errors import CheckpointError
-from persimmon_tools.megatron.records import RecordCheck, observe
+from persimmon_tools.megatron.records import RecordCheck, observe, read_exact
 from persimmon_tools.safe_read import open_regular_fd
 
 
@@ -30,15 +30,7 @@ def preadv_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
     """Fill ``view`` from ``fd`` at ``offset`` (``preadv`` loops over short reads); a short file is an error.
     The bytes read are then checked against the CRC-32 of the zip records they belong to
     (:func:`~persimmon_tools.megatron.records.observe`: a damaged record raises ``CheckpointError``)."""
-    got, size = 0, view.nbytes
-    while got < size:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise CheckpointError(
-                f"{origin}: unexpected end of file at byte {offset + got} (wanted {size} bytes at {offset})",
-                hint="the file is truncated; download it again",
-            )
-        got += n
+    read_exact(fd, view, offset, origin)
     observe(fd, offset, view)
 
 

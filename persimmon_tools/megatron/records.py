@@ -80,6 +80,20 @@ def crc_mismatch(file: str, record: str, got: int, want: int, what: str = "") ->
     )
 
 
+def read_exact(fd: int, view: memoryview, offset: int, origin: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (``preadv`` loops over short reads); a short file is an error.
+    Only the read: :func:`~persimmon_tools.megatron.lazy.preadv_exact` is this plus :func:`observe`."""
+    got, size = 0, view.nbytes
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise CheckpointError(
+                f"{origin}: unexpected end of file at byte {offset + got} (wanted {size} bytes at {offset})",
+                hint="the file is truncated; download it again",
+            )
+        got += n
+
+
 class RecordCheck:
     """The running CRC-32 of one record.
 
@@ -146,20 +160,11 @@ class RecordCheck:
             return self.end - before
 
     def _read(self, fd: int, stop: int) -> None:
-        """CRC ``[pos, stop)`` read from ``fd`` in bounded chunks (not through ``preadv_exact``)."""
+        """CRC ``[pos, stop)`` read from ``fd`` in bounded chunks (:func:`read_exact`: not observed again)."""
         buf = np.empty(min(_CHUNK, stop - self.pos), dtype=np.uint8)
         while self.pos < stop:
             view = memoryview(buf)[: min(buf.nbytes, stop - self.pos)]
-            got = 0
-            while got < view.nbytes:
-                n = os.preadv(fd, [view[got:]], self.pos + got)
-                if n == 0:
-                    raise CheckpointError(
-                        f"{self.file}: unexpected end of file at byte {self.pos + got} while reading record "
-                        f"{self.name}",
-                        hint="the file is truncated; download it again",
-                    )
-                got += n
+            read_exact(fd, view, self.pos, f"{self.file}: record {self.name}")
             self.crc = zlib.crc32(view, self.crc)
             self.pos += view.nbytes
 

@@ -31,6 +31,8 @@ from persimmon_tools.errors import TokenizerError
 log = logging.getLogger(__name__)
 
 SCHEME = "ids-v1"
+#: ``conversion.json``'s key for the record (``convert`` writes it; ``verify`` and the model card read it).
+CONVERSION_KEY = "tokenizer_fingerprint"
 
 #: The fixed probe text (never change it in place: a new probe gets a new ``SCHEME``).
 PROBE_TEXT = (

@@ -25,12 +25,12 @@ from typing import Any
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
 from persimmon_tools.errors import PersimmonToolsError, VerificationError
 from persimmon_tools.safe_read import read_json_record
+from persimmon_tools.tokenizer.fingerprint import CONVERSION_KEY
 from persimmon_tools.verification.findings import Finding
 from persimmon_tools.verification.metrics import PromptMetrics, Tolerance
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_KEY = "tokenizer_fingerprint"  # conversion.json's key (written by convert since 2026-12-07)
 TOKENIZER_FAILURE = (
     "tokenizer.json does not encode the fingerprint probe as the source's SentencePiece model did"
 )
@@ -48,7 +48,7 @@ def tokenizer_fingerprint(out_dir: Path) -> tuple[str, dict[str, Any], Finding |
         )
     except PersimmonToolsError as err:
         return "skipped", {"reason": f"conversion.json is unreadable ({err.message})"}, None
-    recorded = (conv or {}).get(FINGERPRINT_KEY)
+    recorded = (conv or {}).get(CONVERSION_KEY)
     if recorded is None:
         why = "no conversion.json" if conv is None else "conversion.json records no tokenizer fingerprint"
         return "skipped", {"reason": why + " (convert records one since 2026-12-07)"}, None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from persimmon_tools import __version__
+from persimmon_tools.verification.generation import DEFAULT_NEW_TOKENS
 
 if TYPE_CHECKING:
     from persimmon_tools.verification.verify import VerifyOptions
@@ -95,12 +96,13 @@ def environment(device: torch.device, dtype: str) -> dict[str, str | None]:
     }
 
 
-def verify_command(
+def rerun_command(
     out_dir: Path, reference: Path | None, options: VerifyOptions, *, device: str, dtype: str
 ) -> str:
     """The ``persimmon-tools verify`` command line that runs this verification again (quoted for a shell):
     ``--reference`` when one was used, the device and dtype that ran, and the options that were not the
-    defaults. ``--new-tokens`` is named only when it is not 16."""
+    defaults (``--new-tokens`` only when it is not :data:`DEFAULT_NEW_TOKENS`). Not
+    :func:`persimmon_tools.conversion.fingerprint.verify_command`, which names only what convert knows."""
     words = ["persimmon-tools", "verify", str(out_dir)]
     if reference is not None:
         words += ["--reference", str(reference)]
@@ -123,6 +125,6 @@ def verify_command(
         words.append("--check-weights" if options.check_weights else "--no-check-weights")
     if not options.hash_source:
         words.append("--no-source-hash")
-    if options.new_tokens != 16:
+    if options.new_tokens != DEFAULT_NEW_TOKENS:
         words += ["--new-tokens", str(options.new_tokens)]
     return shlex.join(words)

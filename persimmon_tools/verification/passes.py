@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from persimmon_tools import __version__
+from persimmon_tools.conversion.fingerprint import REFERENCE_RECORD_FILE
 from persimmon_tools.verification.findings import Finding
 from persimmon_tools.verification.generation import (
     budget,
@@ -135,9 +136,11 @@ def write_stored_record(
     keep: str | None,
     device: str,
     dtype: torch.dtype,
+    files: dict[str, dict[str, Any]],
 ) -> tuple[str, dict[str, Any]]:
     """Write the stored reference record (:mod:`persimmon_tools.verification.record`) when verification.json
-    is written too; the ``reference_record`` check's (status, figures)."""
+    is written too; the ``reference_record`` check's (status, figures). ``files``: the folder's fingerprint
+    (``fingerprint_folder``), updated in place with the record written, so the folder is hashed once."""
     if passes is None:
         return "skipped", {"reason": "no forward pass ran, so there is no reference to record"}
     if not options.write:
@@ -153,7 +156,7 @@ def write_stored_record(
         "new_tokens": options.new_tokens,
         "tolerances": tol.to_dict(),
         "source": source,
-        "folder_files": verified_files(out_dir),
+        "folder_files": verified_files(files),
     }
     listed = [
         (p.name, p.label, list(p.ids), g, m.logit_scale)
@@ -163,4 +166,9 @@ def write_stored_record(
     positions = sum(r.shape[0] for r in passes.run.reference)
     if write_record(data, out_dir) is None:
         return "skipped", {"reason": f"not written: {len(data):,} bytes ({positions} positions) is too big"}
-    return "pass", {**describe(data), "written": True, "positions": positions, "top_k": TOP_K}
+    written = describe(data)
+    files[REFERENCE_RECORD_FILE] = {"sha256": written["sha256"], "size": written["bytes"]}
+    ordered = sorted(files.items())  # in fingerprint_folder's order, as if the folder were hashed now
+    files.clear()
+    files.update(ordered)
+    return "pass", {**written, "written": True, "positions": positions, "top_k": TOP_K}

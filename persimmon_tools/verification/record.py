@@ -46,7 +46,6 @@ from persimmon_tools.conversion.fingerprint import (
     CONVERSION_FILE,
     REFERENCE_RECORD_FILE,
     VERIFICATION_FILE,
-    fingerprint_folder,
 )
 from persimmon_tools.errors import VerificationError
 from persimmon_tools.safe_read import read_small
@@ -121,20 +120,21 @@ def build_record(
     return save(tensors, metadata=metadata)
 
 
-def verified_files(out_dir: Path) -> dict[str, dict[str, object]]:
-    """The folder as it was verified: ``{relative path: {"sha256", "size"}}`` of every file but the toolkit's
-    records (``verification.json``, ``conversion.json``, the record itself), which say how the folder was
-    made and checked and change nothing it computes (the record's ``folder_files``)."""
+def verified_files(files: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """The folder as it was verified, from its fingerprint (``fingerprint_folder``): ``{relative path:
+    {"sha256", "size"}}`` of every file but the toolkit's records (``verification.json``, ``conversion.json``,
+    the record itself), which say how the folder was made and checked and change nothing it computes (the
+    record's ``folder_files``)."""
     skip = {VERIFICATION_FILE, CONVERSION_FILE, REFERENCE_RECORD_FILE}
-    return {k: v for k, v in fingerprint_folder(out_dir).items() if k not in skip}
+    return {k: v for k, v in files.items() if k not in skip}
 
 
-def changed_since_recorded(out_dir: Path, recorded: object) -> list[str] | None:
-    """How the folder differs from the record's ``folder_files`` (empty: not at all); None for a record
-    written before 2026-12-07 that has no ``folder_files``."""
+def changed_since_recorded(files: dict[str, dict[str, object]], recorded: object) -> list[str] | None:
+    """How the folder (its fingerprint now, ``files``) differs from the record's ``folder_files`` (empty:
+    not at all); None for a record written before 2026-12-07 that has no ``folder_files``."""
     if not isinstance(recorded, dict):
         return None
-    now = verified_files(out_dir)
+    now = verified_files(files)
     return [
         f"{name}: {'missing' if name not in now else 'not in the verified folder' if name not in recorded else 'changed'}"
         for name in sorted(set(now) | set(recorded))

@@ -36,7 +36,7 @@ from persimmon_tools.conversion.fingerprint import VERIFICATION_FILE, fingerprin
 from persimmon_tools.errors import VerificationError
 from persimmon_tools.safe_read import read_json_record
 from persimmon_tools.verification import checks as check_list
-from persimmon_tools.verification.environment import environment, verify_command
+from persimmon_tools.verification.environment import environment, rerun_command
 from persimmon_tools.verification.findings import Finding, presence_findings
 from persimmon_tools.verification.generation import (
     Choices,
@@ -193,7 +193,8 @@ def verify_stored(
                 f"is {conv.hyper.vocab_size}, but the record holds token id {top}",
             )
         )
-    changed = changed_since_recorded(out_dir, record.meta.get("folder_files"))
+    files = fingerprint_folder(out_dir)  # nothing is written into the folder before the report
+    changed = changed_since_recorded(files, record.meta.get("folder_files"))
     edited = None
     if changed:  # weights, config or tokenizer files edited after the verification that wrote the record
         edited = Finding(
@@ -233,7 +234,7 @@ def verify_stored(
     if tok_finding is not None:
         findings.append(tok_finding)
         errors.append(tok_finding)
-    command = verify_command(out_dir, None, options, device=str(device), dtype=dtype_name)
+    command = rerun_command(out_dir, None, options, device=str(device), dtype=dtype_name)
     record_check = ("pass", {**describe(record), "used": True, "created": record.meta.get("created")})
     checks = check_list.build_checks(
         command=command,
@@ -249,7 +250,6 @@ def verify_stored(
         weights=None,
     )
     passed = bool(metrics) and not errors and not check_list.failing(checks)
-    files = fingerprint_folder(out_dir)
     diagnosis = None
     if not passed:
         bad = [m for m in metrics if not m.passed]

@@ -53,7 +53,7 @@ from persimmon_tools.verification import checks as check_list
 from persimmon_tools.verification.agreement import compare_readers
 from persimmon_tools.verification.content import ContentChecker, weight_findings
 from persimmon_tools.verification.diagnose import diagnose
-from persimmon_tools.verification.environment import environment, verify_command
+from persimmon_tools.verification.environment import environment, rerun_command
 from persimmon_tools.verification.findings import (
     FULL_SCAN_PARAMS,
     Finding,
@@ -253,8 +253,8 @@ def verify(
                 diagnosis.get("summary")
             )
     keep = keep_existing_report(verification_path(out_dir), source_fp, passed) if options.write else None
-    record = write_stored_record(out_dir, passes, source_fp, tol, options, keep, str(device), dtype)
-    files = fingerprint_folder(out_dir)
+    files = fingerprint_folder(out_dir)  # once: the record's folder_files and the report's files
+    record = write_stored_record(out_dir, passes, source_fp, tol, options, keep, str(device), dtype, files)
     timings = {
         "total_s": round(time.perf_counter() - start, 3),
         "readers_s": round(readers.seconds, 3),
@@ -264,7 +264,7 @@ def verify(
         timings.update({f"{k}_s": round(v, 3) for k, v in run.seconds.items()})
         timings["generation_s"] = round(passes.generation_seconds, 3)
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-    command = verify_command(
+    command = rerun_command(
         out_dir, reference if recorded is None else None, options, device=str(device), dtype=dtype_name
     )
     checks = check_list.build_checks(
