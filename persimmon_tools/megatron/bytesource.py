@@ -6,6 +6,7 @@ through these without extracting anything: a tar member's data is a contiguous b
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -45,6 +46,16 @@ class ByteSource:
     def open(self) -> SliceReader:
         """A seekable binary reader over just this range (positions are relative to its start)."""
         return SliceReader(self)
+
+    def sha256(self, chunk: int = 8 << 20) -> tuple[str, int]:
+        """``(hex sha256, bytes read)`` of this range, read sequentially in ``chunk``-sized blocks; fewer bytes
+        than :attr:`size` when the file is shorter now (the caller decides what that means)."""
+        digest, read = hashlib.sha256(), 0
+        with self.open() as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+                read += len(block)
+        return digest.hexdigest(), read
 
     def read_all(self) -> bytes:
         with self.open() as fh:

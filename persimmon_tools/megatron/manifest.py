@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 
 from persimmon_tools.errors import CheckpointError
 from persimmon_tools.megatron.bytesource import ByteSource
-from persimmon_tools.safe_read import format_size, open_regular_fd, parse_json
+from persimmon_tools.safe_read import format_size, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,11 @@ def check_file(name: str, listed: Listed, size: int, sha256: str | None) -> None
 
 
 def sha256_of(src: ByteSource) -> str:
-    """The sha256 of ``src``'s bytes, read sequentially in bounded chunks."""
-    digest = hashlib.sha256()
-    fd = open_regular_fd(src.path, what=src.name, max_bytes=None, error=CheckpointError)
-    try:
-        pos, end = src.offset, src.offset + src.size
-        while pos < end:
-            block = os.pread(fd, min(_CHUNK, end - pos), pos)
-            if not block:
-                raise mismatch(src.name, f"it ends after {pos - src.offset:,} of {src.size:,} bytes")
-            digest.update(block)
-            pos += len(block)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
+    """The sha256 of ``src``'s bytes (:meth:`ByteSource.sha256`); a file shorter now is a mismatch."""
+    digest, read = src.sha256(_CHUNK)
+    if read < src.size:
+        raise mismatch(src.name, f"it ends after {read:,} of {src.size:,} bytes")
+    return digest
 
 
 def check_manifest(listed: Mapping[str, Listed], files: Mapping[str, ByteSource | None], where: str) -> None:

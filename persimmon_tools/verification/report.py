@@ -13,7 +13,6 @@ and files = fingerprint_folder(OUT_DIR).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,11 +148,7 @@ def verification_path(out_dir: Path) -> Path:
 
 
 def sha256_bytesource(src: ByteSource) -> str:
-    digest = hashlib.sha256()
-    with src.open() as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+    return src.sha256(_CHUNK)[0]
 
 
 def member_name(release: Release, src: ByteSource) -> str:
