@@ -130,15 +130,24 @@ class PromptMetrics:
 
 
 def compare_logits(
-    ref: torch.Tensor, conv: torch.Tensor, tol: Tolerance, *, prompt: str, name: str
+    ref: torch.Tensor,
+    conv: torch.Tensor,
+    tol: Tolerance,
+    *,
+    prompt: str,
+    name: str,
+    kl: torch.Tensor | None = None,
 ) -> PromptMetrics:
     """Metrics of converted logits ``conv`` against ``ref``, both (T, V).
 
     Differences in fp32; KL in fp64 (in fp32 the rounding of log-probabilities of a 262144-entry
-    vocabulary alone reaches ~1e-6), a block of positions at a time to bound memory.
+    vocabulary alone reaches ~1e-6), a block of positions at a time to bound memory. ``kl``: the
+    per-position KL (T,) when the caller has it already (:func:`persimmon_tools.verification.kl.full_stats`,
+    the same formula), so it is not computed twice.
     """
     T = ref.shape[0]
     max_abs, sum_abs, scale = 0.0, 0.0, float(ref.abs().max())
+    known = kl
     kl, top1, top5 = [], [], []
     k = min(5, ref.shape[-1])
     for a in range(0, T, 32):
@@ -147,12 +156,13 @@ def compare_logits(
         max_abs, sum_abs = max(max_abs, float(diff.max())), sum_abs + float(diff.double().sum())
         if diff.isnan().any():
             max_abs = float("nan")
-        logp, logq = torch.log_softmax(r.double(), -1), torch.log_softmax(c.double(), -1)  # (t, V)
-        kl.append((logp.exp() * (logp - logq)).sum(-1).clamp_min(0))  # (t,)
+        if known is None:
+            logp, logq = torch.log_softmax(r.double(), -1), torch.log_softmax(c.double(), -1)  # (t, V)
+            kl.append((logp.exp() * (logp - logq)).sum(-1).clamp_min(0))  # (t,)
         top1.append(r.argmax(-1) == c.argmax(-1))
         t5r, t5c = r.topk(k, -1).indices, c.topk(k, -1).indices  # (t, k)
         top5.append((t5r[:, :, None] == t5c[:, None, :]).any(-1).double().sum(-1) / k)
-    kl_t = torch.cat(kl)
+    kl_t = torch.cat(kl) if known is None else known.to(torch.float64).cpu()
     mean_abs = sum_abs / ref.numel()
     failed = []
     if not max_abs <= tol.max_rel * scale:  # "not <=" also catches NaN

@@ -82,16 +82,16 @@ def run_with_generation(
     reference = [r[:T] for r, T in zip(run.reference, lengths, strict=True)]  # (T, V) each
     converted = [c[:T] for c, T in zip(run.converted, lengths, strict=True)]
     adept = None if run.adept is None else [a[:T] for a, T in zip(run.adept, lengths, strict=True)]
-    metrics = [
-        compare_logits(r, c, tol, prompt=p.label, name=p.name)
-        for p, r, c in zip(prompts, reference, converted, strict=True)
+    stats = [full_stats(r, c) for r, c in zip(reference, converted, strict=True)]
+    metrics = [  # with the per-position KL just computed (not a second fp64 softmax of every position)
+        compare_logits(r, c, tol, prompt=p.label, name=p.name, kl=st.kl)
+        for p, r, c, st in zip(prompts, reference, converted, stats, strict=True)
     ]
     exact = tol.name == "fp32"
     entries = [
         judge(p.name, g, choices_from_logits(full, T, len(g), m.max_abs_tolerance), exact)
         for p, g, full, T, m in zip(prompts, generated, run.reference, lengths, metrics, strict=True)
     ]
-    stats = [full_stats(r, c) for r, c in zip(reference, converted, strict=True)]
     return Passes(
         prompts=prompts,
         run=run,
