@@ -3,6 +3,7 @@
     python benchmarks/bench_export.py                        # 8B preset, TP=2 x PP=2 (issue 17's target)
     python benchmarks/bench_export.py --preset mid           # ~1 GiB, a quick run
     python benchmarks/bench_export.py --preset mid --tp 1 --pp 1 --rounds 2
+    python benchmarks/bench_export.py --format torch_dist    # 8B to a Megatron-Core torch_dist checkpoint
 
 Steps (each a subprocess, peak RSS from ``os.wait4`` via ``peak_rss.py``):
 
@@ -12,8 +13,10 @@ Steps (each a subprocess, peak RSS from ``os.wait4`` via ``peak_rss.py``):
    ``persimmon-tools export HF OUT --tp T --pp P -q``. Every step starts after deleting both outputs,
    ``sync``, ``--settle`` seconds and dropping the page cache of every file of ``HF``
    (``posix_fadvise(DONTNEED)``), so both start cold on the source; medians are reported;
-3. round trip: ``convert OUT/NAME HF2 --no-verify --no-tokenizer`` and every tensor of ``HF2`` compared byte for
-   byte with ``HF`` (raw data ranges from the safetensors headers, streamed in 64 MiB chunks).
+3. round trip: ``convert OUT/NAME HF2 --no-verify --no-tokenizer`` (``convert OUT ...`` for torch_dist; OUT's
+   page cache dropped first, and its time and peak RSS reported beside ``cp``) and every tensor of ``HF2``
+   compared byte for byte with ``HF`` (raw data ranges from the safetensors headers, streamed in 64 MiB
+   chunks).
 
 Peak disk: the tarball + ``HF`` while converting, then ``HF`` + one output, then ``HF`` + ``OUT`` + ``HF2`` for
 the round trip: about 3x the release. The script refuses to start without that much free space.
@@ -124,6 +127,7 @@ def main() -> None:
     ap.add_argument("--preset", default="8b", choices=["mid", "8b"])
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--format", default="legacy", choices=["legacy", "torch_dist"], help="export's --format")
     ap.add_argument("--workdir", type=Path, default=REPO / ".bench")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of cp and export, order flipped each round")
@@ -157,6 +161,7 @@ def main() -> None:
         "preset": a.preset,
         "tp": a.tp,
         "pp": a.pp,
+        "format": a.format,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "machine": {
             "cpus": os.cpu_count(),
@@ -201,7 +206,9 @@ def main() -> None:
     def run_cp() -> dict:
         return timed(["cp", "-r", str(hf), str(copy)])
 
-    export_cmd = [*CLI, "export", str(hf), str(out), "--tp", str(a.tp), "--pp", str(a.pp), "-q"]
+    shape = ["--tp", str(a.tp), "--pp", str(a.pp)] if a.format == "legacy" else ["--format", a.format]
+    export_cmd = [*CLI, "export", str(hf), str(out), *shape, "-q"]
+    label = f"--tp {a.tp} --pp {a.pp}" if a.format == "legacy" else f"--format {a.format}"
 
     def run_export() -> dict:
         return timed(export_cmd)
@@ -248,10 +255,15 @@ def main() -> None:
         if not out.exists():
             results["roundtrip_export"] = run_measured(export_cmd)
         names = [p for p in out.iterdir() if p.is_dir()]
+        back_source = out if a.format == "torch_dist" else names[0]
         results["export_files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         results["export_bytes"] = tree_bytes(out)
+        subprocess.run(["sync"], check=True)
         drop_cache(hf)
-        back = run_measured([*CLI, "convert", str(names[0]), str(hf2), "--no-verify", "--no-tokenizer", "-q"])
+        drop_cache(out)
+        back = run_measured(
+            [*CLI, "convert", str(back_source), str(hf2), "--no-verify", "--no-tokenizer", "-q"]
+        )
         results["roundtrip_convert"] = back
         if back["exit_code"] == 0:
             drop_cache(hf)
@@ -290,7 +302,7 @@ def main() -> None:
     if ok:
         rows += [
             (
-                f"persimmon-tools export --tp {a.tp} --pp {a.pp}",
+                f"persimmon-tools export {label}",
                 f"{ex['seconds']:.1f} s",
                 rounds(exps),
                 gib(ex["peak_rss_bytes_max"]),
@@ -309,7 +321,17 @@ def main() -> None:
     else:
         rows.append(("persimmon-tools export", "failed", "", "", "", f"exit {ex['exit_code']}"))
     if "roundtrip" in results:
-        rt = results["roundtrip"]
+        rt, back = results["roundtrip"], results["roundtrip_convert"]
+        rows.append(
+            (
+                "convert OUT back (cold cache, one run)",
+                f"{back['seconds']:.1f} s",
+                "",
+                gib(back["peak_rss_bytes"]),
+                f"{size / back['seconds'] / 2**20:.0f} MiB/s",
+                f"{back['seconds'] / cp_s:.2f}x cp",
+            )
+        )
         rows.append(
             (
                 "round trip: convert OUT back, compare",
@@ -335,11 +357,16 @@ def main() -> None:
         "peak_rss_le_1_gib": ok and ex["peak_rss_bytes_max"] <= 2**30,
         "wall_le_1_3x_cp": ok and ex["seconds"] <= 1.3 * cp_s,
         "wall_with_sync_le_1_3x_cp_with_sync": ok and ex["seconds_with_sync"] <= 1.3 * cps_s,
+        "peak_rss_le_2_gib": ok and ex["peak_rss_bytes_max"] <= 2 * 2**30,
     }
+    if "roundtrip_convert" in results and results["roundtrip_convert"]["exit_code"] == 0:
+        back = results["roundtrip_convert"]
+        results["targets"]["convert_back_peak_rss_le_2_gib"] = back["peak_rss_bytes"] <= 2 * 2**30
+        results["targets"]["convert_back_wall_le_1_3x_cp"] = back["seconds"] <= 1.3 * cp_s
     results["table"] = rows
     print(
-        f"\nsource: {hf.name} ({a.preset}, {size / 2**30:.2f} GiB, {size / 1e9:.2f} GB); export to TP={a.tp} x "
-        f"PP={a.pp}; {a.rounds} rounds; load average {results['loadavg_start']} -> {results['loadavg_end']}"
+        f"\nsource: {hf.name} ({a.preset}, {size / 2**30:.2f} GiB, {size / 1e9:.2f} GB); export {label}; "
+        f"{a.rounds} rounds; load average {results['loadavg_start']} -> {results['loadavg_end']}"
     )
     head = ("step", "wall (median)", "rounds (s)", "peak RSS", "throughput", "ratio")
     print("| " + " | ".join(head) + " |")
@@ -347,7 +374,8 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print(f"targets: {results['targets']}")
-    target = a.json or REPO / "benchmarks" / "results" / f"export_{a.preset}.json"
+    suffix = "" if a.format == "legacy" else f"_{a.format}"
+    target = a.json or REPO / "benchmarks" / "results" / f"export_{a.preset}{suffix}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nJSON: {target}")

@@ -133,14 +133,18 @@ def convert_cmd(
     """Convert a Persimmon release SOURCE into a Hugging Face folder OUT_DIR.
 
     SOURCE is a release tarball (read in place, never extracted), an extracted release folder, an
-    iter_XXXXXXX folder or one model_optim_rng.pt. TP/PP shards are merged. OUT_DIR appears complete or
-    not at all.
+    iter_XXXXXXX folder or one model_optim_rng.pt. TP/PP shards are merged. SOURCE may also be a
+    Megatron-Core torch_dist checkpoint (what today's Megatron-LM saves: the folder holding
+    latest_checkpointed_iteration.txt, or one iter_XXXXXXX folder with .metadata and *.distcp); its
+    vocabulary is iter_*/tokenizer/tokenizer.model when Megatron-LM saved one, else pass --vocab. OUT_DIR
+    appears complete or not at all.
 
     \b
     Examples:
       persimmon-tools convert 8b_chat_model_release.tar ./persimmon-8b-chat-hf
       persimmon-tools convert ./my_finetune/iter_0002000 ./ft-hf --dtype bf16 --max-shard-size 2GB
       persimmon-tools convert fixtures/tiny_release.tar /tmp/tiny-hf --dry-run
+      persimmon-tools convert ./megatron_lm_run ./run-hf --vocab ./tokenizer.model
     """
     from persimmon_tools.conversion.convert import ConvertOptions
     from persimmon_tools.workflow import convert, plan_summary

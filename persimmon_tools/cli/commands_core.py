@@ -25,9 +25,9 @@ _PATH = SafePath(path_type=Path)
 def inspect_cmd(source: Path, iteration: int | None, as_json: bool, tensors: bool) -> None:
     """Show what SOURCE holds: layout, iteration, TP/PP, args, pickle globals, tensors.
 
-    SOURCE may also be a converted folder (shows its config, shards and verification; its files are hashed,
-    as push does, to tell whether it is still what was verified). Never parses tensor data and runs nothing
-    from the pickle.
+    SOURCE is anything convert reads (a release, a Megatron-Core torch_dist checkpoint) or a converted
+    folder (shows its config, shards and verification; its files are hashed, as push does, to tell whether
+    it is still what was verified). Never parses tensor data and runs nothing from the pickle.
 
     \b
     Examples:

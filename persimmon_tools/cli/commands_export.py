@@ -21,6 +21,15 @@ SET_ITEM = Text("KEY=VALUE", "e.g. --set seq_length=16384")
 @click.command("export", cls=Command)
 @click.argument("source", type=SafePath(exists=True, path_type=Path))
 @click.argument("out", type=SafePath(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["legacy", "torch_dist"]),
+    default="legacy",
+    show_default=True,
+    help="legacy: ADEPT's release layout (mp_rank_*/model_optim_rng.pt). torch_dist: a Megatron-Core "
+    "checkpoint for Megatron-LM's --ckpt-format torch_dist (OUT/iter_*/, one rank; no --tp/--pp/--tar/--name).",
+)
 @click.option("--tp", type=POSITIVE_INT, default=1, show_default=True, help="Tensor-parallel ranks to write.")
 @click.option("--pp", type=POSITIVE_INT, default=1, show_default=True, help="Pipeline stages to write.")
 @click.option(
@@ -79,6 +88,7 @@ SET_ITEM = Text("KEY=VALUE", "e.g. --set seq_length=16384")
 def export_cmd(
     source: Path,
     out: Path,
+    fmt: str,
     tp: int,
     pp: int,
     iteration: int | None,
@@ -103,13 +113,20 @@ def export_cmd(
     torch.serialization.add_safe_globals). Before it is installed, the release is read back as `convert`
     reads one: output appears complete, and convertible, or not at all.
 
+    With --format torch_dist, OUT is a Megatron-Core torch_dist checkpoint root (OUT/iter_*/ with .metadata,
+    __0_0.distcp, common.pt; OUT/latest_checkpointed_iteration.txt) that Megatron-LM loads with
+    --load OUT --ckpt-format torch_dist at any TP/PP; OUT/megatron_lm_args.txt holds the flags that build
+    and load the model, printed at the end. It is read back before it is installed.
+
     \b
     Examples:
       persimmon-tools export ./my-finetuned-hf ./adept-release --tp 2 --vocab ./persimmon-8b-chat-hf/tokenizer.model
       persimmon-tools export 8b_chat_model_release.tar ./tp1 --tp 1 --pp 1 --tar
       persimmon-tools export ./tp4_run/ ./tp1_run --tp 1 --dry-run
+      persimmon-tools export ./persimmon-8b-chat-hf ./mcore_ckpt --format torch_dist
     """
     from persimmon_tools.export.export import ExportOptions, check_destination, export_release, prepare
+    from persimmon_tools.export.torch_dist import FLAGS_FILE
     from persimmon_tools.workflow import peak_rss_bytes
 
     options = ExportOptions(
@@ -124,6 +141,7 @@ def export_cmd(
         vocab=vocab,
         sets=sets,
         allow_nonfinite=allow_nonfinite,
+        format=fmt,
     )
     if dry_run:
         check_destination(out, source, options)
@@ -141,15 +159,27 @@ def export_cmd(
         "read_back_seconds": round(result.read_back_seconds, 2),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if result.megatron_lm_args:
+        summary["megatron_lm_args"] = result.megatron_lm_args
     if as_json:
         echo_json(summary)
-    elif not is_quiet():
-        click.echo(
-            f"Exported {source} to {result.out} ({'tarball' if tar else 'folder'} {result.plan.name}/, "
-            f"TP={tp} PP={pp}, iteration {result.plan.iteration}, {summary['dtype']}): "
-            f"{format_size(result.bytes_written, digits=2)} in {result.seconds:.2f} s, peak RSS {format_size(summary['peak_rss_bytes'], digits=2)}.",
-            err=True,
-        )
+        return
+    if is_quiet():
+        return
+    what = (
+        "Megatron-Core torch_dist checkpoint"
+        if fmt == "torch_dist"
+        else f"{'tarball' if tar else 'folder'} {result.plan.name}/, TP={tp} PP={pp}"
+    )
+    click.echo(
+        f"Exported {source} to {result.out} ({what}, iteration {result.plan.iteration}, {summary['dtype']}): "
+        f"{format_size(result.bytes_written, digits=2)} in {result.seconds:.2f} s, "
+        f"peak RSS {format_size(summary['peak_rss_bytes'], digits=2)}.",
+        err=True,
+    )
+    if result.megatron_lm_args:
+        click.echo(f"Megatron-LM flags that build and load it (also in {result.out / FLAGS_FILE}):", err=True)
+        click.echo(" \\\n".join("  " + line for line in result.megatron_lm_args))
 
 
 def _print_plan(summary: dict, out: Path, as_json: bool) -> None:
@@ -163,8 +193,13 @@ def _print_plan(summary: dict, out: Path, as_json: bool) -> None:
         + (f" TP={layout['tp']} PP={layout['pp']}" if layout else "")
         + f"; args from {summary['args_from']}"
     )
+    target = (
+        "Megatron-Core torch_dist checkpoint"
+        if summary.get("format") == "torch_dist"
+        else f"release: {summary['name']}/, TP={summary['tp']} PP={summary['pp']}"
+    )
     click.echo(
-        f"  release: {summary['name']}/, TP={summary['tp']} PP={summary['pp']}, iteration {summary['iteration']}, "
+        f"  {target}, iteration {summary['iteration']}, "
         f"{summary['dtype']}, checkpoint_version {summary['checkpoint_version']}, "
         f"{summary['vocab_rows']} vocab rows, about {format_size(summary['bytes'], digits=2)}"
     )

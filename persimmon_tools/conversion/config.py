@@ -7,6 +7,13 @@ layer's stored ``inv_freq``, on every shard, must be what the rotary base gives
 Where ``args`` is silent we use what ADEPT's own inference code would use (its CLI defaults:
 ``layernorm_epsilon`` 1e-5, ``rotary_emb_base`` 25000) and log that we did. Every disagreement is collected
 and reported in one :class:`ConfigError` naming both values.
+
+``args`` are read by ADEPT's names or Megatron-LM's (a Megatron-Core torch_dist checkpoint's ``common.pt``:
+``norm_epsilon``, ``rotary_base``, ``rotary_percent``, ``position_embedding_type``, ...), through the one
+lookup of :mod:`persimmon_tools.conversion.args_names`, which also refuses Megatron-LM args that describe
+another architecture (RMSNorm, SwiGLU, grouped-query attention, ...). A torch_dist checkpoint stores whole
+tensors, so its ``tensor_model_parallel_size`` and ``pipeline_model_parallel_size`` are not compared with a
+shard grid.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 import torch
 
+from persimmon_tools.conversion.args_names import alias_conflicts, architecture_problems, arg, spelled
 from persimmon_tools.conversion.rotary import inv_freq_problems
 from persimmon_tools.errors import ConfigError
 from persimmon_tools.megatron.checkpoint import Checkpoint
@@ -90,18 +98,6 @@ class ModelDims:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def arg(args: Any, name: str) -> Any:
-    """``args.name`` for a Namespace, stand-in or dict; None when absent."""
-    if args is None:
-        return None
-    if isinstance(args, dict):
-        return args.get(name)
-    value = getattr(args, name, None)
-    if value is None and isinstance(getattr(args, "state", None), dict):  # an Opaque stand-in
-        value = args.state.get(name)
-    return value
 
 
 def _not_persimmon(ckpt: Checkpoint, why: str) -> ConfigError:
@@ -177,7 +173,9 @@ def _input_problems(ckpt: Checkpoint) -> list[str]:
         if need is not None:
             huge = type(value) is int and abs(value) > 2**64
             shown = f"<{value.bit_length()}-bit integer>" if huge else str(value)[:60]
-            problems.append(f"args.{name} = {shown} ({type(value).__name__}), expected {need}")
+            problems.append(
+                f"args.{spelled(ckpt.args, name)} = {shown} ({type(value).__name__}), expected {need}"
+            )
     for key, rank in _RANKS.items():
         if key in ckpt.tensors and len(ckpt.tensors[key].shape) != rank:
             problems.append(f"{key} has shape {list(ckpt.tensors[key].shape)}, expected {rank}-D")
@@ -187,6 +185,14 @@ def _input_problems(ckpt: Checkpoint) -> list[str]:
 def derive_dims(ckpt: Checkpoint) -> ModelDims:
     """Dimensions from shapes, cross-checked with ``ckpt.args``; raises ConfigError listing every problem."""
     t, args = ckpt.tensors, ckpt.args
+    other = architecture_problems(args)
+    if other:
+        raise ConfigError(
+            "not a Persimmon checkpoint: its args describe another architecture:\n  - "
+            + "\n  - ".join(other),
+            hint="persimmon-tools converts Persimmon checkpoints (LayerNorm, QK-layernorm, full multi-head "
+            "attention, squared ReLU MLP, rotary embeddings)",
+        )
     if any("position_embeddings" in k for k in t):
         raise _not_persimmon(ckpt, "it has learned position embeddings (Persimmon uses rotary)")
     if EMBED not in t or (_LAYER0 + "self_attention.query_key_value.weight") not in t:
@@ -205,13 +211,14 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
             ("tensor_model_parallel_size", ckpt.release.tp, "tensor-parallel rank(s) (mp_rank_XX) were"),
             ("pipeline_model_parallel_size", ckpt.release.pp, "pipeline stage(s) (mp_rank_XX_YYY) were"),
         )
-        if (value := arg(args, name)) is not None and value != found
+        if (value := arg(args, name)) is not None and value != found and ckpt.release.kind != "torch_dist"
     ]
     if wrong:  # extra or missing shards: every shape below would disagree too; say the cause once
         raise ConfigError(
             f"{ckpt.release.source}: the shard grid does not match the checkpoint's args ({'; '.join(wrong)})",
             hint="remove extra mp_rank_* folders, copy missing ones, or pass one complete iteration",
         )
+    problems += alias_conflicts(args)
     vocab, hidden = t[EMBED].shape
     layer_ids = sorted({i for k in t if (i := layer_index(k)) is not None})
     num_layers = len(layer_ids)
@@ -245,17 +252,20 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
         problems.append("args.apply_residual_connection_post_layernorm = True; HF Persimmon is pre-LN only")
     pos_emb = arg(args, "pos_emb")
     if pos_emb is not None and str(pos_emb) != "rotary":
-        problems.append(f"args.pos_emb = {pos_emb!r}; Persimmon uses 'rotary'")
+        problems.append(f"args.{spelled(args, 'pos_emb')} = {pos_emb!r}; Persimmon uses rotary embeddings")
     untied = HEAD in t
     if arg(args, "untie_embeddings") is not None and bool(arg(args, "untie_embeddings")) != untied:
         problems.append(
-            f"args.untie_embeddings = {arg(args, 'untie_embeddings')} but "
+            f"args.{spelled(args, 'untie_embeddings')} = {arg(args, 'untie_embeddings')} but "
             f"{HEAD} is {'present' if untied else 'absent'}"
         )
     hidden_act = "relu2"
     if arg(args, "sq_relu") is False:
         hidden_act = "gelu"
-        log.warning("args.sq_relu is False: the MLP activation is GeLU (written as hidden_act='gelu')")
+        log.warning(
+            "args.%s is False: the MLP activation is GeLU (written as hidden_act='gelu')",
+            spelled(args, "sq_relu"),
+        )
 
     # Rotary: dims from inv_freq length and args.rotary_pct; base from args (or ADEPT's default), checked.
     inv_key = _LAYER0 + "self_attention.rotary_emb.inv_freq"
@@ -265,16 +275,17 @@ def derive_dims(ckpt: Checkpoint) -> ModelDims:
     rd_inv = 2 * inv.numel() if inv is not None else None
     if rd_args is not None and rd_inv is not None and rd_args != rd_inv:
         problems.append(
-            f"args.rotary_pct = {rotary_pct} gives rotary_dim {rd_args} but inv_freq has "
+            f"args.{spelled(args, 'rotary_pct')} = {rotary_pct} gives rotary_dim {rd_args} but inv_freq has "
             f"{inv.numel()} entries (rotary_dim {rd_inv})"
         )
     rotary_dim = rd_args if rd_args is not None else rd_inv
     if rotary_dim is None:
         problems.append(
-            "cannot tell the rotary dimension: args.rotary_pct is missing and there is no inv_freq"
+            "cannot tell the rotary dimension: args.rotary_pct (Megatron-LM: rotary_percent) is missing and "
+            "there is no inv_freq"
         )
         rotary_dim = head_dim
-    base, base_from = arg(args, "rotary_emb_base"), "args.rotary_emb_base"
+    base, base_from = arg(args, "rotary_emb_base"), f"args.{spelled(args, 'rotary_emb_base')}"
     if base is None:
         base, base_from = ADEPT_DEFAULT_ROPE_BASE, "ADEPT's default"
         log.info("args has no rotary_emb_base; using ADEPT's default %s (checked against inv_freq)", base)

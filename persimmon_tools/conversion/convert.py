@@ -237,7 +237,7 @@ def _provenance(plan: ConversionPlan, options: ConvertOptions) -> dict[str, Any]
                     else str(Path(src.name).relative_to(rel.source) if rel.source.is_dir() else src.name),
                     "size": src.size,
                 }
-                for _, src in rel.shard_list()
+                for src in rel.source_files()  # shards, or a torch_dist checkpoint's files
             ],
         },
         "dtype": plan.config["torch_dtype"],

@@ -22,6 +22,7 @@ from persimmon_tools.conversion.fingerprint import (
 )
 from persimmon_tools.errors import CheckpointError, ConversionError, PersimmonToolsError
 from persimmon_tools.megatron.checkpoint import load_release_checkpoint
+from persimmon_tools.megatron.dist_layout import COMMON_FILE
 from persimmon_tools.megatron.release import open_release
 from persimmon_tools.safe_graph import Budget, small_repr
 from persimmon_tools.safe_read import (
@@ -66,6 +67,8 @@ def _args_json(ckpt: Any, shard: str) -> Any:
 def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, Any]:
     release = open_release(source, iteration=iteration)
     ckpt = load_release_checkpoint(release)
+    dist = release.dist
+    args_file = str(dist.path / COMMON_FILE) if dist is not None else release.shard_list()[0][1].name
     info: dict[str, Any] = {
         "type": "release",
         "source": str(release.source),
@@ -80,7 +83,7 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
         "vocab": release.vocab.name if release.vocab else None,
         "top_level_keys": ckpt.top_level_keys,
         "pickle_globals": ckpt.globals_seen,
-        "args": _args_json(ckpt, release.shard_list()[0][1].name),
+        "args": _args_json(ckpt, args_file),
         "tensors": [
             {
                 "name": k,
@@ -92,6 +95,15 @@ def inspect_release(source: Path, *, iteration: int | None = None) -> dict[str, 
             for k, t in ckpt.tensors.items()
         ],
     }
+    if dist is not None:  # a Megatron-Core torch_dist checkpoint: its files, objects and unread tensors
+        info["torch_dist"] = {
+            "folder": str(dist.path),
+            "files": [{"file": src.name, "bytes": src.size} for src in dist.files],
+            "metadata_version": dist.metadata.version,
+            "stored_tensors": {k: list(t.shape) for k, t in dist.tensors.items()},
+            "byte_objects": len(dist.objects),
+            "tensors_not_read": len(dist.skipped),
+        }
     try:
         dims = derive_dims(ckpt)
         info["dims"] = dims.to_dict()
@@ -185,7 +197,8 @@ class InspectOptions:
 
 
 def inspect_source(source: Path, options: InspectOptions = InspectOptions()) -> dict[str, Any]:
-    """Inspect a release (tar / folder / iter_* / .pt) or a converted HF folder (has config.json)."""
+    """Inspect a release (tar / folder / iter_* / .pt / Megatron-Core torch_dist) or a converted HF folder
+    (has config.json)."""
     source = Path(source)
     if source.is_dir() and os.path.lexists(source / "config.json"):
         info = inspect_converted(source)

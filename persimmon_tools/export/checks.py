@@ -110,16 +110,17 @@ def refuse_nonfinite(counts: ValueCounts, allow: bool) -> None:
         ) from None
 
 
-def read_back(release: Path, source: ExportSource, vocab_rows: int) -> float:
+def read_back(release: Path, source: ExportSource, vocab_rows: int, *, vocab: Path | None = None) -> float:
     """Read the release just written (still in the private temporary) the way ``convert`` reads a release
     (:func:`persimmon_tools.conversion.convert.prepare`: every shard's pickle, the consistency checks, args
     against shapes, ``inv_freq`` against the rotary base, the mapping table, the vocabulary; no weights are
     copied) and check that it describes the source's model. Raises :class:`ConversionError` otherwise, so
-    that nothing is installed. Returns the seconds it took."""
+    that nothing is installed. Returns the seconds it took. ``vocab``: the SentencePiece model where convert
+    would not find it by itself (a torch_dist checkpoint keeps it as ``iter_*/tokenizer/tokenizer.model``)."""
     start = time.perf_counter()
     try:
         with sizes_only():  # its integrity.json: sizes and presence (the sha256s were computed as written)
-            back = convert_prepare(release, ConvertOptions()).dims
+            back = convert_prepare(release, ConvertOptions(vocab=vocab)).dims
     except PersimmonToolsError as err:
         raise ConversionError(
             f"convert would refuse the release this export wrote, so it was not installed: {err.message}",

@@ -4,6 +4,9 @@
 :func:`export` writes the release: a folder ``OUT/NAME/...`` (with ``OUT/export.json``, the record that lets
 ``--force`` prove the folder is an earlier export) or, with ``tar=True``, one uncompressed tarball at OUT.
 Output appears complete or not at all (a private temporary beside OUT, renamed into place).
+With ``format="torch_dist"`` (``--format torch_dist``, since 2026-12-07) OUT is a Megatron-Core
+``torch_dist`` checkpoint instead, through the same staged output and input checks
+(:mod:`persimmon_tools.export.torch_dist`).
 
 The release carries ``NAME/integrity.json`` (since 2026-12-07, 0.1.0): the sha256 and size of every file,
 computed while each file is written (:mod:`persimmon_tools.megatron.manifest`), which ``convert``,
@@ -54,13 +57,22 @@ from persimmon_tools.export.checks import (
 from persimmon_tools.export.derive import derive_args, parse_sets
 from persimmon_tools.export.layout import shard_objects
 from persimmon_tools.export.output import (
-    check_export_dir,
-    check_export_tar,
+    check_out,
     claim_export_dir,
     claim_export_tar,
+    protected,
     write_record,
 )
 from persimmon_tools.export.source import ExportSource, open_source
+from persimmon_tools.export.torch_dist import (
+    LEGACY,
+    TORCH_DIST,
+    check_core_model,
+    check_format_options,
+    export_torch_dist,
+    payload_bytes,
+    summary_fields,
+)
 from persimmon_tools.mapping import parallel_kind
 from persimmon_tools.megatron.consistency import check_checkpoint_version
 from persimmon_tools.megatron.release_writer import (
@@ -71,7 +83,6 @@ from persimmon_tools.megatron.release_writer import (
     write_release_tar,
 )
 from persimmon_tools.ops import Parallel
-from persimmon_tools.staged_record import refuse_overlap
 from persimmon_tools.tokenizer.spm import vocab_text
 
 log = logging.getLogger(__name__)
@@ -92,6 +103,7 @@ class ExportOptions:
     vocab: Path | None = None
     sets: Sequence[str] = ()
     allow_nonfinite: bool = False  # write NaN/Inf weights (convert's --allow-nonfinite)
+    format: str = LEGACY  # legacy (ADEPT's release) | torch_dist (Megatron-Core: export.torch_dist)
 
 
 @dataclass
@@ -111,6 +123,8 @@ class ExportPlan:
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data in all shards (replicated tensors once per tensor rank; vocab padding included)."""
+        if self.options.format == TORCH_DIST:
+            return payload_bytes(self)
         d, tp = self.source.dims, self.options.tp
         total = tp * d.num_layers * (d.rotary_dim // 2)  # inv_freq, every layer, every rank
         for key, tensor in self.source.tensors.items():
@@ -125,7 +139,7 @@ class ExportPlan:
 
     def summary(self) -> dict[str, Any]:
         src = self.source
-        return {
+        summary = {
             "source": str(src.path),
             "source_kind": src.kind,
             "source_layout": {"tp": src.tp, "pp": src.pp} if src.kind == "megatron" else None,
@@ -149,7 +163,9 @@ class ExportPlan:
             "bytes": self.nbytes,
             "notes": self.notes,
             "tar": self.options.tar,
+            "format": self.options.format,
         }
+        return summary | summary_fields(self) if self.options.format == TORCH_DIST else summary
 
 
 def _rank(t: int, s: int, pp: int) -> str:
@@ -178,6 +194,7 @@ def _out_dtype(name: str, source: ExportSource) -> torch.dtype:
 
 def prepare(source: Path, options: ExportOptions = ExportOptions()) -> ExportPlan:
     """Open and check everything; nothing is written."""
+    check_format_options(options.format, tp=options.tp, pp=options.pp, tar=options.tar, name=options.name)
     sets = parse_sets(options.sets)
     src = open_source(Path(source), iteration=options.source_iteration, vocab=options.vocab)
     if src.vocab_bytes is None:
@@ -211,9 +228,12 @@ def prepare(source: Path, options: ExportOptions = ExportOptions()) -> ExportPla
     if not name or "/" in name or name in (".", "..") or name.startswith("."):
         raise UsageError(f"--name {name!r}: expected a plain folder name", hint="e.g. --name my_release")
     base = args.get("rotary_emb_base") or src.dims.rope_theta
-    return ExportPlan(
+    plan = ExportPlan(
         src, options, name, iteration, dtype, vocab_rows, args, derived, version, float(base), notes
     )
+    if options.format == TORCH_DIST:
+        check_core_model(plan)  # one Megatron-LM can build (rotary, activation, vocab padding)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -224,6 +244,7 @@ class ExportResult:
     bytes_written: int
     seconds: float
     read_back_seconds: float = 0.0  # read_back's share of ``seconds``
+    megatron_lm_args: list[str] = field(default_factory=list)  # torch_dist: the flags file's lines
 
 
 def export_release(
@@ -239,6 +260,16 @@ def export_release(
     out = check_destination(out, source, options)
     plan = prepare(source, options)
     on_plan(plan)
+    written = [0]
+
+    def count(n: int) -> None:
+        written[0] += n
+        progress(n)
+
+    if options.format == TORCH_DIST:
+        listed, lm, checked = export_torch_dist(plan, out, protected(source, options.vocab), progress=count)
+        seconds = time.perf_counter() - start
+        return ExportResult(plan, out, listed, written[0], seconds, checked, lm.text().splitlines())
     counts = ValueCounts()
     objects = shard_objects(
         plan.source,
@@ -266,14 +297,8 @@ def export_release(
         },
         integrity=True,
     )
-    written = [0]
-
-    def count(n: int) -> None:
-        written[0] += n
-        progress(n)
-
     if options.tar:
-        with claim_export_tar(out, options.force, _protected(source, options.vocab)) as (
+        with claim_export_tar(out, options.force, protected(source, options.vocab)) as (
             fh,
             path,
         ):  # checked again: it may have appeared
@@ -284,7 +309,7 @@ def export_release(
             checked = read_back(path, plan.source, plan.vocab_rows)
         listed = [str(out)]
     else:
-        with claim_export_dir(out, options.force, _protected(source, options.vocab)) as tmp:
+        with claim_export_dir(out, options.force, protected(source, options.vocab)) as tmp:
             write_release_folder(files, tmp, progress=count, workers=min(2, os.cpu_count() or 1))
             plan.source.finish_records()
             refuse_nonfinite(counts, options.allow_nonfinite)
@@ -294,29 +319,7 @@ def export_release(
 
 
 def check_destination(out: Path, source: Path, options: ExportOptions) -> Path:
-    """Refuse an OUT that the run would refuse, before anything is read (``--dry-run`` too). Returns the
-    absolute OUT."""
-    out = Path(os.path.abspath(out))
-    _refuse_inside_source(out, Path(source), options.vocab)
-    if options.tar:
-        check_export_tar(out, options.force)
-    else:
-        check_export_dir(out, options.force)
-    return out
-
-
-def _refuse_inside_source(out: Path, source: Path, vocab: Path | None) -> None:
-    """OUT may not be, contain or lie inside SOURCE (or the ``--vocab`` file), compared by identity: a
-    symlinked folder or a bind mount showing SOURCE under another path is the same place."""
-    refuse_overlap(
-        out,
-        _protected(source, vocab),
-        label="OUT",
-        error=UsageError,
-        refuse=("is", "contains", "inside"),
-        hint="choose a separate path for the exported release; nothing was written",
-    )
-
-
-def _protected(source: Path, vocab: Path | None) -> list[tuple[str, Path | None]]:
-    return [("SOURCE", Path(source)), ("the --vocab file", vocab)]
+    """Refuse an OUT (or a ``--format`` combination) that the run would refuse, before anything is read
+    (``--dry-run`` too). Returns the absolute OUT."""
+    check_format_options(options.format, tp=options.tp, pp=options.pp, tar=options.tar, name=options.name)
+    return check_out(out, protected(source, options.vocab), tar=options.tar, force=options.force)

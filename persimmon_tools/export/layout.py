@@ -208,7 +208,7 @@ def shard_objects(
     for s in range(pp):
         for t in range(tp):
             specs: dict[str, TensorSpec] = {}
-            for key in _keys(source):
+            for key in megatron_keys(source):
                 kind = parallel_kind(key) or Parallel.REPLICATED
                 tensor = source.tensors.get(key)
                 shape = tuple(tensor.shape) if tensor is not None else tuple(computed[key].shape)
@@ -230,7 +230,7 @@ def shard_objects(
     return objects
 
 
-def _keys(source: ExportSource) -> list[str]:
+def megatron_keys(source: ExportSource) -> list[str]:
     """Every Megatron key to write: the source's own order when it is a Megatron checkpoint with its
     ``inv_freq`` buffers, else module order (embedding; per layer, the table's order; final norm; head)."""
     inv = [INV_FREQ.source_key(i) for i in range(source.dims.num_layers)]

@@ -16,16 +16,47 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from persimmon_tools.errors import ConversionError
+from persimmon_tools.errors import ConversionError, UsageError
 from persimmon_tools.safe_write import open_new_file, write_new_file
 from persimmon_tools.staged_output import RUN_MARKER, claim_output
-from persimmon_tools.staged_record import OutputKind, check_output, output_files, refuse_unsafe_output
+from persimmon_tools.staged_record import (
+    OutputKind,
+    check_output,
+    output_files,
+    refuse_overlap,
+    refuse_unsafe_output,
+)
 
 EXPORT_RECORD = "export.json"
 EXPORT_FOLDER = OutputKind(
     label="OUT", error=ConversionError, run="export", command="export", record=EXPORT_RECORD
 )
 EXPORT_TAR = OutputKind(label="OUT", error=ConversionError, run="export", command="export --tar", tar=True)
+
+
+def protected(source: Path, vocab: Path | None) -> list[tuple[str, Path | None]]:
+    """What OUT may not be, contain or lie inside: SOURCE and the ``--vocab`` file."""
+    return [("SOURCE", Path(source)), ("the --vocab file", vocab)]
+
+
+def check_out(out: Path, protected: Sequence[tuple[str, Path | None]], *, tar: bool, force: bool) -> Path:
+    """Refuse an OUT the run would refuse, before anything is read; returns the absolute OUT. OUT may not
+    be, contain or lie inside what ``protected`` names, compared by identity: a symlinked folder or a bind
+    mount showing SOURCE under another path is the same place."""
+    out = Path(os.path.abspath(out))
+    refuse_overlap(
+        out,
+        protected,
+        label="OUT",
+        error=UsageError,
+        refuse=("is", "contains", "inside"),
+        hint="choose a separate path for the exported release; nothing was written",
+    )
+    if tar:
+        check_export_tar(out, force)
+    else:
+        check_export_dir(out, force)
+    return out
 
 
 def check_export_dir(out: Path, force: bool) -> None:

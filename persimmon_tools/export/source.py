@@ -5,9 +5,11 @@ Either way the result is :class:`ExportSource`: full (unsharded) tensors by flat
 (``read_rows(start, stop)``, dim 0) without loading the whole tensor, plus the model's dimensions, the args
 it came with, its iteration and its SentencePiece model.
 
-- Megatron (release tar, folder, ``iter_*``, ``.pt``; any TP/PP): the converter's own reader
-  (:mod:`persimmon_tools.megatron.checkpoint`) merges the shards; dims are derived and cross-checked by
-  :func:`~persimmon_tools.conversion.config.derive_dims`.
+- Megatron (release tar, folder, ``iter_*``, ``.pt``; any TP/PP; or a Megatron-Core torch_dist
+  checkpoint): the converter's own reader (:mod:`persimmon_tools.megatron.checkpoint`) merges the shards
+  (or reads the torch_dist chunks by THE TABLE's Megatron-Core column); dims are derived and cross-checked
+  by :func:`~persimmon_tools.conversion.config.derive_dims`. Megatron-LM's args names are given ADEPT's
+  names too (:func:`~persimmon_tools.conversion.args_names.adept_fields`).
 - Hugging Face: ``config.json`` (read and checked by :mod:`persimmon_tools.conversion.hf_config`, the reader
   verify's converted side uses too) + safetensors (sharded or single), read with ``pread``
   (:mod:`persimmon_tools.conversion.safetensors_read`); names go back through THE TABLE
@@ -30,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from persimmon_tools.conversion.args_names import adept_fields
 from persimmon_tools.conversion.args_record import args_fields, restore_args
 from persimmon_tools.conversion.config import ModelDims, derive_dims
 from persimmon_tools.conversion.fingerprint import CONVERSION_FILE
@@ -134,19 +137,21 @@ def _open_megatron(source: Path, iteration: int | None, vocab: Path | None) -> E
     dims = derive_dims(ckpt)
     vocab_bytes = release.vocab.read_all() if release.vocab is not None else None
     vocab_origin = release.vocab.name if release.vocab is not None else ""
+    # Megatron-LM's args (a torch_dist checkpoint) also get ADEPT's names, which ADEPT's layout is read by
+    args = adept_fields(args_fields(ckpt.args))
     return ExportSource(
         kind="megatron",
         path=source,
         tensors=dict(ckpt.tensors),
         dims=dims,
-        args=args_fields(ckpt.args),
-        args_from="checkpoint"
-        if args_fields(ckpt.args) is not None
-        else "tensor shapes (the checkpoint has no args)",
+        args=args,
+        args_from="checkpoint" if args is not None else "tensor shapes (the checkpoint has no args)",
         iteration=ckpt.iteration,
         checkpoint_version=ckpt.checkpoint_version,
         vocab_bytes=vocab_bytes,
-        release_name=_megatron_name(release.source, release.kind),
+        release_name=_megatron_name(release.source, release.kind)
+        if release.dist is None
+        else _dist_name(release.dist.root, release.dist.tracker is not None),
         tp=release.tp,
         pp=release.pp,
         vocab_origin=vocab_origin,
@@ -302,3 +307,8 @@ def _megatron_name(source: Path, kind: str) -> str | None:
     if kind == "iteration":
         return source.resolve().parent.name or None
     return None
+
+
+def _dist_name(root: Path, has_tracker: bool) -> str | None:
+    """A torch_dist checkpoint's name: its root folder (the one holding the tracker), else none."""
+    return (root.resolve().name or None) if has_tracker else None

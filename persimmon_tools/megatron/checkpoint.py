@@ -9,7 +9,8 @@ wrong copy implies. Only ``ckpt["model"]``, ``ckpt["iteration"]``, ``ckpt["args"
 ``ckpt["checkpoint_version"]`` are used; optimizer state and RNG state are never read. Before merging,
 :mod:`persimmon_tools.megatron.consistency` checks that the shards belong together (same iteration, args
 and checkpoint_version, stage roles, canonical layer numbers) and refuses a ``checkpoint_version`` below 2.0
-(:func:`~persimmon_tools.megatron.consistency.check_checkpoint_version`).
+(:func:`~persimmon_tools.megatron.consistency.check_checkpoint_version`). A Megatron-Core torch_dist
+checkpoint gives the same view through THE TABLE's Megatron-Core column (:mod:`.dist_legacy`).
 """
 
 from __future__ import annotations
@@ -218,7 +219,12 @@ def _model_dict(loaded: LoadedCheckpoint) -> tuple[dict[str, LazyTensor], list[s
 
 
 def load_release_checkpoint(release: Release) -> Checkpoint:
-    """Load every shard of ``release`` lazily and merge them into one Megatron-keyed view."""
+    """Load every shard of ``release`` lazily and merge them into one Megatron-keyed view (a torch_dist
+    checkpoint: :func:`persimmon_tools.megatron.dist_legacy.load_dist_checkpoint`, the same view)."""
+    if release.dist is not None:
+        from persimmon_tools.megatron.dist_legacy import load_dist_checkpoint  # it builds on this module
+
+        return load_dist_checkpoint(release)
     loaded = {rank: load_checkpoint(src) for rank, src in release.shard_list()}
     first = loaded[(0, 0)].obj
     args = first.get("args") if isinstance(first, dict) else None

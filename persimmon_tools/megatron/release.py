@@ -7,7 +7,14 @@ SOURCE may be:
 - one ``iter_XXXXXXX`` folder (shards ``mp_rank_XX`` or ``mp_rank_XX_YYY`` inside);
 - one ``model_optim_rng.pt`` file, or the ``mp_rank_XX`` (``mp_rank_XX_YYY``) folder holding it: the same
   single shard (TP=1, PP=1); a folder that is one rank of a sharded release (other ``mp_rank_*`` beside it,
-  a rank other than 0, or args saying TP or PP > 1) is refused, naming the ``iter_*`` folder to give instead.
+  a rank other than 0, or args saying TP or PP > 1) is refused, naming the ``iter_*`` folder to give instead;
+- a Megatron-Core ``torch_dist`` checkpoint (since 2026-12-07, 0.1.0): its root (tracker and ``iter_*``
+  folders), or one iteration's folder (``metadata.json``, ``.metadata``, ``*.distcp``, ``common.pt``). It is
+  detected before the folder discovery below and opened by
+  :func:`~persimmon_tools.megatron.dist_checkpoint.dist_release` as ``kind="torch_dist"``, TP=1, PP=1 (its
+  tensors are stored whole, as chunks), no shards (:attr:`Release.dist` holds it; :meth:`Release.source_files`
+  lists its files). An ``adept_vocab.model`` in the root or the iteration folder is used as the vocabulary;
+  otherwise pass ``--vocab``.
 
 The iteration comes from ``latest_checkpointed_iteration.txt`` when present, else from the only
 ``iter_*`` folder (spec §A). Shards form a complete TP×PP grid: ``mp_rank_{tp:02d}`` without pipeline
@@ -30,6 +37,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from persimmon_tools.errors import ReleaseError
 from persimmon_tools.megatron.bytesource import ByteSource
@@ -37,6 +45,9 @@ from persimmon_tools.megatron.manifest import check_release_manifest
 from persimmon_tools.megatron.tarlist import tar_tree
 from persimmon_tools.megatron.variant import decide_variant
 from persimmon_tools.safe_read import MAX_TRACKER_BYTES, MAX_VOCAB_BYTES, describe_irregular, scan_folder
+
+if TYPE_CHECKING:
+    from persimmon_tools.megatron.dist_checkpoint import DistCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +70,7 @@ class Release:
     """What a SOURCE holds: the shard grid of one iteration and the vocabulary (if found)."""
 
     source: Path
-    kind: str  # "tar" | "folder" | "iteration" | "pt"
+    kind: str  # "tar" | "folder" | "iteration" | "pt" | "torch_dist"
     iteration: int | None
     shards: dict[tuple[int, int], ByteSource]  # (tp_rank, pp_rank) -> model_optim_rng.pt
     tp: int
@@ -75,6 +86,8 @@ class Release:
     shard_dirs: dict[tuple[int, int], str] = field(default_factory=dict)
     #: The release folder inside SOURCE (``8b_chat_model_release/``; "" when SOURCE is that folder).
     root: str = ""
+    #: A Megatron-Core torch_dist checkpoint (``kind == "torch_dist"``; ``shards`` is then empty).
+    dist: DistCheckpoint | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +99,13 @@ class Release:
 
     def shard_list(self) -> list[tuple[tuple[int, int], ByteSource]]:
         return sorted(self.shards.items())
+
+    def source_files(self) -> list[ByteSource]:
+        """The checkpoint's files, in a fixed order: the shards (rank order), or a torch_dist checkpoint's
+        ``metadata.json``, ``.metadata``, ``common.pt`` and data files. The vocabulary is not among them."""
+        if self.dist is not None:
+            return list(self.dist.files)
+        return [src for _, src in self.shard_list()]
 
 
 def release_file(path: Path, name: str) -> ByteSource:
@@ -278,7 +298,11 @@ def open_release(source: Path, *, iteration: int | None = None, vocab: Path | No
             hint="pass the release tarball, its extracted folder, an iter_* folder or a model_optim_rng.pt",
         )
     own_name = Path(os.path.abspath(source)).name  # "." and ".." resolved, symlinks kept as named
-    if (
+    from persimmon_tools.megatron.dist_checkpoint import dist_release, looks_like_torch_dist  # builds on this
+
+    if looks_like_torch_dist(source, iteration):
+        release = dist_release(source, iteration)
+    elif (
         source.is_dir()
         and RANK_DIR_RE.fullmatch(own_name)
         and any(os.path.lexists(source / n) for n in SHARD_FILES)

@@ -244,6 +244,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
     """Unpickles a checkpoint's ``data.pkl`` with the allowlist above; storages become lazy references."""
 
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    #: What ``BUILD`` may set the state of. A subclass with its own, separate allow-list (the ``.metadata``
+    #: of a torch_dist checkpoint: :mod:`persimmon_tools.megatron.dist_metadata`) names its own stand-ins.
+    buildable: tuple[type, ...] = _BUILDABLE
 
     def __init__(self, data: bytes, origin: str, storage_resolver: Any) -> None:
         super().__init__(io.BytesIO(data))
@@ -293,7 +296,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
 
     def load_build(self) -> None:
         inst = self.stack[-2] if len(self.stack) >= 2 else None
-        if not isinstance(inst, _BUILDABLE):
+        if not isinstance(inst, self.buildable):
             raise UnsafeCheckpointError(
                 f"{self.origin}: the pickle sets the state of a {type(inst).__name__}, which is not allowed; "
                 "nothing was executed",

@@ -137,16 +137,16 @@ def open_recorded(recorded: RecordedSource, *, iteration: int | None, vocab: Pat
     except PersimmonToolsError as err:
         what = f"cannot be opened as that release any more ({err.message})"
         raise _fail(recorded.path, recorded.record, what) from err
-    check_release(recorded, release, [member_name(release, src) for _, src in release.shard_list()])
+    check_release(recorded, release, [member_name(release, src) for src in release.source_files()])
     return release
 
 
 def check_release(recorded: RecordedSource, release: Release, names: list[str]) -> None:
     """Refuse ``release`` unless it holds exactly the recorded shards, with the recorded sizes.
 
-    ``names``: each shard's name as verify records it, in ``release.shard_list()`` order.
+    ``names``: each checkpoint file's name as verify records it, in ``release.source_files()`` order.
     """
-    now = {_tail(n): src.size for n, (_, src) in zip(names, release.shard_list(), strict=True)}
+    now = {_tail(n): src.size for n, src in zip(names, release.source_files(), strict=True)}
     if not recorded.shards:
         raise _fail(recorded.path, recorded.record, "is recorded without its checkpoint files to check it by")
     problems = [f"lacks the recorded {name}" for name in sorted(set(recorded.shards) - set(now))]

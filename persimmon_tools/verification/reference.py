@@ -156,6 +156,24 @@ def arg(args: Any, name: str) -> Any:
     return state.get(name) if value is None and isinstance(state, dict) else value
 
 
+#: ADEPT's args name → the name today's Megatron-LM gives the same setting (a torch_dist checkpoint's args).
+MODERN_NAMES = {
+    "sq_relu": "squared_relu",
+    "rotary_pct": "rotary_percent",
+    "rotary_emb_base": "rotary_base",
+    "layernorm_epsilon": "norm_epsilon",
+}
+
+
+def named_arg(args: Any, name: str) -> tuple[Any, str]:
+    """``(value, "args.<name found>")`` for ADEPT's ``name`` or, when absent, today's Megatron-LM name for it."""
+    value = arg(args, name)
+    modern = MODERN_NAMES.get(name)
+    if value is None and modern is not None and arg(args, modern) is not None:
+        return arg(args, modern), f"args.{modern}"
+    return value, f"args.{name}"
+
+
 def gather_rows(mt: SourceTensor, ids: Sequence[int]) -> torch.Tensor:
     """Rows ``ids`` of a (possibly vocab-parallel) ``[V, C]`` tensor, reading only those rows: (len(ids), C)."""
     return mt.rows(ids)
@@ -221,20 +239,21 @@ def megatron_hyper(ckpt: SourceCheckpoint) -> Hyper:
     layers = 0
     while MEGATRON_LAYER.format(i=layers) + MEGATRON_FIELDS["qkv_w"] in t:
         layers += 1
-    if arg(args, "sq_relu") is False:
-        raise ConfigError("args.sq_relu is False; the reference implements Persimmon's squared ReLU only")
+    sq_relu, sq_name = named_arg(args, "sq_relu")
+    if sq_relu is False:
+        raise ConfigError(f"{sq_name} is False; the reference implements Persimmon's squared ReLU only")
     origin = []
     inv = t.get(MEGATRON_LAYER.format(i=0) + INV_FREQ)
     stored = tuple(inv.materialize().float().tolist()) if inv is not None else None
-    pct = arg(args, "rotary_pct")
-    if pct is not None:  # ADEPT: rotary_ndims = int(head_dim * rotary_pct)
-        rotary_dim, src = int(head_dim * float(pct)), "args.rotary_pct"
+    pct, pct_name = named_arg(args, "rotary_pct")
+    if pct is not None:  # ADEPT: rotary_ndims = int(head_dim * rotary_pct); Megatron-Core: the same
+        rotary_dim, src = int(head_dim * float(pct)), pct_name
     elif stored is not None:
         rotary_dim, src = 2 * len(stored), "the length of the stored inv_freq"
     else:
         raise ConfigError("cannot tell the rotary dimensions: no args.rotary_pct and no stored inv_freq")
     origin.append(("rotary_dim", src))
-    base, base_src = arg(args, "rotary_emb_base"), "args.rotary_emb_base"
+    base, base_src = named_arg(args, "rotary_emb_base")
     if base is None:  # ADEPT's CLI default, unless the stored inv_freq clearly says otherwise
         est = rope_theta_from_inv_freq(stored, rotary_dim) if stored else ADEPT_ROPE_BASE
         base, base_src = ADEPT_ROPE_BASE, "ADEPT's default 25000"
@@ -254,12 +273,13 @@ def megatron_hyper(ckpt: SourceCheckpoint) -> Hyper:
             hint="ADEPT's model computes each layer with the buffer stored for it, and a Persimmon config has "
             "one rope_theta for all layers: no conversion of this checkpoint computes what it computes",
         )
-    eps = arg(args, "layernorm_epsilon")
-    origin.append(("eps", "args.layernorm_epsilon" if eps is not None else "ADEPT's default 1e-5"))
+    eps, eps_name = named_arg(args, "layernorm_epsilon")
+    origin.append(("eps", eps_name if eps is not None else "ADEPT's default 1e-5"))
     if eps is not None and float(eps) != ADEPT_EPS:
         log.warning(
-            "args.layernorm_epsilon = %s; ADEPT's inference code uses 1e-5 whatever the checkpoint says "
+            "%s = %s; ADEPT's inference code uses 1e-5 whatever the checkpoint says "
             "(spec §B.5); the reference follows the checkpoint",
+            eps_name,
             eps,
         )
     return Hyper(

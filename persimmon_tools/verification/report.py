@@ -165,8 +165,9 @@ def member_name(release: Release, src: ByteSource) -> str:
 
 
 def fingerprint_sources(release: Release) -> list[ByteSource]:
-    """What :func:`source_fingerprint` hashes, in its order: the checkpoint shards, then the vocabulary."""
-    return [src for _, src in release.shard_list()] + ([release.vocab] if release.vocab is not None else [])
+    """What :func:`source_fingerprint` hashes, in its order: the checkpoint's files (the shards, or a torch_dist
+    checkpoint's files), then the vocabulary."""
+    return release.source_files() + ([release.vocab] if release.vocab is not None else [])
 
 
 def source_fingerprint(

@@ -88,6 +88,7 @@ from persimmon_tools.verification.sides import (
     resolve_device,
     resolve_dtype,
 )
+from persimmon_tools.verification.source_core import load_dist_source
 from persimmon_tools.verification.source_merge import load_source
 from persimmon_tools.verification.stored import verify_stored
 
@@ -158,7 +159,8 @@ def verify(
     # Every weight verify reads goes through this reader, which hashes the source files in the same pass.
     reads = HashingReader(fingerprint_sources(release), hash_files=options.hash_source)
     progress("comparing the converter's and verify's own reading of the source")
-    ckpt = load_source(release, reader=reads)  # verify's own interpretation of the shared byte layer
+    # verify's own interpretation of the shared byte layer (a legacy release's shards, or torch_dist chunks)
+    ckpt = (load_dist_source if release.kind == "torch_dist" else load_source)(release, reader=reads)
     readers = compare_readers(load_release_checkpoint(release), ckpt)  # ... against the converter's
     try:
         src = MegatronWeights(ckpt)

@@ -262,3 +262,51 @@ def test_convert_reader_merges_what_make_release_split(releases, layout):
         if len(merged.parts) > 1 and merged.kind is not Parallel.REPLICATED:
             parts = [p.materialize() for p in merged.parts]
             assert torch.equal(merge(parts, merged.kind), full), key
+
+
+# ---- the Megatron-Core column (torch_dist keys) ----------------------------------------------------------
+
+
+def test_every_stored_rule_has_a_distinct_core_key_and_only_inv_freq_has_none():
+    from persimmon_tools.mapping import INV_FREQ
+
+    cores = [r.core_key for r in RULES if r.core_key is not None]
+    assert len(set(cores)) == len(cores) == len(RULES) - 1
+    assert [r for r in RULES if r.core_key is None] == [INV_FREQ]
+    # stacked on a leading layer axis: no layer index in the key, per-layer rules under decoder.layers.
+    assert all("{i}" not in c and not re.search(r"\.\d+\.", c) for c in cores)
+    assert all(r.core_key.startswith("decoder.layers.") == r.per_layer for r in RULES if r.core_key)
+
+
+def test_core_keys_round_trip_through_the_one_lookup():
+    from persimmon_tools.mapping import core_matches, match_core
+
+    for rule in RULES:
+        if rule.core_key is None:
+            continue
+        assert match_core(rule.core_key) is rule and core_matches(rule.core_key) == (rule,)
+        assert match_core(rule.core_key).core_key == rule.core_key
+    for key in (
+        "decoder.layers.0.self_attention.linear_qkv.weight",  # one layer of a stacked key: not a core key
+        "decoder.layers.self_attention.linear_qkv",
+        "xdecoder.final_layernorm.weight",
+        "decoder.layers.self_attention.linear_qkv._extra_state/shard_0_3",
+        "language_model.embedding.word_embeddings.weight",
+    ):
+        assert match_core(key) is None and core_matches(key) == (), key
+
+
+def test_core_names_of_the_renamed_layers():
+    from persimmon_tools.mapping import match_core
+
+    def source(core, layer=2):
+        return match_core(core).source_key(layer if match_core(core).per_layer else None)
+
+    a, m = "decoder.layers.self_attention.", "decoder.layers.mlp."
+    assert source(a + "linear_qkv.layer_norm_weight").endswith("layers.2.input_layernorm.weight")
+    assert source(m + "linear_fc1.layer_norm_bias").endswith("layers.2.post_attention_layernorm.bias")
+    assert source(a + "linear_proj.weight").endswith("layers.2.self_attention.dense.weight")
+    assert source(m + "linear_fc1.weight").endswith("layers.2.mlp.dense_h_to_4h.weight")
+    assert source(m + "linear_fc2.bias").endswith("layers.2.mlp.dense_4h_to_h.bias")
+    assert source("output_layer.weight") == "word_embeddings_for_head.weight"
+    assert source("decoder.final_layernorm.bias") == "language_model.encoder.final_layernorm.bias"
