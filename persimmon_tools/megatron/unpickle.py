@@ -7,8 +7,8 @@ code (or anything else a hostile file names). Here every global goes through :me
 
 - tensor rebuilds are replaced by functions that build :class:`~persimmon_tools.megatron.lazy.LazyTensor` records
   (no bytes are read while unpickling);
-- ``tool_use.*``, ``megatron.*``, ``apex.*`` and numpy objects become :class:`Opaque` stand-ins that only
-  record their name and arguments;
+- ``tool_use.*``, ``megatron.*``, ``apex.*`` and numpy objects, and ``signal.Signals`` (an enum in today's
+  Megatron-LM args), become :class:`Opaque` stand-ins that only record their name and arguments;
 - a handful of plain containers and dtypes are allowed as themselves, ``torch.device`` as its name;
 - anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ``torch`` internals other than
   tensor rebuilds, ...) raises :class:`UnsafeCheckpointError` naming the global, before it is called;
@@ -50,6 +50,9 @@ _INT64 = range(-(1 << 63), 1 << 63)
 #: Module prefixes whose classes become inert stand-ins (ADEPT / Megatron / numpy objects in args, rng state).
 OPAQUE_PREFIXES = ("tool_use.", "megatron.", "apex.", "numpy.", "transformer_engine.")
 OPAQUE_MODULES = ("tool_use", "megatron", "apex", "numpy")
+#: Single standard-library classes that become inert stand-ins too: the enum today's Megatron-LM keeps in its
+#: args (``args.exit_signal = signal.SIGTERM``, saved in a torch_dist checkpoint's ``common.pt``).
+OPAQUE_GLOBALS = frozenset({("signal", "Signals")})
 
 #: torch dtypes a pickle may name (``torch.bfloat16``, ``torch.float``, ...).
 _DTYPES = {
@@ -273,7 +276,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # p
         ):
             self.globals_seen.setdefault(qual, "storage type")
             return _StorageType(name, _STORAGE_DTYPES.get(name))
-        if module.startswith(OPAQUE_PREFIXES) or module in OPAQUE_MODULES:
+        if module.startswith(OPAQUE_PREFIXES) or module in OPAQUE_MODULES or (module, name) in OPAQUE_GLOBALS:
             self.globals_seen.setdefault(qual, "inert stand-in")
             return _opaque_class(module, name)
         raise UnsafeCheckpointError(

@@ -456,6 +456,34 @@ def test_an_unknown_global_in_the_metadata_is_refused_unexecuted(damaged, tmp_pa
     assert not marker.exists()
 
 
+class _Call:
+    """Pickles as a call of ``fn(*args)`` (what a hostile ``common.pt`` would hold)."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple:
+        return (self.fn, self.args)
+
+
+def test_the_signal_enum_in_megatron_lm_args_is_an_inert_stand_in_and_signal_functions_refused(tmp_path):
+    """Today's Megatron-LM saves ``args.exit_signal = signal.SIGTERM`` in ``common.pt``: read as a stand-in that
+    records its value; ``signal``'s functions stay refused, never called."""
+    import signal
+
+    from persimmon_tools.megatron.unpickle import Opaque
+
+    _, legacy_args = legacy_release()
+    args = megatron_lm_args(legacy_args, exit_signal=signal.SIGTERM)
+    folder, _ = make_torch_dist(tmp_path / "ok", tp=1, args=args)
+    got = open_torch_dist(tmp_path / "ok").args
+    assert isinstance(got.exit_signal, Opaque) and got.hidden_size == legacy_args.hidden_size
+
+    torch.save({"args": _Call(signal.raise_signal, signal.SIGKILL)}, folder / "common.pt")
+    with pytest.raises(UnsafeCheckpointError, match="signal.raise_signal"):
+        open_torch_dist(tmp_path / "ok")
+
+
 def test_a_damaged_chunk_record_is_caught_by_its_crc(damaged):
     key = _LAYER + "2.mlp.dense_h_to_4h.weight"
     part = load_release_checkpoint(open_release(damaged)).tensors[key].parts[1]
