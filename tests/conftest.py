@@ -158,6 +158,15 @@ class Background:
             with self._lock:
                 self._running.discard(proc)
 
+    def keep(self, args: list[str], *, cwd: Path, env: dict[str, str], **popen) -> subprocess.Popen:
+        """A long-lived child (a server the jobs use), in its own process group, killed when the session ends."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"not started, the test session ended first: {args}")
+            proc = subprocess.Popen(args, cwd=cwd, env=env, start_new_session=True, **popen)
+            self._running.add(proc)
+        return proc
+
     def start_for(self, items: list, fixture: str, key: str, fn: Callable, *args) -> None:
         """Submit ``fn(background, *args)`` under ``key`` when a selected test (``items``) uses ``fixture``:
         for a module-scoped fixture whose value is what a job returns (it waits with :meth:`result`)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_forkserver import shim_folder
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "cli.md")]
@@ -97,13 +98,16 @@ ALL_BLOCKS = [b for path in DOCS for b in blocks_of(path)]
 RUNNABLE_DOCS = sorted({b.doc for b in ALL_BLOCKS if b.mark == "runnable"})
 
 
-def _env(scratch: Path, environ: dict[str, str]) -> dict[str, str]:
+def _env(scratch: Path, environ: dict[str, str], shims: Path | None = None) -> dict[str, str]:
+    """The examples' environment; ``shims`` (first on PATH) holds the fork server's ``persimmon-tools``
+    client (tests/cli_forkserver.py)."""
     home, tmp = scratch / "home", scratch / "tmp"
     home.mkdir()
     tmp.mkdir()
     env = {k: v for k, v in environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PERSIMMON"))}
+    first = [str(shims)] if shims is not None else []
     env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}",
+        PATH=os.pathsep.join([*first, str(Path(sys.executable).parent), environ.get("PATH", "")]),
         HOME=str(home),
         TMPDIR=str(tmp),
         HF_HOME=str(home / "hf"),
@@ -141,7 +145,7 @@ def _run_doc(background, doc: str, scratch: Path) -> str | None:
     work.mkdir()
     scripts.mkdir()
     (work / "fixtures").symlink_to(REPO / "fixtures", target_is_directory=True)
-    env = _env(scratch, background.environ)
+    env = _env(scratch, background.environ, shim_folder(background, scratch.parent))
     fixtures_before = _listing(REPO / "fixtures")
     for block in blocks:
         if block.lang not in LANGS:

@@ -16,6 +16,7 @@ Megatron-Core runs in one child beside the other tests (``mcore_oracle.py``, sta
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -23,8 +24,20 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from cli_forkserver import shim_folder
 
-if importlib.util.find_spec("megatron.core") is None:
+
+def _installed(dist: str) -> bool:
+    """Whether ``dist`` is installed, without importing it (``find_spec("megatron.core")`` would import the
+    ``megatron`` package into pytest's process, where tests/reliability checks that nothing imports it)."""
+    try:
+        importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+if not _installed("megatron-core"):
     pytest.skip(
         "megatron-core is not installed (it is in the test extra: pip install -c constraints.txt -e '.[test]')",
         allow_module_level=True,
@@ -61,14 +74,14 @@ def _ids(vocab: int) -> list[list[int]]:
     return [[(7 * i * i + 3) % vocab for i in range(7)], [(vocab - 1 - 5 * i) % vocab for i in range(7)]]
 
 
-def _cli(*args: str) -> dict:
-    return {"command": "run", "argv": [sys.executable, "-m", "persimmon_tools.cli", *args], "cwd": str(REPO)}
-
-
-def oracle_jobs(work: Path) -> tuple[list[dict], dict[str, int]]:
-    """The one child's jobs, in order, and where each result lands (name -> index)."""
+def oracle_jobs(work: Path, cli: list[str]) -> tuple[list[dict], dict[str, int]]:
+    """The one child's jobs, in order, and where each result lands (name -> index); ``cli`` runs
+    ``persimmon-tools``."""
     jobs: list[dict] = []
     where: dict[str, int] = {}
+
+    def _cli(*args: str) -> dict:
+        return {"command": "run", "argv": [*cli, *args], "cwd": str(REPO)}
 
     def add(name: str, job: dict) -> None:
         where[name] = len(jobs)
@@ -118,7 +131,9 @@ def oracle_jobs(work: Path) -> tuple[list[dict], dict[str, int]]:
 
 def _oracle_child(background, work: Path) -> dict:
     """A ``background`` job (tests/conftest.py): ``mcore_oracle.py jobs`` in one child; name -> result."""
-    jobs, where = oracle_jobs(work)
+    shims = shim_folder(background, work.parent)  # persimmon-tools through tests/cli_forkserver.py
+    cli = [str(shims / "persimmon-tools")] if shims else [sys.executable, "-m", "persimmon_tools.cli"]
+    jobs, where = oracle_jobs(work, cli)
     (work / "jobs.json").write_text(json.dumps(jobs))
     done = background.run(
         [sys.executable, str(ORACLE), "jobs", f"@{work / 'jobs.json'}"],
