@@ -20,13 +20,11 @@ What the stand-ins say is checked by :mod:`persimmon_tools.megatron.dist_metadat
 
 from __future__ import annotations
 
-import pickle
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-from persimmon_tools.errors import CheckpointError, UnsafeCheckpointError
-from persimmon_tools.megatron.unpickle import _DTYPES, RestrictedUnpickler
+from persimmon_tools.errors import UnsafeCheckpointError
+from persimmon_tools.megatron.unpickle import _DTYPES, RestrictedUnpickler, load_checked
 from persimmon_tools.safe_graph import small_repr
 
 _DCP = "torch.distributed.checkpoint."
@@ -160,28 +158,9 @@ def load_metadata_pickle(data: bytes, origin: str) -> tuple[Any, dict[str, str]]
     """Unpickle a ``.metadata`` file's bytes with the allow-list above; returns the object (stand-ins) and
     the globals it named. Any failure is a CheckpointError naming ``origin``."""
     unpickler = _MetadataUnpickler(data, origin, None)
-    try:
-        obj = unpickler.load()
-    except CheckpointError as err:
-        if err.message.startswith(origin):
-            raise
-        raise type(err)(f"{origin}: {err.message}", hint=err.hint or TAMPERED) from err
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        MemoryError,
-        OverflowError,
-        RecursionError,
-        UnicodeDecodeError,
-        struct.error,
-    ) as err:
-        raise CheckpointError(
-            f"{origin}: the pickle is corrupt or malformed ({type(err).__name__}: {str(err)[:120]})",
-            hint="the file is damaged or not a torch_dist .metadata; copy the checkpoint again",
-        ) from err
+    obj = load_checked(
+        unpickler,
+        damaged="the file is damaged or not a torch_dist .metadata; copy the checkpoint again",
+        tampered=TAMPERED,
+    )
     return obj, unpickler.globals_seen

@@ -332,34 +332,49 @@ def _children(obj: Any) -> Any:
     return None
 
 
-def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[Any, dict[str, str]]:
-    """Unpickle ``data``; returns the object and the globals it referenced (name -> treatment)."""
-    unpickler = RestrictedUnpickler(data, origin, storage_resolver)
+#: What the pure-Python unpickler raises on a malformed pickle (besides the allow-list's own errors).
+MALFORMED_PICKLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    MemoryError,
+    OverflowError,
+    RecursionError,
+    UnicodeDecodeError,
+    struct.error,
+)
+
+
+def load_checked(unpickler: RestrictedUnpickler, *, damaged: str, tampered: str) -> Any:
+    """``unpickler.load()``, every failure a CheckpointError naming the unpickler's origin: ``damaged`` the
+    hint for a malformed pickle, ``tampered`` for a refusal that has no hint of its own."""
+    origin = unpickler.origin
     try:
-        obj = unpickler.load()
+        return unpickler.load()
     except CheckpointError as err:  # name the file and say what to do where a rebuild or check did not
         if err.message.startswith(origin) and err.hint:
             raise
         message = err.message if err.message.startswith(origin) else f"{origin}: {err.message}"
-        raise type(err)(message, hint=err.hint or "the file is corrupt or was tampered with") from err
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        MemoryError,
-        OverflowError,
-        RecursionError,
-        UnicodeDecodeError,
-        struct.error,
-    ) as err:
+        raise type(err)(message, hint=err.hint or tampered) from err
+    except MALFORMED_PICKLE as err:
         raise CheckpointError(
             f"{origin}: the pickle is corrupt or malformed ({type(err).__name__}: {str(err)[:120]})",
-            hint="the file is damaged or not a PyTorch checkpoint; download it again",
+            hint=damaged,
         ) from err
+
+
+def restricted_loads(data: bytes, origin: str, storage_resolver: Any) -> tuple[Any, dict[str, str]]:
+    """Unpickle ``data``; returns the object and the globals it referenced (name -> treatment)."""
+    unpickler = RestrictedUnpickler(data, origin, storage_resolver)
+    obj = load_checked(
+        unpickler,
+        damaged="the file is damaged or not a PyTorch checkpoint; download it again",
+        tampered="the file is corrupt or was tampered with",
+    )
     # Shared sub-structures unfold exponentially under any later walk (flatten, args comparison, repr, JSON).
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # named first: the usual target
         check_tree(
