@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
+import offload
 import pytest
 
 from persimmon_tools.synth.build import ReleaseOptions, build_release, make_release, write_release_folder
@@ -99,6 +100,7 @@ class Background:
         self._workers: list[threading.Thread] = []
         self._closed = False
         self.started: dict[str, object] = {}  # what was started at session start, by name
+        self.offloaded: set[str] = set()  # node ids run in a child pytest (tests/offload.py)
 
     # for test modules, which cannot import this file reliably (``conftest`` is whichever pytest loaded last)
     default_signals = staticmethod(default_signals)
@@ -263,6 +265,33 @@ def _make_mid(background: Background, path: Path) -> Path:
     return path
 
 
+_SESSION_BACKGROUND: Background | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """A test that tests/offload.py ran in a child pytest is reported from the child's reports."""
+    bg = _SESSION_BACKGROUND
+    if bg is not None and item.nodeid in bg.offloaded and offload.replay(item, nextitem, bg):
+        return True
+    return None
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """In tests/offload.py's child: every report goes to the file the session reads."""
+    if offload.child_reports and _CONFIG is not None:
+        offload.write_report(_CONFIG, report)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config
+    offload.configure()
+
+
+_CONFIG: pytest.Config | None = None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background(request, tmp_path_factory) -> Iterator[Background]:
     """The session's :class:`Background`, with what the selected tests will need started at once, in order:
@@ -272,15 +301,18 @@ def background(request, tmp_path_factory) -> Iterator[Background]:
       (``items``: its selected tests), called for each such module in the order of the session's tests.
 
     One worker runs them beside the tests from the first test on; it is all child processes."""
-    bg = Background()
+    global _SESSION_BACKGROUND
+    bg = _SESSION_BACKGROUND = Background()
     items = [item for item in request.session.items if _selected(item)]
     if any("mid_release" in item.fixturenames for item in items):
         path = tmp_path_factory.mktemp("mid") / "mid_release.tar"
         bg.started["mid_release"] = bg.submit(_make_mid, path)
+    chosen = offload.offloaded(items)
+    elsewhere = offload.start(bg, tmp_path_factory, chosen) if chosen else set()
     modules: dict[str, tuple[object, list[pytest.Item]]] = {}
     for item in items:
         module = getattr(item, "module", None)
-        if hasattr(module, "start_in_background"):
+        if hasattr(module, "start_in_background") and item.nodeid.split("::", 1)[0] not in elsewhere:
             modules.setdefault(module.__name__, (module, []))[1].append(item)
     for module, its in modules.values():
         module.start_in_background(bg, tmp_path_factory, its)
