@@ -35,13 +35,12 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from persimmon_tools.errors import ConfigError
-from persimmon_tools.verification.source_checks import stored_inv_freq_problems
+from persimmon_tools.verification.source_checks import arg, named_arg, stored_inv_freq_problems
 from persimmon_tools.verification.source_merge import SourceCheckpoint, SourceTensor
 
 log = logging.getLogger(__name__)
@@ -143,35 +142,6 @@ MEGATRON_GLOBALS = {
     "head": "word_embeddings_for_head.weight",
 }
 INV_FREQ = "self_attention.rotary_emb.inv_freq"
-
-
-def arg(args: Any, name: str) -> Any:
-    """``args.name`` of the checkpoint's args (a Namespace, a dict or an inert stand-in); None when absent."""
-    if args is None:
-        return None
-    if isinstance(args, dict):
-        return args.get(name)
-    value = getattr(args, name, None)
-    state = getattr(args, "state", None)
-    return state.get(name) if value is None and isinstance(state, dict) else value
-
-
-#: ADEPT's args name → the name today's Megatron-LM gives the same setting (a torch_dist checkpoint's args).
-MODERN_NAMES = {
-    "sq_relu": "squared_relu",
-    "rotary_pct": "rotary_percent",
-    "rotary_emb_base": "rotary_base",
-    "layernorm_epsilon": "norm_epsilon",
-}
-
-
-def named_arg(args: Any, name: str) -> tuple[Any, str]:
-    """``(value, "args.<name found>")`` for ADEPT's ``name`` or, when absent, today's Megatron-LM name for it."""
-    value = arg(args, name)
-    modern = MODERN_NAMES.get(name)
-    if value is None and modern is not None and arg(args, modern) is not None:
-        return arg(args, modern), f"args.{modern}"
-    return value, f"args.{name}"
 
 
 def gather_rows(mt: SourceTensor, ids: Sequence[int]) -> torch.Tensor:

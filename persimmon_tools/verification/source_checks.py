@@ -122,3 +122,32 @@ def stored_inv_freq_problems(
                 f"{implied:.6g}, but the rotary base is {base:g} ({base_from})"
             )
     return out
+
+
+def arg(args: Any, name: str) -> Any:
+    """``args.name`` of the checkpoint's args (a Namespace, a dict or an inert stand-in); None when absent."""
+    if args is None:
+        return None
+    if isinstance(args, dict):
+        return args.get(name)
+    value = getattr(args, name, None)
+    state = getattr(args, "state", None)
+    return state.get(name) if value is None and isinstance(state, dict) else value
+
+
+#: ADEPT's args name → the name today's Megatron-LM gives the same setting (a torch_dist checkpoint's args).
+MODERN_NAMES = {
+    "sq_relu": "squared_relu",
+    "rotary_pct": "rotary_percent",
+    "rotary_emb_base": "rotary_base",
+    "layernorm_epsilon": "norm_epsilon",
+}
+
+
+def named_arg(args: Any, name: str) -> tuple[Any, str]:
+    """``(value, "args.<name found>")`` for ADEPT's ``name`` or, when absent, today's Megatron-LM name for it."""
+    value = arg(args, name)
+    modern = MODERN_NAMES.get(name)
+    if value is None and modern is not None and arg(args, modern) is not None:
+        return arg(args, modern), f"args.{modern}"
+    return value, f"args.{name}"
