@@ -244,18 +244,20 @@ def observe(fd: int, offset: int, view: memoryview) -> None:
 
 
 def finish_records(release: Release) -> int:
-    """Complete the records a pass over ``release``'s shards started and did not complete (a tensor view
-    that covers part of its storage, rows looked up far apart), checking their CRC-32; returns the bytes read.
-    Call it at the end of a pass: ``convert`` after the shards are written, ``verify`` after the reference
-    was read."""
+    """Complete the records a pass over ``release``'s checkpoint files started and did not complete (a
+    tensor view that covers part of its storage, rows looked up far apart), checking their CRC-32; returns
+    the bytes read. The files are :meth:`Release.source_files`: the shards (one zip each), or a torch_dist
+    checkpoint's files (a zip per stored chunk inside each ``.distcp``): every table whose zip lies inside one
+    of them. Call it at the end of a pass: ``convert`` after the shards are written, ``verify`` after the
+    reference was read."""
     done = 0
-    for src in release.shards.values():
+    for src in release.source_files():
         try:
             key = identity(os.stat(src.path))
         except OSError:
             continue
         for table in _tables(key):
-            if table.offset == src.offset and table.size == src.size:
+            if src.offset <= table.offset and table.offset + table.size <= src.offset + src.size:
                 done += table.finish()
     return done
 

@@ -152,6 +152,10 @@ def load_core_source(
 
 
 def load_dist_source(release: Release, *, reader: Reader | None = None) -> SourceCheckpoint:
-    """:func:`load_core_source` on the torch_dist checkpoint ``release`` names (its ``kind`` is ``"torch_dist"``)."""
-    dist = open_torch_dist(Path(release.source), iteration=release.iteration)
+    """:func:`load_core_source` on the torch_dist checkpoint ``release`` names (its ``kind`` is ``"torch_dist"``):
+    the one the byte layer opened with the release (:attr:`Release.dist`), so its chunks' CRC-32 states are
+    the ones :func:`~persimmon_tools.megatron.records.finish_records` completes, and no chunk is checked twice."""
+    dist = release.dist
+    if dist is None:  # a Release made by hand
+        dist = open_torch_dist(Path(release.source), iteration=release.iteration)
     return load_core_source(release, dist, reader=reader)

@@ -514,3 +514,31 @@ def test_common_iteration_must_match_the_folder(tmp_path):
     folder, _ = make_torch_dist(tmp_path / "ckpt", common={"iteration": 8})
     with pytest.raises(CheckpointError, match="says iteration 8 but its folder says 7"):
         open_torch_dist(folder.parent)
+
+
+def test_a_chunk_read_far_apart_is_completed_by_finish_records_of_the_release(tmp_path):
+    """A torch_dist chunk whose rows a pass reads far apart (verify looks up embedding rows by token id) stays
+    open until ``finish_records(release)`` (what verify calls) reads and checks the rest, as for a shard: its
+    zip lies inside a ``.distcp`` file, not at the start of a shard."""
+    from persimmon_tools.megatron.records import finish_records
+
+    legacy, legacy_args = legacy_release()
+    state, split = core_state(legacy)
+    state["embedding.word_embeddings.weight"] = torch.arange(1024 * 1024, dtype=torch.float32).reshape(
+        1024, 1024
+    )
+    split["embedding.word_embeddings.weight"] = None
+    write_torch_dist(tmp_path / "ckpt", state, split, common={"args": megatron_lm_args(legacy_args)})
+    (chunk,) = open_torch_dist(tmp_path / "ckpt").tensors["embedding.word_embeddings.weight"].chunks
+    flip_at = chunk.tensor.byte_offset + 512 * 4096 + 7
+    with open(chunk.tensor.storage.path, "r+b") as fh:
+        fh.seek(flip_at)
+        byte = fh.read(1)
+        fh.seek(flip_at)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    release = open_release(tmp_path / "ckpt")
+    (chunk,) = release.dist.tensors["embedding.word_embeddings.weight"].chunks
+    rows = chunk.tensor
+    assert rows.read_rows(0, 1)[0, 1] == 1 and rows.read_rows(1023, 1024)[0, 0] == 1023 * 1024  # gap not read
+    with pytest.raises(CheckpointError, match="is damaged"):
+        finish_records(release)
