@@ -189,3 +189,11 @@ def shim_folder(background, scratch_root: Path) -> Path | None:
             ready = proc.stdout.readline().strip() == "ready"
             background.started["cli_forkserver"] = write_shim(folder, sock).parent if ready else None
         return background.started["cli_forkserver"]
+
+
+def cli_path(background, scratch_root: Path) -> str:
+    """A PATH on which ``persimmon-tools`` is the fork server's client (when the server started), else this
+    interpreter's console script, then the session's own PATH."""
+    shims = shim_folder(background, scratch_root)
+    first = [str(shims)] if shims is not None else []
+    return os.pathsep.join([*first, str(Path(sys.executable).parent), background.environ.get("PATH", "")])

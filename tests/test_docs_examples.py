@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_forkserver import shim_folder
+from cli_forkserver import cli_path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "cli.md")]
@@ -98,16 +98,14 @@ ALL_BLOCKS = [b for path in DOCS for b in blocks_of(path)]
 RUNNABLE_DOCS = sorted({b.doc for b in ALL_BLOCKS if b.mark == "runnable"})
 
 
-def _env(scratch: Path, environ: dict[str, str], shims: Path | None = None) -> dict[str, str]:
-    """The examples' environment; ``shims`` (first on PATH) holds the fork server's ``persimmon-tools``
-    client (tests/cli_forkserver.py)."""
+def _env(scratch: Path, environ: dict[str, str], path: str) -> dict[str, str]:
+    """The examples' environment; ``path`` finds ``persimmon-tools`` first (tests/cli_forkserver.py)."""
     home, tmp = scratch / "home", scratch / "tmp"
     home.mkdir()
     tmp.mkdir()
     env = {k: v for k, v in environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PERSIMMON"))}
-    first = [str(shims)] if shims is not None else []
     env.update(
-        PATH=os.pathsep.join([*first, str(Path(sys.executable).parent), environ.get("PATH", "")]),
+        PATH=path,
         HOME=str(home),
         TMPDIR=str(tmp),
         HF_HOME=str(home / "hf"),
@@ -145,7 +143,7 @@ def _run_doc(background, doc: str, scratch: Path) -> str | None:
     work.mkdir()
     scripts.mkdir()
     (work / "fixtures").symlink_to(REPO / "fixtures", target_is_directory=True)
-    env = _env(scratch, background.environ, shim_folder(background, scratch.parent))
+    env = _env(scratch, background.environ, cli_path(background, scratch.parent))
     fixtures_before = _listing(REPO / "fixtures")
     for block in blocks:
         if block.lang not in LANGS:

@@ -8,7 +8,6 @@ pytester run, from a user's conftest.py). The recipe's bash block is extracted f
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from cli_forkserver import shim_folder
+from cli_forkserver import cli_path
 from safetensors.torch import load_file, save_file
 
 pytest_plugins = ["persimmon_tools.testing.fixtures", "pytester"]
@@ -120,13 +119,11 @@ def _recipe(*, skip_convert: bool = False) -> str:
 def _run_recipe(background, scratch: Path, script: str, out: Path) -> subprocess.CompletedProcess:
     """The recipe, with ``scratch`` as its working directory, CHECKPOINT the fixture tar and OUT ``out``."""
     (scratch / "recipe.sh").write_text(script)
-    shims = shim_folder(background, scratch.parent)  # persimmon-tools through tests/cli_forkserver.py
-    first = [str(shims)] if shims is not None else []
     env = dict(
         background.environ,
         CHECKPOINT=str(FIXTURE_TAR),
         OUT=str(out),
-        PATH=os.pathsep.join([*first, str(Path(sys.executable).parent), background.environ.get("PATH", "")]),
+        PATH=cli_path(background, scratch.parent),  # persimmon-tools through tests/cli_forkserver.py
     )
     try:
         return background.run(["bash", str(scratch / "recipe.sh")], cwd=scratch, env=env, timeout=300)
