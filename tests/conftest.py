@@ -146,11 +146,7 @@ class Background:
         output as it comes, sends it signals), in a process group of its own: killed with the group when the
         block ends and it still runs, or when the session ends first (then ``RuntimeError`` for a new one).
         No ``preexec_fn`` (unsafe in a thread): :func:`default_signals` gives a child the default dispositions."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"not run, the test session ended first: {args}")
-            proc = subprocess.Popen(args, cwd=cwd, env=env, start_new_session=True, **popen)
-            self._running.add(proc)
+        proc = self.keep(args, cwd=cwd, env=env, **popen)
         try:
             yield proc
         finally:
@@ -161,10 +157,11 @@ class Background:
                 self._running.discard(proc)
 
     def keep(self, args: list[str], *, cwd: Path, env: dict[str, str], **popen) -> subprocess.Popen:
-        """A long-lived child (a server the jobs use), in its own process group, killed when the session ends."""
+        """A child in its own process group, killed when the session ends (``RuntimeError`` once it has): a
+        long-lived one (a server the jobs use) as it is, the others through :meth:`spawn`."""
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"not started, the test session ended first: {args}")
+                raise RuntimeError(f"not run, the test session ended first: {args}")
             proc = subprocess.Popen(args, cwd=cwd, env=env, start_new_session=True, **popen)
             self._running.add(proc)
         return proc
