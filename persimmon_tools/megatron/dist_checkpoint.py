@@ -283,9 +283,10 @@ def open_torch_dist(
 MEGATRON_LM_TOKENIZER = Path("tokenizer") / "tokenizer.model"
 
 
-def _linked(path: Path) -> bool:
-    """Whether a folder on the way to ``path`` (below the iteration folder) is a symbolic link."""
-    return path.parent.name == "tokenizer" and path.parent.is_symlink()
+def _through_a_link(folder: Path, relative: Path) -> bool:
+    """Whether a folder on the way from ``folder`` to ``folder / relative`` is a symbolic link (the file
+    itself is checked where it is opened: :func:`release_file` refuses a link)."""
+    return any((folder / parent).is_symlink() for parent in relative.parents if parent != Path("."))
 
 
 def dist_release(source: Path, iteration: int | None = None) -> Release:
@@ -296,8 +297,15 @@ def dist_release(source: Path, iteration: int | None = None) -> Release:
     in the root is checked as for a release folder (:mod:`.manifest`)."""
     dist = open_torch_dist(source, iteration=iteration)
     check_release_manifest(dist.root, "", None)  # an integrity.json beside the tracker, when there is one
-    places = (dist.root / VOCAB, dist.path / VOCAB, dist.path / MEGATRON_LM_TOKENIZER)
-    vocab = next((release_file(p, VOCAB) for p in places if os.path.lexists(p) and not _linked(p)), None)
+    places = [(dist.root, Path(VOCAB)), (dist.path, Path(VOCAB)), (dist.path, MEGATRON_LM_TOKENIZER)]
+    vocab = next(
+        (
+            release_file(folder / rel, VOCAB)
+            for folder, rel in places
+            if os.path.lexists(folder / rel) and not _through_a_link(folder, rel)
+        ),
+        None,
+    )
     root_name = Path(os.path.abspath(dist.root)).name
     witnesses = [(f"checkpoint folder {root_name}", root_name)] if dist.tracker is not None else []
     variant, variant_from = decide_variant(witnesses)

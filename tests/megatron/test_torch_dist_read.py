@@ -542,3 +542,24 @@ def test_a_chunk_read_far_apart_is_completed_by_finish_records_of_the_release(tm
     assert rows.read_rows(0, 1)[0, 1] == 1 and rows.read_rows(1023, 1024)[0, 0] == 1023 * 1024  # gap not read
     with pytest.raises(CheckpointError, match="is damaged"):
         finish_records(release)
+
+
+def test_megatron_lm_s_tokenizer_folder_is_the_vocabulary_unless_it_is_a_link(tp2, tmp_path):
+    """``iter_*/tokenizer/tokenizer.model`` (where Megatron-LM saves it) is the vocabulary; through a linked
+    ``tokenizer`` folder it is not read."""
+    import shutil
+
+    folder, _ = tp2
+    copy = tmp_path / "ckpt"
+    shutil.copytree(folder.parent, copy)
+    iteration = copy / folder.name
+    model = Path(__file__).resolve().parents[2] / "persimmon_tools" / "data" / "tiny_vocab.model"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(model, elsewhere / "tokenizer.model")
+    (iteration / "tokenizer").symlink_to(elsewhere, target_is_directory=True)
+    assert open_release(copy).vocab is None
+    (iteration / "tokenizer").unlink()
+    shutil.copytree(elsewhere, iteration / "tokenizer")
+    vocab = open_release(copy).vocab
+    assert vocab is not None and vocab.path == iteration / "tokenizer" / "tokenizer.model"
