@@ -1,18 +1,32 @@
-"""A fork server for the ``persimmon-tools`` commands of the docs examples and the CI recipe (tests only).
+"""A fork server for the test suite's ``persimmon-tools`` commands and Python children (tests only).
 
-Each ``persimmon-tools`` process spends about 1.5 CPU-seconds importing torch before it does anything; the
-docs examples and docs/ci.md's recipe run a few dozen of them, so the imports were a large part of the test
-suite's CPU. Here one server process imports the toolkit and its heavy dependencies once (torch,
-safetensors, tokenizers, sentencepiece, numpy; never huggingface_hub or transformers, whose settings are
-read from the environment at import time) and then, per command, forks a child that runs the real
-console-script entry point (:func:`persimmon_tools.cli.run`) with the caller's argv, working directory,
-environment and standard streams (passed as file descriptors), and reports its exit status.
+A fresh Python process that imports torch spends about 1.5 CPU-seconds on it, and one that also loads
+transformers' Persimmon model about 4.5; the docs examples, docs/ci.md's recipe, the Megatron-Core child and
+the tests' Python children start several dozen of them. Here one server process imports the toolkit and its
+heavy dependencies once (torch, safetensors, tokenizers, sentencepiece, numpy) and, per request, forks a
+child that becomes the command:
 
-The examples call ``persimmon-tools`` through :func:`write_shim`'s small client, put first on their PATH:
-what they run is unchanged, the exit codes and the bytes on stdout and stderr are the command's own. What
-this does not exercise is a fresh interpreter's start (the console script, import errors): tests in
-tests/cli/test_cli_process.py and the README's quick start run real processes. When the server is not
-running, the client runs the real console script instead.
+- ``persimmon-tools ARGS``: the real console-script entry point (:func:`persimmon_tools.cli.run`);
+- ``python [-W error] (-c CODE | -m MODULE | SCRIPT) ARGS``: the code as ``__main__``, with ``sys.argv`` and
+  ``sys.path[0]`` as the interpreter sets them (any other option: the real interpreter, exec'd in the child).
+
+Each child gets the caller's argv, working directory, environment and standard streams (passed as file
+descriptors), and the caller gets its exit status: the exit codes and the bytes on stdout and stderr are the
+command's own.
+
+huggingface_hub and transformers read their settings (``HF_HOME``, ``HF_HUB_OFFLINE``, ...) from the
+environment when they are imported, so they are never imported into the server itself. Instead, each
+distinct *import environment* (the values of the variables :data:`IMPORT_TIME` matches) gets a warm child of
+its own, forked from the server on the first request with that environment: it takes that environment,
+imports transformers' Persimmon model and tokenizers and the toolkit's verify and hub wings, and forks the
+requests with the same import environment from there. At most :data:`MAX_WARM` of them; beyond that a
+request is forked from the server, which has not imported them.
+
+The callers run :func:`write_shim`'s small clients (``persimmon-tools`` first on PATH from :func:`cli_path`,
+``python`` from :func:`python_path`). What this does not exercise is a fresh interpreter's start (the console
+script, import errors, the import of transformers): tests in tests/cli/test_cli_process.py, tests that check
+what a fresh process imports, and the README's quick start run real processes. When the server is not
+running, a client runs the real console script or interpreter instead.
 
     python tests/cli_forkserver.py SOCKET      # serve until killed (prints "ready" once listening)
 """
@@ -21,8 +35,10 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import json
 import os
+import re
 import select
 import socket
 import struct
@@ -31,15 +47,16 @@ import sys
 import threading
 from pathlib import Path
 
-#: The client, run as ``persimmon-tools``: Python without site (fast to start), stdlib only.
+#: The client, run as ``persimmon-tools`` or ``python``: Python without site (fast to start), stdlib only.
 _SHIM = """#!{python} -S
-import array, json, os, socket, struct, sys
+import array, json, os, signal, socket, struct, sys
 try:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect({sock!r})
 except OSError:
     os.execv({real!r}, [{real!r}, *sys.argv[1:]])
-body = json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+request = {{"mode": {mode!r}, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}
+body = json.dumps(request).encode()
 s.sendmsg([struct.pack("!I", len(body))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
 s.sendall(body)
 got = b""
@@ -48,60 +65,173 @@ while len(got) < 4:
     if not more:
         sys.exit(70)
     got += more
-sys.exit(struct.unpack("!i", got)[0])
+code = struct.unpack("!i", got)[0]
+if code < 0:  # ended by a signal: end by the same one
+    try:
+        signal.signal(-code, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), -code)
+sys.exit(code if code >= 0 else 128 - code)
 """
 
+#: The variables that can change what an import does: those that the interpreter, torch, transformers,
+#: huggingface_hub and tokenizers read when they are imported (locale, home and cache folders, offline
+#: switches, thread counts, proxies). Requests whose values of these differ get different warm children;
+#: every other variable (the shell's, PATH, TMPDIR, a script's own inputs) is only applied in the child.
+IMPORT_TIME = re.compile(
+    r"HF_|HUGGINGFACE|TRANSFORMERS|TOKENIZERS|SAFETENSORS|TORCH|PYTORCH|CUDA|OMP_|MKL_|KMP_|USE_|XDG_"
+    r"|PYTHON|LANG|LC_|HOME$|TZ$|.*PROXY$|DISABLE_TELEMETRY$|DO_NOT_TRACK$",
+    re.IGNORECASE,
+)
+#: Read per request in the child: put on ``sys.path``, set as ``sys.dont_write_bytecode``.
+PER_REQUEST = frozenset({"PYTHONPATH", "PYTHONDONTWRITEBYTECODE"})
 
-def write_shim(folder: Path, sock: Path) -> Path:
-    """``folder/persimmon-tools``: the client of the server listening on ``sock`` (put ``folder`` first on
-    PATH)."""
-    real = Path(sys.executable).parent / "persimmon-tools"
-    shim = folder / "persimmon-tools"
-    shim.write_text(_SHIM.format(python=sys.executable, sock=str(sock), real=str(real)))
+#: How many import environments get a warm child.
+MAX_WARM = 3
+
+_WARM_IMPORTS = (
+    "huggingface_hub",
+    "transformers",
+    "transformers.models.persimmon.modeling_persimmon",
+    "transformers.tokenization_utils_fast",
+    "persimmon_tools.verification.verify",
+    "persimmon_tools.verification.transformers_side",
+    "persimmon_tools.hub.push",
+)
+
+
+def write_shim(folder: Path, sock: Path, mode: str = "cli") -> Path:
+    """``folder/persimmon-tools`` (``mode="cli"``) or ``folder/python`` (``mode="python"``): a client of the
+    server listening on ``sock``."""
+    if mode == "cli":
+        real, name = Path(sys.executable).parent / "persimmon-tools", "persimmon-tools"
+    else:
+        real, name = Path(sys.executable), "python"
+    shim = folder / name
+    shim.write_text(_SHIM.format(python=sys.executable, sock=str(sock), real=str(real), mode=mode))
     shim.chmod(0o755)
     return shim
 
 
-def _run_child(request: dict, fds: list[int]) -> None:
-    """In the forked child: become the command, run it, exit with its code (never returns)."""
+def import_key(env: dict[str, str]) -> str:
+    """What distinguishes one import environment from another: ``env``'s :data:`IMPORT_TIME` variables."""
+    chosen = [(k, v) for k, v in env.items() if IMPORT_TIME.match(k) and k not in PER_REQUEST]
+    return json.dumps(sorted(chosen))
+
+
+# --- in the forked child ------------------------------------------------------------------------------
+
+
+def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
+    """Take the caller's standard streams, working directory, environment and PYTHONPATH."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    import tempfile
+
+    tempfile.tempdir = None  # read TMPDIR again, as a fresh process would
+    sys.dont_write_bytecode = bool(request["env"].get("PYTHONDONTWRITEBYTECODE"))
+    extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = ["", *extra, *base_path]
+
+
+def _run_cli(argv: list[str]) -> int:
+    sys.argv = [str(Path(sys.executable).parent / "persimmon-tools"), *argv]
+    sys.path[0] = str(Path(sys.executable).parent)
+    from persimmon_tools.cli import run
+
+    run()
+    return 0
+
+
+def _errors_after_imports(defaults: int) -> None:
+    """``-W error`` as the interpreter applies it: behind the filters that imports added, ahead of the
+    ``defaults`` the interpreter started with."""
+    import warnings
+
+    current = list(warnings.filters)
+    cut = len(current) - defaults
+    ordered = [*current[:cut], ("error", None, Warning, None, 0), *current[cut:]]
+    sys.warnoptions[:] = ["error"]
+    warnings.resetwarnings()
+    for action, message, category, module, lineno in reversed(ordered):
+        text, where = (getattr(part, "pattern", part) or "" for part in (message, module))
+        warnings.filterwarnings(action, text, category, where, lineno)
+
+
+def _run_python(argv: list[str], defaults: int) -> int:
+    """``python ARGV`` for ``[-W error]... (-c CODE | -m MODULE | SCRIPT) ARGS``; anything else execs the
+    interpreter."""
+    import runpy
+    import types
+
+    i, errors = 0, False
+    while argv[i : i + 2] == ["-W", "error"]:
+        errors, i = True, i + 2
+    module = None
+    if argv[i : i + 1] == ["-c"] and len(argv) > i + 1:
+        code, sys.argv = argv[i + 1], ["-c", *argv[i + 2 :]]
+    elif argv[i : i + 1] == ["-m"] and len(argv) > i + 1:
+        code, module, sys.argv = None, argv[i + 1], ["-m", *argv[i + 2 :]]
+        sys.path[0] = os.getcwd()
+    elif i < len(argv) and not argv[i].startswith("-"):
+        code, sys.argv = None, argv[i:]
+        sys.path[0] = os.path.dirname(os.path.realpath(argv[i]))
+    else:
+        os.execv(sys.executable, [sys.executable, *argv])
+    if errors:
+        _errors_after_imports(defaults)
+    if module is not None:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    elif code is None:
+        runpy.run_path(os.path.abspath(sys.argv[0]), run_name="__main__")
+    else:
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = __builtins__
+        sys.modules["__main__"] = main
+        exec(compile(code, "<string>", "exec"), main.__dict__)
+    return 0
+
+
+def run_job(job: tuple[dict, list[int]], base_path: list[str], defaults: int) -> int:
+    """In the forked child: become the request's command and run it; its exit code."""
+    request, fds = job
     code = 70
     try:
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        import tempfile
-
-        tempfile.tempdir = None  # read TMPDIR again, as a fresh process would
-        sys.argv = [str(Path(sys.executable).parent / "persimmon-tools"), *request["argv"]]
-        from persimmon_tools.cli import run
-
-        run()
-        code = 0
+        _become(request, fds, base_path)
+        if request.get("mode") == "python":
+            code = _run_python(request["argv"], defaults)
+        else:
+            code = _run_cli(request["argv"])
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if isinstance(done.code, str):
             print(done.code, file=sys.stderr)
-    except BaseException:  # a bug: the traceback, as a fresh process would show it
-        import traceback
-
-        traceback.print_exc()
+    except BaseException as error:  # as a fresh interpreter reports it, without this file's frames
+        tb = error.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>"):
+            tb = tb.tb_next
+        sys.excepthook(type(error), error.with_traceback(tb), tb)
         code = 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+    return code
 
 
-def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    head, ancillary, _, _ = conn.recvmsg(4, socket.CMSG_SPACE(3 * array.array("i").itemsize))
+# --- the server and its warm children -----------------------------------------------------------------
+
+
+def _receive(conn: socket.socket, nfds: int) -> tuple[dict, list[int]]:
+    """One length-prefixed JSON request and the ``nfds`` descriptors sent with it."""
+    head, ancillary, _, _ = conn.recvmsg(4, socket.CMSG_SPACE(nfds * array.array("i").itemsize))
     fds = array.array("i")
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if not head:
+        raise ConnectionError("closed")
     while len(head) < 4:
         head += conn.recv(4 - len(head))
     (size,) = struct.unpack("!I", head)
@@ -114,7 +244,101 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), list(fds)
 
 
-def serve(sock: Path) -> None:
+def _send(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    body = json.dumps(request).encode()
+    conn.sendmsg(
+        [struct.pack("!I", len(body))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    )
+    conn.sendall(body)
+
+
+class _Forker:
+    """Forks a child per job and, once it has ended, sends its exit status on the job's connection."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, socket.socket] = {}
+
+    def fork(self, conn: socket.socket, job: tuple[dict, list[int]], *closing: socket.socket):
+        """The job in the child (the caller runs it), None in the server."""
+        pid = os.fork()
+        if pid == 0:
+            for sock in closing:
+                sock.close()
+            conn.close()
+            return job
+        for fd in job[1]:
+            os.close(fd)
+        self.waiting[pid] = conn
+        return None
+
+    def reap(self) -> None:
+        while self.waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            conn = self.waiting.pop(pid, None)
+            if conn is not None:
+                code = os.waitstatus_to_exitcode(status)  # -N: ended by signal N
+                with contextlib.suppress(OSError):
+                    conn.sendall(struct.pack("!i", code))
+                conn.close()
+
+
+def _warm(pipe: socket.socket, env: dict[str, str]):
+    """A warm child's loop: take ``env``, import :data:`_WARM_IMPORTS`, then fork each job that the server
+    passes on ``pipe`` (its connection, then its standard streams); returns a job in a forked child."""
+    import importlib
+
+    os.environ.clear()
+    os.environ.update(env)
+    for name in _WARM_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    gc.freeze()
+    forker = _Forker()
+    while True:
+        ready, _, _ = select.select([pipe], [], [], 0.02 if forker.waiting else 1.0)
+        if ready:
+            try:
+                request, fds = _receive(pipe, 4)
+            except (OSError, ValueError):
+                os._exit(0)  # the server has gone
+            conn = socket.socket(fileno=fds[0])
+            job = forker.fork(conn, (request, fds[1:]), pipe)
+            if job is not None:
+                return job
+        forker.reap()
+
+
+def _start_warm(env: dict[str, str], closing: tuple, fds: list[int]):
+    """Fork a warm child for ``env``: ``(the server's end of its pipe, None)`` in the server, ``(None, job)``
+    in a job's child forked by the warm child (the warm child itself never returns)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.fork() == 0:
+        for sock in (ours, *closing):
+            if sock is not None:
+                sock.close()
+        for fd in fds:
+            os.close(fd)
+        return None, _warm(theirs, env)
+    theirs.close()
+    return ours, None
+
+
+def _pass_on(pipe: socket.socket, request: dict, conn: socket.socket, fds: list[int]) -> bool:
+    """Hand the request to a warm child (its connection and standard streams); False when it has gone."""
+    try:
+        _send(pipe, request, [conn.fileno(), *fds])
+    except OSError:
+        return False
+    for fd in fds:
+        os.close(fd)
+    conn.close()
+    return True
+
+
+def serve(sock: Path):
+    """Serve ``sock`` until killed; returns a job only in a forked child (the caller runs it)."""
     import numpy  # noqa: F401  (imported once here, inherited by every command)
     import safetensors.torch  # noqa: F401
     import sentencepiece  # noqa: F401
@@ -125,6 +349,7 @@ def serve(sock: Path) -> None:
     import persimmon_tools.conversion.convert  # noqa: F401
     import persimmon_tools.export.export  # noqa: F401
 
+    gc.freeze()  # the imports' objects: never collected, so a child's collections copy none of their pages
     leaked = [m for m in ("huggingface_hub", "transformers") if m in sys.modules]
     if leaked:
         raise SystemExit(f"the fork server must not import {leaked}: they read settings at import time")
@@ -132,48 +357,69 @@ def serve(sock: Path) -> None:
     server.bind(str(sock))
     server.listen(64)
     print("ready", flush=True)
-    waiting: dict[int, socket.socket] = {}
+    warm: dict[str, socket.socket | None] = {}
+    forker = _Forker()
     while True:
-        ready, _, _ = select.select([server], [], [], 0.02 if waiting else 1.0)
+        ready, _, _ = select.select([server], [], [], 0.02 if forker.waiting else 1.0)
         if ready:
             conn, _ = server.accept()
             try:
-                request, fds = _receive(conn)
+                request, fds = _receive(conn, 3)
             except (OSError, ValueError):
                 conn.close()
                 continue
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                conn.close()
-                _run_child(request, fds)
-            for fd in fds:
-                os.close(fd)
-            waiting[pid] = conn
-        while waiting:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            conn = waiting.pop(pid, None)
-            if conn is not None:
-                code = os.waitstatus_to_exitcode(status)
-                with contextlib.suppress(OSError):
-                    conn.sendall(struct.pack("!i", code if code >= 0 else 128 - code))
-                conn.close()
+            key = import_key(request["env"])
+            if key not in warm and len(warm) < MAX_WARM:
+                warm[key], job = _start_warm(request["env"], (server, conn, *warm.values()), fds)
+                if job is not None:
+                    return job
+            if warm.get(key) is not None and _pass_on(warm[key], request, conn, fds):
+                continue
+            if warm.get(key) is not None:  # the warm child has gone: the server forks this key's requests
+                warm[key].close()
+                warm[key] = None
+            job = forker.fork(conn, (request, fds), server, *(p for p in warm.values() if p is not None))
+            if job is not None:
+                return job
+        forker.reap()
+
+
+def main(sock: Path) -> None:
+    import warnings
+
+    defaults = len(warnings.filters)  # the interpreter's own, before any import added one
+    base_path = sys.path[1:]
+    job = serve(sock)
+    code = run_job(job, base_path, defaults)
+    if job[0].get("mode") == "python":  # what the interpreter does at exit, before it tears down its modules
+        import atexit
+
+        threading._shutdown()  # waits for the non-daemon threads
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)  # tearing the inherited modules down would only copy their pages
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    main(Path(sys.argv[1]))
 
 
 _STARTED = threading.Lock()
+#: Set for a child pytest (tests/offload.py): the folder of the session's clients, which it uses instead of
+#: starting a server of its own.
+SHARED_ENV = "PERSIMMON_TESTS_FORKSERVER"
 
 
 def shim_folder(background, scratch_root: Path) -> Path | None:
-    """The folder holding the ``persimmon-tools`` client of the session's server (started on first use with
-    ``background.keep``; killed when the session ends); None when it did not start (then the caller's PATH
-    finds the real console script)."""
+    """The folder holding the ``persimmon-tools`` and ``python`` clients of the session's server (started on
+    first use with ``background.keep``; killed with its children when the session ends); None when it did
+    not start (then the callers run the real console script and interpreter)."""
     with _STARTED:
+        shared = background.environ.get(SHARED_ENV)
+        if "cli_forkserver" not in background.started and shared and Path(shared, "python").is_file():
+            background.started["cli_forkserver"] = Path(shared)
         if "cli_forkserver" not in background.started:
             folder = scratch_root / "forkserver"
             folder.mkdir(parents=True, exist_ok=True)
@@ -181,12 +427,14 @@ def shim_folder(background, scratch_root: Path) -> Path | None:
             proc = background.keep(
                 [sys.executable, __file__, str(sock)],
                 cwd=folder,
-                env=background.environ,
+                env={k: v for k, v in background.environ.items() if k != "PYTHONPATH"},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
             )
             ready = proc.stdout.readline().strip() == "ready"
+            if ready:
+                write_shim(folder, sock, "python")
             background.started["cli_forkserver"] = write_shim(folder, sock).parent if ready else None
         return background.started["cli_forkserver"]
 
@@ -197,3 +445,11 @@ def cli_path(background, scratch_root: Path) -> str:
     shims = shim_folder(background, scratch_root)
     first = [str(shims)] if shims is not None else []
     return os.pathsep.join([*first, str(Path(sys.executable).parent), background.environ.get("PATH", "")])
+
+
+def python_path(background, scratch_root: Path) -> str:
+    """The fork server's ``python`` client (when the server started), else this interpreter: for a child
+    whose test is about what its code computes, not about a fresh interpreter's start (what it imports, its
+    signal dispositions, its memory from zero)."""
+    shims = shim_folder(background, scratch_root)
+    return str(shims / "python") if shims is not None else sys.executable

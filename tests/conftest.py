@@ -25,6 +25,7 @@ from pathlib import Path
 
 import offload
 import pytest
+from cli_forkserver import python_path
 
 from persimmon_tools.synth.build import ReleaseOptions, build_release, make_release, write_release_folder
 
@@ -92,7 +93,8 @@ class Background:
     One worker takes the jobs in the order they were submitted; a test that waits for a job raises the
     number of workers (``add_workers``), since pytest's own process then waits too."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch_root: Path) -> None:
+        self.scratch_root = scratch_root  # the session's base temporary folder
         self.environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
         self._lock = threading.Lock()
         self._queue: list[tuple[Future, Callable, tuple]] = []
@@ -104,6 +106,11 @@ class Background:
 
     # for test modules, which cannot import this file reliably (``conftest`` is whichever pytest loaded last)
     default_signals = staticmethod(default_signals)
+
+    def python(self) -> str:
+        """The interpreter for a child whose test is about what its code computes, not about a fresh
+        interpreter's start: the fork server's ``python`` client (tests/cli_forkserver.py), else this one."""
+        return python_path(self, self.scratch_root)
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
@@ -239,7 +246,7 @@ _CONVERT_TINY = (
 
 def _convert_tiny(background: Background, out: Path) -> Path:
     done = background.run(
-        [sys.executable, "-c", _CONVERT_TINY, str(FIXTURE_TAR), str(out)],
+        [background.python(), "-c", _CONVERT_TINY, str(FIXTURE_TAR), str(out)],
         cwd=REPO,
         env=background.environ,
         timeout=300,
@@ -253,7 +260,7 @@ def _convert_tiny(background: Background, out: Path) -> Path:
 
 def _make_mid(background: Background, path: Path) -> Path:
     done = background.run(
-        [sys.executable, "-c", _MAKE_MID, str(path)], cwd=REPO, env=background.environ, timeout=600
+        [background.python(), "-c", _MAKE_MID, str(path)], cwd=REPO, env=background.environ, timeout=600
     )
     if done.returncode != 0:
         raise RuntimeError(
@@ -299,7 +306,7 @@ def background(request, tmp_path_factory) -> Iterator[Background]:
 
     One worker runs them beside the tests from the first test on; it is all child processes."""
     global _SESSION_BACKGROUND
-    bg = _SESSION_BACKGROUND = Background()
+    bg = _SESSION_BACKGROUND = Background(tmp_path_factory.getbasetemp())
     items = [item for item in request.session.items if _selected(item)]
     if any("mid_release" in item.fixturenames for item in items):
         path = tmp_path_factory.mktemp("mid") / "mid_release.tar"

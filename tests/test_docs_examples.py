@@ -99,9 +99,11 @@ RUNNABLE_DOCS = sorted({b.doc for b in ALL_BLOCKS if b.mark == "runnable"})
 
 
 def _env(scratch: Path, environ: dict[str, str], path: str) -> dict[str, str]:
-    """The examples' environment; ``path`` finds ``persimmon-tools`` first (tests/cli_forkserver.py)."""
-    home, tmp = scratch / "home", scratch / "tmp"
-    home.mkdir()
+    """The examples' environment; ``path`` finds ``persimmon-tools`` first (tests/cli_forkserver.py). One
+    home folder for every document (the examples only read it), so that their commands and Python blocks
+    share one import environment: the fork server's warm child for it has loaded transformers once."""
+    home, tmp = scratch.parent / "docs-home", scratch / "tmp"
+    home.mkdir(exist_ok=True)
     tmp.mkdir()
     env = {k: v for k, v in environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PERSIMMON"))}
     env.update(
@@ -124,10 +126,10 @@ def _env(scratch: Path, environ: dict[str, str], path: str) -> dict[str, str]:
     return env
 
 
-def _command(block: Block, script: Path) -> list[str]:
+def _command(block: Block, script: Path, python: str) -> list[str]:
     if block.lang in SHELLS:
         return ["bash", "-euo", "pipefail", str(script)]
-    return [sys.executable, "-W", "error", str(script)]
+    return [python, "-W", "error", str(script)]
 
 
 def _missing_needs(doc: str) -> list[str]:
@@ -144,6 +146,7 @@ def _run_doc(background, doc: str, scratch: Path) -> str | None:
     scripts.mkdir()
     (work / "fixtures").symlink_to(REPO / "fixtures", target_is_directory=True)
     env = _env(scratch, background.environ, cli_path(background, scratch.parent))
+    python = background.python()
     fixtures_before = _listing(REPO / "fixtures")
     for block in blocks:
         if block.lang not in LANGS:
@@ -155,7 +158,7 @@ def _run_doc(background, doc: str, scratch: Path) -> str | None:
         script = scripts / f"line{block.line}{suffix}"
         script.write_text(block.code)
         try:
-            done = background.run(_command(block, script), cwd=work, env=env, timeout=BLOCK_TIMEOUT_S)
+            done = background.run(_command(block, script, python), cwd=work, env=env, timeout=BLOCK_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return f"{block.where}: the {block.lang} example ran past {BLOCK_TIMEOUT_S} s"
         if done.returncode != 0:

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +54,10 @@ def _killed_export(
     out = scratch / ("out.tar" if tar else "out")
     args = ["export", str(source_started.result()), str(out), *(["--tar"] if tar else [])]
     proc = background.run(
-        [sys.executable, "-c", KILLED_MID_WRITE, *args], cwd=REPO, env=background.environ, timeout=300
+        [background.python(), "-c", KILLED_MID_WRITE, *args],
+        cwd=REPO,
+        env=background.environ,
+        timeout=300,
     )
     return args, proc
 

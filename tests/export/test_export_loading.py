@@ -114,7 +114,7 @@ def _export_grid(background, base: Path) -> dict:
         layouts.append([tp, pp, str(path), tar])
         out[(tp, pp)] = path
     done = background.run(
-        [sys.executable, "-c", EXPORT_GRID, str(base), json.dumps(layouts)],
+        [background.python(), "-c", EXPORT_GRID, str(base), json.dumps(layouts)],
         cwd=REPO,
         env=background.environ,
         timeout=300,

@@ -11,7 +11,6 @@ The full TP x PP grid runs for bf16, a diagonal for fp16 and fp32.
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -70,7 +69,7 @@ _SOURCES_CHILD = textwrap.dedent(
 def _sources_in_a_child(background, work: Path) -> Path:
     """A ``background`` job (tests/conftest.py): :func:`make_sources` in a child process."""
     done = background.run(
-        [sys.executable, "-c", _SOURCES_CHILD, __file__, str(work)],
+        [background.python(), "-c", _SOURCES_CHILD, __file__, str(work)],
         cwd=REPO,
         env={**background.environ, "PYTHONPATH": str(REPO / "tests" / "export")},
         timeout=600,

@@ -16,7 +16,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -322,7 +321,10 @@ def _killed_export(background, scratch: Path) -> tuple[list[str], subprocess.Com
     """A ``background`` job: a torch_dist export of the fixture into ``scratch``, SIGKILLed mid-write."""
     args = ["export", str(FIXTURE), str(scratch / "out"), "--format", "torch_dist"]
     proc = background.run(
-        [sys.executable, "-c", KILLED_MID_WRITE, *args], cwd=REPO, env=background.environ, timeout=300
+        [background.python(), "-c", KILLED_MID_WRITE, *args],
+        cwd=REPO,
+        env=background.environ,
+        timeout=300,
     )
     return args, proc
 

@@ -17,7 +17,6 @@ import argparse
 import enum
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -178,10 +177,10 @@ def _decode_every_case(background, base: Path) -> dict[str, Any]:
     """A ``background`` job (tests/conftest.py): every case written once by one child, then decoded by
     torch.load / tarfile in ONE other child (started first, so that its torch import overlaps the writing)."""
     popen = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    oracle_args = [sys.executable, "-c", _ORACLE, str(base)]
+    oracle_args = [background.python(), "-c", _ORACLE, str(base)]
     with background.spawn(oracle_args, cwd=base, env=background.environ, **popen) as proc:
         written = background.run(
-            [sys.executable, "-c", _WRITER, __file__, str(base)],
+            [background.python(), "-c", _WRITER, __file__, str(base)],
             cwd=base,
             env=background.environ,
             timeout=300,

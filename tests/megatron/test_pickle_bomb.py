@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle as P
-import sys
 import textwrap
 from pathlib import Path
 
@@ -125,7 +124,7 @@ def _run_every_case(background, base: Path) -> dict[str, dict]:
         cases += [{"id": _case_id(r, where), "reader": r, "path": str(path)} for r in READERS]
     repo = Path(__file__).resolve().parents[2]
     proc = background.run(
-        [sys.executable, "-c", _RUN, json.dumps(cases), str(CASE_TIMEOUT_S)],
+        [background.python(), "-c", _RUN, json.dumps(cases), str(CASE_TIMEOUT_S)],
         cwd=repo,
         env=background.environ,
         timeout=CASE_TIMEOUT_S * len(cases),

@@ -19,7 +19,6 @@ import collections
 import json
 import pickle as P
 import re
-import sys
 import textwrap
 import time
 import zipfile
@@ -183,7 +182,7 @@ def _run_every_case(background, base: Path) -> dict[str, dict]:
             plan.append({"id": f"{case}/{command}", "argv": _argv(command, pt, work), "folder": str(work)})
     repo = Path(__file__).resolve().parents[2]
     proc = background.run(
-        [sys.executable, "-c", _RUN, json.dumps(plan), str(CASE_TIMEOUT_S)],
+        [background.python(), "-c", _RUN, json.dumps(plan), str(CASE_TIMEOUT_S)],
         cwd=repo,
         env=background.environ,
         timeout=CASE_TIMEOUT_S * len(plan),
@@ -356,7 +355,7 @@ def _walk_in_a_child(background) -> list[str | None]:
     """A ``background`` job: :func:`walker_refusals` in a child process."""
     repo = Path(__file__).resolve().parents[2]
     env = {**background.environ, "PYTHONPATH": str(repo / "tests")}
-    done = background.run([sys.executable, "-c", _WALKERS, __file__], cwd=repo, env=env, timeout=300)
+    done = background.run([background.python(), "-c", _WALKERS, __file__], cwd=repo, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

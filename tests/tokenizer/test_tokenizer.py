@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -208,7 +207,7 @@ _PARITY_CHILD = textwrap.dedent(
 def _parity_in_a_child(background, tmp: Path) -> dict[str, dict]:
     """A ``background`` job (tests/conftest.py): :func:`parity_reports` in a child process."""
     done = background.run(
-        [sys.executable, "-c", _PARITY_CHILD, __file__, str(tmp)],
+        [background.python(), "-c", _PARITY_CHILD, __file__, str(tmp)],
         cwd=REPO,
         env={**background.environ, "PYTHONPATH": str(REPO / "tests")},
         timeout=600,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
@@ -183,7 +182,7 @@ def _broken_in_a_child(background, converted, scratch: Path) -> dict[str, dict]:
     conversion (``converted``: the future of ``Background.converted_tiny``, what ``good`` converts too)."""
     done = background.run(
         [
-            sys.executable,
+            background.python(),
             "-c",
             _BROKEN_CHILD,
             __file__,
