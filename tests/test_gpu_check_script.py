@@ -98,7 +98,7 @@ def _failing_steps(background, tmp_path: Path) -> tuple[Path, subprocess.Complet
         '  if [ "$3" = verify ]; then echo "boom: verify failed" >&2; exit 3; fi\n'
         "  exit 0\n"
         "fi\n"
-        f'exec "{sys.executable}" "$@"\n'
+        f'exec "{background.python()}" "$@"\n'  # tests/cli_forkserver.py: the rest from the fork server
     )
     fake.chmod(0o755)
     out = tmp_path / "out"

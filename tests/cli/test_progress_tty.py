@@ -16,7 +16,6 @@ import pty
 import re
 import struct
 import subprocess
-import sys
 import termios
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def _run_on_a_terminal(background, args: list[str], cwd: Path) -> tuple[int, str
     pseudo-terminal; (exit code, what it drew)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    command = [sys.executable, "-m", "persimmon_tools.cli", *args]
+    command = [background.python(), "-m", "persimmon_tools.cli", *args]  # the terminal passed as a descriptor
     drawn = b""
     try:
         with background.spawn(

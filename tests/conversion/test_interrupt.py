@@ -71,7 +71,8 @@ def _interrupted_convert(background, mid_started, scratch: Path, sig: signal.Sig
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     listing = sorted(p.name for p in scratch.iterdir())
-    rerun = background.run([*args, "-q"], cwd=REPO, env=background.environ, timeout=600)
+    rerun = [background.python(), *args[1:], "-q"]  # the same command, from the fork server: no signal
+    rerun = background.run(rerun, cwd=REPO, env=background.environ, timeout=600)
     facts = {
         "scratch": scratch,
         "shard": shard,

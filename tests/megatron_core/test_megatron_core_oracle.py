@@ -136,7 +136,7 @@ def _oracle_child(background, work: Path) -> dict:
     jobs, where = oracle_jobs(work, cli)
     (work / "jobs.json").write_text(json.dumps(jobs))
     done = background.run(
-        [sys.executable, str(ORACLE), "jobs", f"@{work / 'jobs.json'}"],
+        [background.python(), str(ORACLE), "jobs", f"@{work / 'jobs.json'}"],
         cwd=REPO,
         env=background.environ,
         timeout=600,
