@@ -287,10 +287,28 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         offload.write_report(_CONFIG, report)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up the session's base folder
 def pytest_configure(config: pytest.Config) -> None:
-    global _CONFIG
+    """Record the config; in a run of whole folders (the suite), make the session's :class:`Background` now
+    and start the fork server and its warm child (tests/cli_forkserver.py) beside the collection, which
+    otherwise has the second core to itself."""
+    global _CONFIG, _SESSION_BACKGROUND
     _CONFIG = config
     offload.configure()
+    if not offload.child_reports and all(Path(arg).is_dir() for arg in config.args):
+        bg = _SESSION_BACKGROUND = Background(config._tmp_path_factory.getbasetemp())
+        threading.Thread(target=_warm_up, args=(bg,), name="tests-warm-up", daemon=True).start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_BACKGROUND is not None:
+        _SESSION_BACKGROUND.close()
+
+
+def _warm_up(bg: Background) -> None:
+    """One request with the session's environment: the fork server starts, then its warm child for it."""
+    with contextlib.suppress(Exception):  # only a head start: the first job does it otherwise
+        bg.run([bg.python(), "-c", "pass"], cwd=bg.scratch_root, env=bg.environ, timeout=120)
 
 
 _CONFIG: pytest.Config | None = None
@@ -306,7 +324,9 @@ def background(request, tmp_path_factory) -> Iterator[Background]:
 
     One worker runs them beside the tests from the first test on; it is all child processes."""
     global _SESSION_BACKGROUND
-    bg = _SESSION_BACKGROUND = Background(tmp_path_factory.getbasetemp())
+    if _SESSION_BACKGROUND is None:  # not made at configure time (a run of chosen files or tests)
+        _SESSION_BACKGROUND = Background(tmp_path_factory.getbasetemp())
+    bg = _SESSION_BACKGROUND
     items = [item for item in request.session.items if _selected(item)]
     if any("mid_release" in item.fixturenames for item in items):
         path = tmp_path_factory.mktemp("mid") / "mid_release.tar"
