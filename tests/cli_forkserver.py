@@ -63,7 +63,7 @@ got = b""
 while len(got) < 4:
     more = s.recv(4 - len(got))
     if not more:
-        sys.exit(70)
+        sys.exit("cli_forkserver: the server gave no exit status (see tests/cli_forkserver.py)")
     got += more
 code = struct.unpack("!i", got)[0]
 if code < 0:  # ended by a signal: end by the same one
@@ -262,9 +262,8 @@ class _Forker:
         """The job in the child (the caller runs it), None in the server."""
         pid = os.fork()
         if pid == 0:
-            for sock in closing:
+            for sock in (*closing, *self.waiting.values(), conn):
                 sock.close()
-            conn.close()
             return job
         for fd in job[1]:
             os.close(fd)
@@ -292,7 +291,7 @@ def _warm(pipe: socket.socket, env: dict[str, str]):
     os.environ.clear()
     os.environ.update(env)
     for name in _WARM_IMPORTS:
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(Exception):  # then the job imports it (and meets the error) itself
             importlib.import_module(name)
     gc.freeze()
     forker = _Forker()
