@@ -25,7 +25,7 @@ from pathlib import Path
 
 import offload
 import pytest
-from cli_forkserver import python_path
+from forkserver_clients import python_path
 
 from persimmon_tools.synth.build import ReleaseOptions, build_release, make_release, write_release_folder
 

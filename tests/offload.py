@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from cli_forkserver import SHARED_ENV
+from forkserver_clients import SHARED_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 #: Modules run in child pytests (paths relative to the repository), one child per group, in the session's

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_forkserver import cli_path, import_key, write_shim
+from cli_forkserver import import_key
+from forkserver_clients import cli_path, write_shim
 
 CASES = {
     "argv, cwd, environment, stdin, exit code": (

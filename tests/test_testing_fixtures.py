@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from cli_forkserver import cli_path
+from forkserver_clients import cli_path
 from safetensors.torch import load_file, save_file
 
 pytest_plugins = ["persimmon_tools.testing.fixtures", "pytester"]

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from cli_forkserver import shim_folder
+from forkserver_clients import shim_folder
 
 
 def _installed(dist: str) -> bool:
