@@ -39,6 +39,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # (docs/performance.md, "Test suite"). It is compiled once here, into the ``__pycache__`` folders Python
 # itself writes where it may (git ignores them); a read-only checkout is left as it is.
 compileall.compile_dir(REPO / "persimmon_tools", quiet=2)
+# For the same reason pytest caches the test modules' rewritten bytecode (``__pycache__/*-pytest-*.pyc``)
+# only where bytecode may be written: under PYTHONDONTWRITEBYTECODE the session and each of its child pytests
+# (tests/offload.py) rewrote and compiled every test module again, ~4 CPU-seconds a session. This process
+# writes them (children keep the environment's setting, and read what is written).
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture(scope="session")
