@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
@@ -299,3 +300,28 @@ def outs(tmp_path):
 def hf(converted_tiny, tmp_path):
     """A writable copy of the converted tiny fixture (bf16, one model.safetensors, conversion.json)."""
     return copy_folder(converted_tiny, tmp_path / "hf")
+
+
+_KILLED_MID_WRITE = """
+import importlib, os, signal, sys
+writer = importlib.import_module({module!r})
+
+def write_pt(fh, obj, on_bytes=None):
+    fh.write(b"partial bytes" * 100)
+    fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writer.write_pt = write_pt
+from persimmon_tools.cli import main
+main(sys.argv[1:])
+"""
+
+
+def killed_mid_write(background, writer_module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``persimmon-tools ARGS`` in a child (a ``background`` job's) whose ``writer_module.write_pt`` writes a
+    few bytes of its first file and then SIGKILLs the process: what a killed export leaves stays for the test."""
+    script = _KILLED_MID_WRITE.format(module=writer_module)
+    repo = Path(__file__).resolve().parents[2]
+    return background.run(
+        [background.python(), "-c", script, *args], cwd=repo, env=background.environ, timeout=300
+    )

@@ -17,27 +17,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from export_helpers import read_release
+from export_helpers import killed_mid_write, read_release
 
 from persimmon_tools.cli import main
 from persimmon_tools.staged_output import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "fixtures" / "tiny_release.tar"
-
-KILLED_MID_WRITE = """
-import os, signal, sys
-import persimmon_tools.megatron.release_writer as release_writer
-
-def write_pt(fh, obj, on_bytes=None):
-    fh.write(b"partial shard bytes" * 100)
-    fh.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-release_writer.write_pt = write_pt
-from persimmon_tools.cli import main
-main(sys.argv[1:])
-"""
 
 
 # tests/conftest.py's ``converted_tiny``, made in a child for the jobs below (they start before any fixture)
@@ -49,17 +35,11 @@ def _killed_export(
     background, source_started, scratch: Path, tar: bool
 ) -> tuple[list[str], subprocess.CompletedProcess]:
     """A ``background`` job: ``export`` of the converted tiny release into ``scratch``, SIGKILLed mid-write
-    (``KILLED_MID_WRITE``); (the export's arguments, the finished child). What it left stays in ``scratch``
+    (``export_helpers.killed_mid_write``); (the export's arguments, the finished child). What it left stays in ``scratch``
     for the test, and the next run there, in process."""
     out = scratch / ("out.tar" if tar else "out")
     args = ["export", str(source_started.result()), str(out), *(["--tar"] if tar else [])]
-    proc = background.run(
-        [background.python(), "-c", KILLED_MID_WRITE, *args],
-        cwd=REPO,
-        env=background.environ,
-        timeout=300,
-    )
-    return args, proc
+    return args, killed_mid_write(background, "persimmon_tools.megatron.release_writer", args)
 
 
 def start_in_background(background, tmp_path_factory, items) -> None:

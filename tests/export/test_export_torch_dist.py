@@ -24,6 +24,7 @@ import torch
 from export_helpers import (  # noqa: F401 (outs: a fixture)
     edit_config,
     flat,
+    killed_mid_write,
     listing,
     outs,
     read_release,
@@ -302,31 +303,10 @@ def test_the_writer_streams_chunk_by_chunk_and_refuses_a_bad_plan(tmp_path):
         write_checkpoint(tmp_path / "unplanned", plan, [("x", None, torch.zeros(5))], num_layers=2, common={})
 
 
-KILLED_MID_WRITE = """
-import os, signal, sys
-import persimmon_tools.megatron.dist_writer as dist_writer
-
-def write_pt(fh, obj, on_bytes=None):
-    fh.write(b"partial chunk bytes" * 100)
-    fh.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-dist_writer.write_pt = write_pt
-from persimmon_tools.cli import main
-main(sys.argv[1:])
-"""
-
-
 def _killed_export(background, scratch: Path) -> tuple[list[str], subprocess.CompletedProcess]:
     """A ``background`` job: a torch_dist export of the fixture into ``scratch``, SIGKILLed mid-write."""
     args = ["export", str(FIXTURE), str(scratch / "out"), "--format", "torch_dist"]
-    proc = background.run(
-        [background.python(), "-c", KILLED_MID_WRITE, *args],
-        cwd=REPO,
-        env=background.environ,
-        timeout=300,
-    )
-    return args, proc
+    return args, killed_mid_write(background, "persimmon_tools.megatron.dist_writer", args)
 
 
 def start_in_background(background, tmp_path_factory, items) -> None:
