@@ -1,13 +1,14 @@
-"""A few test modules run in a child pytest beside the session; their results are reported here, test by test.
+"""Some test modules run in child pytests beside the session; their results are reported here, test by test.
 
 The suite runs in one pytest process on one core, with child processes (``background`` in tests/conftest.py)
-on the other. The modules below are pure in-process computation (forward passes, tokenizers) at the end of
-the session, where the other core has no work left, so the session waited for them on one core. Here, when
-a session selects them together with other tests, a child pytest started with the session runs them (the
-same files, the same node ids; in a thread of its own beside the ``background`` queue, which it does not
-delay) and each of their tests, when its turn comes, is reported from what the child
-reported (pytest's own report serialization, as pytest-xdist does), instead of being run again.
-A test the child did not report (the child crashed, or was killed) runs here as usual.
+on the other. The modules of :data:`GROUPS` are in-process work (forward passes, tokenizers) or waiting (the
+Hub tests' deadlines) that the session otherwise did on one core while the other had no work left. Here, when
+a session selects them together with other tests, one child pytest per group, started with the session and
+forked by the session's fork server (tests/cli_forkserver.py), runs them (the same files, the same node ids;
+each in a thread of its own beside the ``background`` queue, which it does not delay) and each of their
+tests, when its turn comes, is reported from what the child reported (pytest's own report serialization, as
+pytest-xdist does), instead of being run again. A test its child did not report (the child crashed, or was
+killed) runs here as usual.
 
 Running ``pytest tests/verification/test_verify.py`` alone runs it in process: there is nothing to overlap.
 """
