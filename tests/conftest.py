@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -108,6 +109,7 @@ class Background:
         self._closed = False
         self.started: dict[str, object] = {}  # what was started at session start, by name
         self.offloaded: set[str] = set()  # node ids run in a child pytest (tests/offload.py)
+        self._memory: Path | bool | None = None  # roomy_scratch's folder in /dev/shm (False: none)
 
     # for test modules, which cannot import this file reliably (``conftest`` is whichever pytest loaded last)
     default_signals = staticmethod(default_signals)
@@ -116,6 +118,18 @@ class Background:
         """The interpreter for a child whose test is about what its code computes, not about a fresh
         interpreter's start: the fork server's ``python`` client (tests/cli_forkserver.py), else this one."""
         return python_path(self, self.scratch_root)
+
+    def roomy_scratch(self, name: str) -> Path:
+        """A new folder for the ``mid`` release and its conversions (~5 GiB written in a session): on the
+        memory filesystem /dev/shm when it has room to spare, where writing costs the kernel about half the CPU
+        of a disk's page cache and writeback, else under the session's base folder. Removed when the
+        session ends."""
+        with self._lock:
+            if self._memory is None:
+                self._memory = _memory_root()
+        if self._memory is False:
+            return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch_root))
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self._memory))
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
@@ -212,6 +226,8 @@ class Background:
                 _kill_group(proc)
         for worker in self._workers:
             worker.join()
+        if isinstance(self._memory, Path):
+            shutil.rmtree(self._memory, ignore_errors=True)
 
     def _work(self) -> None:
         while True:
@@ -223,6 +239,34 @@ class Background:
                 future.set_result(fn(self, *args))
             except BaseException as err:  # the test that waits for it raises it
                 future.set_exception(err)
+
+
+#: /dev/shm, and the memory it takes its pages from, must keep this much free besides what the session
+#: writes there (up to ~3 GiB at a time).
+_MEMORY_SPARE = 8 << 30
+_MEMORY_PREFIX = "persimmon-tools-tests-"
+
+
+def _memory_root() -> Path | bool:
+    """A folder of this session's in /dev/shm when that is a memory filesystem with room to spare, else
+    False. Folders that earlier sessions left there (killed before they could remove them) go first."""
+    shm = Path("/dev/shm")
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        mounts = Path("/proc/mounts").read_text().split("\n")
+        if not any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts if line.strip()):
+            return False
+        for stale in shm.glob(f"{_MEMORY_PREFIX}*"):
+            pid = stale.name.removeprefix(_MEMORY_PREFIX)
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists() and stale.stat().st_uid == os.getuid():
+                shutil.rmtree(stale, ignore_errors=True)
+        room = os.statvfs(shm)
+        memory = Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]  # kB
+        if min(room.f_bavail * room.f_frsize, int(memory) << 10) < _MEMORY_SPARE + (6 << 30):
+            return False
+        root = shm / f"{_MEMORY_PREFIX}{os.getpid()}"
+        root.mkdir(mode=0o700)
+        return root
+    return False
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -334,7 +378,7 @@ def background(request, tmp_path_factory) -> Iterator[Background]:
     bg = _SESSION_BACKGROUND
     items = [item for item in request.session.items if _selected(item)]
     if any("mid_release" in item.fixturenames for item in items):
-        path = tmp_path_factory.mktemp("mid") / "mid_release.tar"
+        path = bg.roomy_scratch("mid") / "mid_release.tar"
         bg.started["mid_release"] = bg.submit(_make_mid, path)
     chosen = offload.offloaded(items)
     elsewhere = offload.start(bg, tmp_path_factory, chosen) if chosen else set()

@@ -96,7 +96,7 @@ def start_in_background(background, tmp_path_factory, items) -> None:
     for item in items:
         if item.originalname == "test_signal_during_convert":
             sig = item.callspec.params["sig"]
-            scratch = tmp_path_factory.mktemp(f"interrupt-{sig.name}")
+            scratch = background.roomy_scratch(f"interrupt-{sig.name}")
             background.started[f"{__name__}: {item.name}"] = background.submit(
                 _interrupted_convert, background.started["mid_release"], scratch, sig
             )

@@ -91,7 +91,7 @@ def start_in_background(background, tmp_path_factory, items) -> None:
     for item in items:
         if item.originalname == "test_sighup_and_sigquit_clean_up_like_sigint":
             sig = item.callspec.params["sig"]
-            folder = tmp_path_factory.mktemp(f"signal-{sig.name}")
+            folder = background.roomy_scratch(f"signal-{sig.name}")
             started = background.started["mid_release"]
             background.started[f"{__name__}: {sig.name}"] = background.submit(
                 _signal_a_convert, started, folder, sig

@@ -35,7 +35,7 @@ def _measured_convert(background, mid_started, out: Path) -> dict:
 def start_in_background(background, tmp_path_factory, items) -> None:
     """Called by tests/conftest.py's ``background`` when the session begins: the measured conversion runs in
     a child beside the tests, once the session's mid release is built (peak RSS is the child's own)."""
-    out = tmp_path_factory.mktemp("streaming-guard") / "hf"
+    out = background.roomy_scratch("streaming-guard") / "hf"
     background.started[__name__] = background.submit(
         _measured_convert, background.started["mid_release"], out
     )
