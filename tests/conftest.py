@@ -116,7 +116,7 @@ class Background:
 
     def python(self) -> str:
         """The interpreter for a child whose test is about what its code computes, not about a fresh
-        interpreter's start: the fork server's ``python`` client (tests/cli_forkserver.py), else this one."""
+        interpreter's start: the fork server's ``python`` client (tests/forkserver_clients.py), else this one."""
         return python_path(self, self.scratch_root)
 
     def roomy_scratch(self, name: str) -> Path:

@@ -6,7 +6,9 @@ broken sources (safetensors written by hand, edited config.json / weights, edite
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import subprocess
 import tarfile
 from collections import OrderedDict
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 
 from persimmon_tools.errors import PersimmonToolsError
 from persimmon_tools.export.export import ExportOptions, export_release
+from persimmon_tools.staged_output import RUN_MARKER
 from persimmon_tools.synth.shard import with_adept_module
 from persimmon_tools.synth.values import PRESETS
 
@@ -325,3 +328,13 @@ def killed_mid_write(background, writer_module: str, args: list[str]) -> subproc
     return background.run(
         [background.python(), "-c", script, *args], cwd=repo, env=background.environ, timeout=300
     )
+
+
+def left_by_the_kill(args: list[str], proc: subprocess.CompletedProcess) -> tuple[Path, Path, dict]:
+    """What :func:`killed_mid_write` left for ``export ... OUT``: (OUT, the one temporary folder beside it, its
+    run marker); asserts that the child died of SIGKILL and that OUT does not exist."""
+    out = Path(args[2])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    stale = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert len(stale) == 1 and not os.path.lexists(out)
+    return out, stale[0], json.loads((stale[0] / RUN_MARKER).read_text())

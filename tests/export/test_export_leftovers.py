@@ -9,18 +9,15 @@ next run, which removes what it left, is in process.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from export_helpers import killed_mid_write, read_release
+from export_helpers import killed_mid_write, left_by_the_kill, read_release
 
 from persimmon_tools.cli import main
-from persimmon_tools.staged_output import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "fixtures" / "tiny_release.tar"
@@ -66,19 +63,15 @@ def start_in_background(background, tmp_path_factory, items) -> None:
 def test_sigkill_leftovers_of_an_export_are_removed_next_time(background, request, tar):
     """The killed export ran beside the tests (``start_in_background``); the next run is in process."""
     args, proc = background.result(f"{__name__}: {request.node.name}")
-    out = Path(args[2])
+    out, stale, marker = left_by_the_kill(args, proc)
     scratch = out.parent
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    stale = [p for p in scratch.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
-    assert len(stale) == 1 and not os.path.lexists(out)
-    marker = json.loads((stale[0] / RUN_MARKER).read_text())
     assert marker["tool"] == "persimmon-tools" and marker["role"] == "new"
-    partial = stale[0] / out.name if tar else next(stale[0].rglob("model_optim_rng.pt"))
+    partial = stale / out.name if tar else next(stale.rglob("model_optim_rng.pt"))
     assert partial.stat().st_size > 0  # killed mid-write: a partial tarball / shard is there
 
     result = run(*args)
     assert result.exit_code == 0, result.output
-    assert f"removed {stale[0]}" in result.stderr and "the temporary folder of an interrupted run" in (
+    assert f"removed {stale}" in result.stderr and "the temporary folder of an interrupted run" in (
         result.stderr
     )
     assert sorted(os.listdir(scratch)) == [out.name]  # no temp folder, no lock file

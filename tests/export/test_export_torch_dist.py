@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shlex
-import signal
 import subprocess
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from export_helpers import (  # noqa: F401 (outs: a fixture)
     edit_config,
     flat,
     killed_mid_write,
+    left_by_the_kill,
     listing,
     outs,
     read_release,
@@ -35,7 +35,6 @@ from export_helpers import (  # noqa: F401 (outs: a fixture)
 from persimmon_tools.errors import ConversionError, MappingError
 from persimmon_tools.export.export import ExportOptions, export_release
 from persimmon_tools.megatron.dist_writer import GlobalTensor, write_checkpoint
-from persimmon_tools.staged_output import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "fixtures" / "tiny_release.tar"
@@ -320,17 +319,14 @@ def start_in_background(background, tmp_path_factory, items) -> None:
 
 def test_sigkill_leftovers_are_removed_next_time_and_force_replaces(background):
     args, proc = background.result(f"{__name__}: killed")
-    out = Path(args[2])
+    out, stale, marker = left_by_the_kill(args, proc)
     scratch = out.parent
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    stale = [p for p in scratch.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
-    assert len(stale) == 1 and not os.path.lexists(out)
-    assert json.loads((stale[0] / RUN_MARKER).read_text())["role"] == "new"
-    assert (stale[0] / ITER / "__0_0.distcp").stat().st_size > 0  # killed mid-write
+    assert marker["role"] == "new"
+    assert (stale / ITER / "__0_0.distcp").stat().st_size > 0  # killed mid-write
 
     result = run(*args)
     assert result.exit_code == 0, result.output
-    assert f"removed {stale[0]}" in result.stderr
+    assert f"removed {stale}" in result.stderr
     assert sorted(os.listdir(scratch)) == [out.name]  # no temp folder, no lock file
     assert run(*args).exit_code != 0  # OUT exists: refused without --force
     again = run(*args, "--force")
